@@ -1,0 +1,108 @@
+"""`submit`: compose the config, validate it, run the chosen stage on the chosen executor.
+
+Exit codes: 0 success, 1 the stage failed, 2 bad command line or config (nothing was created),
+130 interrupted (the MLflow run is marked KILLED).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+from pipeline.config import GROUPS, ConfigError, compose, config_dir, group_options, to_yaml, validate
+
+USAGE = "usage: submit stage=<stage> [group=option ...] [key=value ...] [--cfg job] [--help]"
+
+
+def _describe(group: str, option: str) -> str:
+    import yaml
+
+    return str(yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text()).get("description", ""))
+
+
+def help_text() -> str:
+    import yaml
+
+    from pipeline.stages import BUILT, PLANNED
+
+    lines = [USAGE, "", "Runs one stage of the VQ-VAE-2 pipeline, tracked in MLflow.", "", "stages:"]
+    for st in group_options("stage"):
+        mark = "" if st in BUILT else f"  [not built yet: {PLANNED.get(st, '?')}]"
+        lines.append(f"  {st:<20}{_describe('stage', st)}{mark}")
+    primary = yaml.safe_load((config_dir() / "config.yaml").read_text())
+    defaults = {k: v for d in primary["defaults"] if isinstance(d, dict) for k, v in d.items()}
+    lines += ["", "config groups (group=option; default marked *):"]
+    for g in GROUPS:
+        opts = [f"{o}*" if defaults.get(g) == o else o for o in group_options(g)]
+        lines.append(f"  {g:<20}{', '.join(opts)}")
+    lines += ["", "top-level keys:"]
+    lines += [f"  {k:<20}default {v}" for k, v in primary.items() if k != "defaults"]
+    lines += ["", "examples:", textwrap.indent(textwrap.dedent("""\
+        submit stage=prepare                                   # embedded digits -> shards, local
+        submit stage=prepare data=folder data.source=/data/flowers
+        submit stage=prepare --cfg job                         # print the resolved config, run nothing
+        submit stage=prepare tracking.uri=http://127.0.0.1:5000"""), "  "),
+        "", "Every key is documented in the YAML files under " + str(config_dir())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(help_text())
+        return 0
+    print_cfg = False
+    if "--cfg" in args:
+        i = args.index("--cfg")
+        if args[i + 1:i + 2] != ["job"]:
+            print("submit: error: --cfg takes 'job' (print the resolved config and exit)", file=sys.stderr)
+            return 2
+        print_cfg = True
+        del args[i:i + 2]
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        print(f"submit: error: unknown option {flags[0]}\n{USAGE}", file=sys.stderr)
+        return 2
+
+    from pipeline.launch import executors
+    from pipeline.stages import BUILT, PLANNED
+
+    try:
+        cfg = compose(args)
+        stage = str(cfg.stage.name)
+        if print_cfg:
+            print(to_yaml(cfg), end="")
+            return 0
+        validate(cfg)
+        if stage not in BUILT:
+            raise ConfigError(f"stage={stage}", f"not built yet (issue {PLANNED.get(stage, '?')})",
+                              f"built stages: {', '.join(BUILT)}")
+        executors.check_available(cfg)
+    except ConfigError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+
+    try:
+        result = executors.run(cfg, stage)
+    except KeyboardInterrupt:
+        print("submit: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        return 130
+    except BaseException as e:  # noqa: BLE001 - the stage's failure becomes the exit status
+        from pipeline.tracking import StageKilled
+
+        print(f"submit: stage {stage} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 143 if isinstance(e, StageKilled) else 1
+    print(f"\nstage {stage}: done\n  outputs: {result['stage_dir']}\n  log:     {result['log']}\n"
+          f"  MLflow:  run {result['run_id']} at {result['tracking_uri']}\n"
+          f"  open:    {ui_command_for(result['tracking_uri'])}")
+    return 0
+
+
+def ui_command_for(uri: str) -> str:
+    from pipeline.tracking import ui_command
+
+    return ui_command(uri)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

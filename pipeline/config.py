@@ -1,0 +1,175 @@
+"""Compose and validate the Hydra config of a `submit` call.
+
+Composition uses Hydra's compose API (not ``@hydra.main``) so that ``submit`` owns its command
+line, its exit codes and its error messages, and nothing is written before validation passes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import pipeline.configs
+
+GROUPS = ("stage", "data", "model", "cluster", "tracking")
+
+
+class ConfigError(Exception):
+    """A bad setting: names the key, what is wrong and how to fix it (one line)."""
+
+    def __init__(self, key: str, problem: str, fix: str):
+        self.key, self.problem, self.fix = key, problem, fix
+        super().__init__(f"{key}: {problem} -- {fix}")
+
+
+def config_dir() -> Path:
+    return Path(pipeline.configs.__file__).resolve().parent
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def _parse_override_target(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """Catch what Hydra would report in less helpful words: bad syntax, unknown group options."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(ov, "not a key=value override", "write it as key=value, e.g. stage=prepare")
+        try:
+            parser.parse_overrides([ov])
+        except OverrideParseException as e:
+            raise ConfigError(ov, "cannot parse this override (" + str(e).splitlines()[0] + ")",
+                              "quote values with special characters, e.g. key='a,b'") from None
+        key, value = _parse_override_target(ov)
+        if key in GROUPS:
+            options = group_options(key)
+            if value not in options:
+                raise ConfigError(
+                    f"{key}={value}", f"unknown option for config group '{key}'",
+                    f"choose one of: {', '.join(options)}")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose the primary config with command-line overrides; raise ConfigError on any problem."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    _check_overrides(overrides)
+    if not any(_parse_override_target(o)[0] == "stage" for o in overrides):
+        raise ConfigError("stage", "no stage given",
+                          f"pass stage=<name>, one of: {', '.join(group_options('stage'))}")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+            defaults = hydra_compose(config_name="config", overrides=[
+                o for o in overrides if _parse_override_target(o)[0] in GROUPS])
+    except (HydraException, OmegaConfBaseException) as e:
+        raise _explain(e, overrides) from None
+    _check_types(cfg, defaults, "")
+    # The job may run elsewhere (another cwd, another node): pin run_root to an absolute path.
+    cfg.run_root = str(Path(os.path.expanduser(str(cfg.run_root))).absolute())
+    return cfg
+
+
+def _explain(err: Exception, overrides: list[str]) -> ConfigError:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    for ov in overrides:
+        key, _ = _parse_override_target(ov)
+        if f"'{key}'" in str(err) or f"Key '{key.split('.')[-1]}'" in str(err):
+            if "not in struct" in str(err) or "Could not override" in str(err):
+                return ConfigError(key, "no such config key",
+                                   "check the spelling against `submit stage=<name> --cfg job`")
+            return ConfigError(ov, text, "fix this override")
+    return ConfigError("overrides", text, "see `submit --help` for the accepted keys")
+
+
+def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str) -> None:
+    """Overrides must keep the type of the default (an int stays an int: ``seed=abc`` is refused)."""
+    for key in defaults:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_missing(defaults, key) or OmegaConf.is_missing(cfg, key):
+            continue
+        default, value = defaults[key], cfg[key]
+        if isinstance(default, DictConfig):
+            _check_types(cfg[key], default, path + ".")
+        elif default is not None and value is not None and type(default) is not type(value) and not (
+                isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{path}={value}", f"expected {type(default).__name__} "
+                              f"(default {default})", f"pass {path}=<{type(default).__name__}>")
+
+
+def _missing_keys(cfg: DictConfig) -> list[str]:
+    missing: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k in node:
+            path = f"{prefix}{k}"
+            if OmegaConf.is_missing(node, k):
+                missing.append(path)
+            elif isinstance(node[k], DictConfig):
+                walk(node[k], path + ".")
+    walk(cfg, "")
+    return missing
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check everything a job needs before anything is created; raise ConfigError otherwise."""
+    for key in _missing_keys(cfg):
+        raise ConfigError(key, "required value is missing", f"pass {key}=<value>")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(getattr(e, "full_key", "config"), str(e).splitlines()[0],
+                          "fix the interpolation") from None
+
+    run_root = Path(cfg.run_root)
+    anchor = _nearest_existing(run_root)
+    if not anchor.is_dir():
+        raise ConfigError(f"run_root={cfg.run_root}", f"'{anchor}' is a file, not a directory",
+                          "pass run_root=<a writable directory>")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_root={cfg.run_root}", f"'{anchor}' is not writable",
+                          "pass run_root=<a writable directory>")
+
+    source = cfg.data.get("source")
+    if cfg.data.name == "digits" and source is not None:
+        raise ConfigError(f"data.source={source}", "data=digits is embedded and takes no source",
+                          "drop data.source, or use data=folder data.source=...")
+    if source is not None:
+        src = Path(os.path.expanduser(str(source)))
+        if not src.exists():
+            raise ConfigError(f"data.source={source}", "path does not exist",
+                              "pass data.source=/path/to/the/dataset")
+        if not src.is_dir():
+            raise ConfigError(f"data.source={source}", "not a directory",
+                              "pass the dataset's top directory")
+        if not os.access(src, os.R_OK | os.X_OK):
+            raise ConfigError(f"data.source={source}", "directory is not readable",
+                              "fix its permissions or pass another path")
+
+
+def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    """Where a stage of this experiment keeps its outputs, logs, config and MLflow run id."""
+    return Path(cfg.run_root) / str(cfg.experiment) / stage
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

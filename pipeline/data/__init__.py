@@ -1,0 +1,1 @@
+"""Datasets as WebDataset shards: sources, the shard format and (later) the streaming loaders."""

@@ -1,0 +1,154 @@
+"""The image shard format shared by every stage that reads images.
+
+Layout of a shard directory:
+  ``{split}-{index:06d}.tar``        WebDataset tar; per sample ``jpg|png`` bytes, ``cls`` (int
+                                     label) and ``json`` (source id, original size, conversions)
+  ``{split}-{index:06d}_stats.json`` completion marker, written after the tar is renamed into place
+  ``dataset.json``                   manifest: splits, shards, counts, class names, resolution
+
+Which sample goes to which shard (the plan) depends only on the sample list, the seed and the
+shard size, so independent workers or array tasks agree without talking, and a restart can tell
+a finished shard from one written under a different plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline import atomic
+from pipeline.data.images import BadImage
+from pipeline.data.sources import SampleRef, Source
+
+FORMAT = "vqvae2-pipeline/image-shards-v1"
+MANIFEST = "dataset.json"
+
+
+class PlanMismatch(Exception):
+    """A completed shard on disk was written under another plan (other data, seed or size)."""
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    index: int
+    refs: list[SampleRef]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for r in self.refs:
+            h.update(f"{r.key}\t{r.label}\t{r.origin}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def plan_shards(samples: dict[str, list[SampleRef]], shard_size: int, seed: int) -> list[ShardPlan]:
+    """Shuffle each split globally with the seed, then cut it into shards of ``shard_size``."""
+    plans: list[ShardPlan] = []
+    for split in sorted(samples):
+        refs = sorted(samples[split], key=lambda r: r.key)
+        random.Random(f"{seed}:{split}").shuffle(refs)
+        for i in range(0, len(refs), shard_size):
+            plans.append(ShardPlan(split, i // shard_size, refs[i:i + shard_size]))
+    return plans
+
+
+def tar_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.tar"
+
+
+def stats_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}_stats.json"
+
+
+def completed_stats(out_dir: Path, plan: ShardPlan) -> dict | None:
+    """The shard's stats if it is complete on disk; None if it still has to be written."""
+    sp, tp = stats_path(out_dir, plan.name), tar_path(out_dir, plan.name)
+    if not sp.exists() or not tp.exists():
+        return None
+    stats = json.loads(sp.read_text())
+    if stats.get("plan") != plan.digest:
+        raise PlanMismatch(
+            f"{sp}: written under another shard plan (data, seed or data.shard_size changed); "
+            f"use a new experiment=... or run_root=..., or move {Path(out_dir)} away")
+    if tp.stat().st_size != stats["bytes"]:
+        return None  # tar replaced or damaged after completion: write it again
+    return stats
+
+
+def write_shard(out_dir: Path, plan: ShardPlan, source: Source,
+                on_sample: Callable[[], None] = lambda: None) -> dict:
+    """Write one shard atomically (temp tar, rename, then the stats marker); return its stats."""
+    import webdataset as wds
+
+    start = time.time()
+    tar = tar_path(out_dir, plan.name)
+    atomic.remove_stale_temps(tar)
+    tmp = atomic.temp_name(tar)
+    skipped, classes, converted = [], Counter(), 0
+    with open(tmp, "wb") as stream:
+        sink = wds.TarWriter(stream)
+        for ref in plan.refs:
+            try:
+                img = source.load(ref)
+            except (BadImage, OSError) as e:
+                skipped.append({"key": ref.key, "origin": ref.origin, "error": str(e)})
+            else:
+                converted += bool(img.converted)
+                classes[ref.label] += 1
+                sink.write({"__key__": ref.key, img.ext: img.data, "cls": ref.label,
+                            "json": {"source": ref.origin, "width": img.width,
+                                     "height": img.height, "converted": img.converted}})
+            on_sample()
+        sink.close()
+    atomic.commit(tmp, tar)
+    stats = {"name": plan.name, "tar": tar.name, "split": plan.split, "plan": plan.digest,
+             "count": sum(classes.values()), "skipped": skipped, "converted": converted,
+             "class_counts": {str(k): v for k, v in sorted(classes.items())},
+             "bytes": tar.stat().st_size, "seconds": round(time.time() - start, 3)}
+    atomic.write_json(stats_path(out_dir, plan.name), stats)
+    return stats
+
+
+def build_manifest(plans: list[ShardPlan], stats: dict[str, dict], source: Source,
+                   resolution: int, seed: int, shard_size: int) -> dict:
+    splits: dict[str, dict] = {}
+    for p in plans:
+        s = stats[p.name]
+        entry = splits.setdefault(p.split, {"count": 0, "skipped": 0, "shards": [],
+                                            "class_counts": Counter()})
+        entry["count"] += s["count"]
+        entry["skipped"] += len(s["skipped"])
+        entry["class_counts"].update({int(k): v for k, v in s["class_counts"].items()})
+        entry["shards"].append({"name": s["tar"], "count": s["count"]})
+    for entry in splits.values():
+        entry["class_counts"] = {str(k): v for k, v in sorted(entry["class_counts"].items())}
+    return {"format": FORMAT, "dataset": source.name, "layout": source.layout,
+            "class_names": list(source.class_names), "num_classes": len(source.class_names),
+            "resolution": resolution, "seed": seed, "shard_size": shard_size, "splits": splits}
+
+
+def read_manifest(shard_dir: Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no shard manifest; run `submit stage=prepare` first")
+    return json.loads(path.read_text())
+
+
+def shard_urls(shard_dir: Path, split: str) -> list[str]:
+    """Paths of a split's shards, in manifest order (what webdataset takes as its url list)."""
+    manifest = read_manifest(shard_dir)
+    if split not in manifest["splits"]:
+        raise KeyError(f"split '{split}' not in {Path(shard_dir) / MANIFEST}; "
+                       f"have {sorted(manifest['splits'])}")
+    return [str(Path(shard_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]

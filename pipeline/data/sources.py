@@ -1,0 +1,146 @@
+"""Where images come from: the embedded digits, or a class-folder tree.
+
+A source lists its samples (cheap, picklable records) and loads one sample's image bytes on
+demand, so the shard writer can run in parallel workers and restart anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from pipeline.data import images
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+SPLIT_NAMES = ("train", "val")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    key: str          # unique, stable WebDataset key (no dots)
+    label: int        # class index
+    origin: str       # where it came from (file path or digits index), for the json metadata
+    split: str
+
+
+class Source(Protocol):
+    name: str
+    class_names: list[str]
+    layout: str
+
+    def samples(self) -> dict[str, list[SampleRef]]: ...
+
+    def load(self, ref: SampleRef) -> images.EncodedImage: ...
+
+
+def safe_key(text: str) -> str:
+    """WebDataset splits keys at the first dot; slashes would create folders: replace both."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text.replace("/", "__"))
+
+
+@dataclass
+class DigitsSource:
+    """sklearn's 8x8 handwritten digits as ``resolution``² RGB PNGs (white strokes on black).
+
+    Resampling: the 0..16 intensities are scaled to 0..255 and the 8x8 grey image is resized
+    with PIL's bicubic filter (clipped to 0..255) then replicated to three channels.
+    """
+
+    resolution: int
+    val_fraction: float
+    seed: int
+    name: str = "digits"
+    layout: str = "sklearn.datasets.load_digits"
+    class_names: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
+
+    def __post_init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self._images = digits.images  # (1797, 8, 8) floats in 0..16
+        self._labels = digits.target
+
+    def samples(self) -> dict[str, list[SampleRef]]:
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(len(self._labels))
+        train, val = train_test_split(idx, test_size=self.val_fraction, random_state=self.seed,
+                                      stratify=self._labels)
+        return {split: [SampleRef(f"digits_{i:05d}", int(self._labels[i]), f"load_digits[{i}]", split)
+                        for i in sorted(ids)]
+                for split, ids in (("train", train), ("val", val))}
+
+    def load(self, ref: SampleRef) -> images.EncodedImage:
+        i = int(ref.key.split("_")[1])
+        grey = Image.fromarray((self._images[i] * (255.0 / 16.0)).round().astype(np.uint8), "L")
+        big = grey.resize((self.resolution, self.resolution), Image.BICUBIC).convert("RGB")
+        return images.EncodedImage(images.png_bytes(big), "png", self.resolution, self.resolution,
+                                   "digits 8x8 -> bicubic")
+
+
+@dataclass
+class FolderSource:
+    """``root/<split>/<class>/<image>`` or ``root/<class>/<image>`` (then split here, stratified)."""
+
+    root: Path
+    val_fraction: float
+    seed: int
+    jpeg_quality: int = 95
+    name: str = "folder"
+    layout: str = ""
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).expanduser().resolve()
+        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
+        split_dirs = [p for p in subdirs if p.name in SPLIT_NAMES]
+        if split_dirs:
+            self.layout = "split/class/image"
+            self._splits = {p.name: p for p in split_dirs}
+            classes = {c.name for p in split_dirs for c in p.iterdir() if c.is_dir()}
+        else:
+            self.layout = "class/image (val split made here)"
+            self._splits = {}
+            classes = {p.name for p in subdirs}
+        self.class_names = sorted(classes)
+        if not self.class_names:
+            raise ValueError(f"{self.root}: no class folders found; expected "
+                             "<split>/<class>/<image> or <class>/<image>")
+
+    def _files(self, class_root: Path) -> list[tuple[Path, int]]:
+        index = {c: i for i, c in enumerate(self.class_names)}
+        return [(f, index[c.name]) for c in sorted(class_root.iterdir()) if c.is_dir()
+                for f in sorted(c.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+
+    def _ref(self, path: Path, label: int, split: str) -> SampleRef:
+        rel = path.relative_to(self.root).as_posix()
+        return SampleRef(safe_key(rel), label, rel, split)
+
+    def samples(self) -> dict[str, list[SampleRef]]:
+        if self._splits:
+            return {s: [self._ref(f, y, s) for f, y in self._files(d)] for s, d in self._splits.items()}
+        from sklearn.model_selection import train_test_split
+
+        files = self._files(self.root)
+        labels = [y for _, y in files]
+        train, val = train_test_split(files, test_size=self.val_fraction, random_state=self.seed,
+                                      stratify=labels)
+        return {"train": [self._ref(f, y, "train") for f, y in sorted(train)],
+                "val": [self._ref(f, y, "val") for f, y in sorted(val)]}
+
+    def load(self, ref: SampleRef) -> images.EncodedImage:
+        return images.encode((self.root / ref.origin).read_bytes(), self.jpeg_quality)
+
+
+def open_source(data: DictConfig, seed: int) -> Source:
+    if data.name == "digits":
+        return DigitsSource(int(data.resolution), float(data.val_fraction), seed)
+    if data.name == "folder":
+        return FolderSource(Path(str(data.source)), float(data.val_fraction), seed)
+    raise ValueError(f"data={data.name}: no source implementation; choose data=digits or data=folder")

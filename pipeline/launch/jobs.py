@@ -1,0 +1,78 @@
+"""One picklable callable per stage execution (the dinov2 pattern): set up the stage dir, logs,
+config snapshot and MLflow run, then call the library stage function."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import atomic
+from pipeline.config import stage_dir
+from pipeline.stages import StageContext, stage_function
+from pipeline.tracking import StageKilled, StageRun, tracking_uri, ui_command
+
+log = logging.getLogger("pipeline")
+
+
+def _setup_logging(log_file: Path) -> logging.Handler:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if not any(getattr(h, "_pipeline_console", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(fmt)
+        console._pipeline_console = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def _raise_killed(signum: int, _frame: Any) -> None:
+    raise StageKilled(f"received {signal.Signals(signum).name}")
+
+
+class StageJob:
+    """Runs one stage of one experiment. Holds the config as YAML so it pickles anywhere."""
+
+    def __init__(self, cfg: DictConfig, stage: str):
+        self.stage = stage
+        self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+
+    @property
+    def cfg(self) -> DictConfig:
+        return OmegaConf.create(self.cfg_yaml)
+
+    def __call__(self) -> dict[str, Any]:
+        cfg = self.cfg
+        sdir = stage_dir(cfg, self.stage)
+        (sdir / "logs").mkdir(parents=True, exist_ok=True)
+        log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        handler = _setup_logging(log_file)
+        atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
+        previous = signal.signal(signal.SIGTERM, _raise_killed)
+        try:
+            log.info("stage %s of experiment '%s': outputs in %s, log %s", self.stage,
+                     cfg.experiment, sdir, log_file)
+            with StageRun(cfg, self.stage, sdir) as run:
+                log.info("MLflow run %s at %s (%s)", run.run_id, tracking_uri(cfg),
+                         ui_command(tracking_uri(cfg)))
+                try:
+                    result = stage_function(self.stage)(
+                        cfg, StageContext(self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}")))
+                finally:
+                    handler.flush()
+                    run.log_artifact(log_file, "logs")
+            return {**result, "stage_dir": str(sdir), "log": str(log_file), "run_id": run.run_id,
+                    "tracking_uri": tracking_uri(cfg)}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            logging.getLogger().removeHandler(handler)
+            handler.close()

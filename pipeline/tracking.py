@@ -1,0 +1,200 @@
+"""MLflow tracking for stages: one run per stage, resumed (never duplicated) when a stage restarts.
+
+The run id lives in ``<stage_dir>/mlflow_run.json``. A restarted stage re-opens that run, so its
+metrics continue in one place. Params are immutable in MLflow: a value that changed between
+executions is recorded as a ``changed.<key>`` tag instead of being re-logged. Only rank 0 talks to
+MLflow; every other rank gets a tracker whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from pipeline import atomic  # noqa: E402
+
+log = logging.getLogger(__name__)
+RUN_FILE = "mlflow_run.json"
+_PARAM_BATCH = 100  # MLflow's per-request limit on params
+
+
+class StageKilled(BaseException):
+    """Raised in the stage when the process is asked to stop (SIGTERM/SIGINT): the run is KILLED."""
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if cfg.tracking.uri:
+        return str(cfg.tracking.uri)
+    return f"sqlite:///{Path(cfg.run_root) / 'mlflow.db'}"
+
+
+def _default_artifact_location(cfg: DictConfig) -> str | None:
+    # A server decides where artifacts go; a local sqlite store keeps them beside the database.
+    return None if cfg.tracking.uri else (Path(cfg.run_root) / "mlartifacts").as_uri()
+
+
+def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, the form MLflow params take."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, str] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+class StageRun:
+    """Context manager around one execution of a stage; sets the MLflow run status truthfully.
+
+    FINISHED on success, KILLED on StageKilled/KeyboardInterrupt, FAILED (with an ``error`` tag)
+    on any other exception.
+    """
+
+    def __init__(self, cfg: DictConfig, stage: str, stage_dir: Path):
+        self.cfg, self.stage, self.stage_dir = cfg, stage, Path(stage_dir)
+        self.enabled = int(os.environ.get("RANK", "0")) == 0
+        self.uri = tracking_uri(cfg)
+        self.run_id: str | None = None
+        self.attempt = 0  # how many executions of this stage came before this one
+        self._mlflow = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> "StageRun":
+        if not self.enabled:
+            return self
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.uri)
+        experiment_id = self._experiment_id()
+        record = self._read_record()
+        run = self._find_run(record.get("run_id")) if record.get("tracking_uri") == self.uri else None
+        system_metrics = bool(self.cfg.tracking.system_metrics) and _has_psutil()
+        if run is not None:
+            self.attempt = int(record.get("attempts", 1))
+            mlflow.start_run(run_id=run.info.run_id, log_system_metrics=system_metrics)
+            self._reconcile_params(run.data.params)
+            log.info("resuming MLflow run %s (execution %d of this stage)", run.info.run_id,
+                     self.attempt + 1)
+        else:
+            mlflow.start_run(experiment_id=experiment_id, run_name=self.stage,
+                             tags={"stage": self.stage, "experiment": str(self.cfg.experiment)},
+                             log_system_metrics=system_metrics)
+            self._log_params(flatten(self.cfg))
+        self.run_id = mlflow.active_run().info.run_id
+        atomic.write_json(self.stage_dir / RUN_FILE, {
+            "run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id,
+            "attempts": self.attempt + 1})
+        mlflow.set_tag("executions", str(self.attempt + 1))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.enabled or self._mlflow is None:
+            return False
+        mlflow = self._mlflow
+        if exc_type is None:
+            mlflow.end_run("FINISHED")
+        elif issubclass(exc_type, (StageKilled, KeyboardInterrupt)):
+            mlflow.set_tag("stopped", f"{exc_type.__name__}: {exc}")
+            mlflow.end_run("KILLED")
+        else:
+            mlflow.set_tag("error", f"{exc_type.__name__}: {exc}"[:5000])
+            mlflow.end_run("FAILED")
+        return False
+
+    # -- logging API used by stages -----------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_image(self, image: Any, artifact_file: str, step: int | None = None) -> None:
+        """Log a PIL image; with a step it shows up in the run's image history."""
+        if self._mlflow is None:
+            return
+        if step is None:
+            self._mlflow.log_image(image, artifact_file=artifact_file)
+        else:
+            self._mlflow.log_image(image, key=artifact_file, step=step)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        name = str(self.cfg.experiment)
+        exp = self._mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self._mlflow.create_experiment(
+                name, artifact_location=_default_artifact_location(self.cfg))
+        except MlflowException:  # another stage created it at the same moment
+            return self._mlflow.get_experiment_by_name(name).experiment_id
+
+    def _read_record(self) -> dict[str, Any]:
+        import json
+
+        path = self.stage_dir / RUN_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _find_run(self, run_id: str | None):
+        if not run_id:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._mlflow.get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow run %s from %s is not in %s; starting a new run", run_id,
+                        RUN_FILE, self.uri)
+            return None
+        if run.info.lifecycle_stage == "deleted":
+            log.warning("MLflow run %s was deleted; starting a new run", run_id)
+            return None
+        return run
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        items = list(params.items())
+        for i in range(0, len(items), _PARAM_BATCH):
+            self._mlflow.log_params(dict(items[i:i + _PARAM_BATCH]))
+
+    def _reconcile_params(self, logged: dict[str, str]) -> None:
+        current = flatten(self.cfg)
+        self._log_params({k: v for k, v in current.items() if k not in logged})
+        changed = {k: v for k, v in current.items() if k in logged and logged[k] != v}
+        for key, value in changed.items():
+            log.warning("config %s changed since this run started: %s -> %s (recorded as tag "
+                        "changed.%s; params are immutable)", key, logged[key], value, key)
+        if changed:
+            self.set_tags({f"changed.{k}": f"{logged[k]} -> {v}" for k, v in changed.items()})
+
+
+def _has_psutil() -> bool:
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,28 @@
+"""Shared helpers: run the real `submit` console script as a subprocess, as users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUBMIT = str(Path(sys.executable).parent / "submit")
+
+
+def submit(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    return subprocess.run([SUBMIT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> dict:
+    """One `submit stage=prepare` on the embedded digits, shared by the read-only tests."""
+    root = tmp_path_factory.mktemp("digits")
+    proc = submit("stage=prepare", f"run_root={root / 'runs'}", cwd=root)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return {"root": root, "run_root": root / "runs", "proc": proc,
+            "stage_dir": root / "runs" / "digits" / "prepare"}

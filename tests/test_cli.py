@@ -1,0 +1,71 @@
+"""`submit` command line: help, resolved config, and clear exit-2 errors that create nothing."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import submit
+
+STAGES = ["prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior", "sample",
+          "evaluate", "all"]
+
+
+def test_help_lists_stages_groups_and_options(tmp_path):
+    proc = submit("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for stage in STAGES:
+        assert f"\n  {stage} " in proc.stdout
+    for group, option in [("data", "digits"), ("data", "folder"), ("model", "tiny_digits"),
+                          ("model", "paper_imagenet256"), ("cluster", "local"), ("cluster", "slurm"),
+                          ("tracking", "mlflow")]:
+        line = next(l for l in proc.stdout.splitlines() if l.strip().startswith(group + " "))
+        assert option in line
+    assert "not built yet" in proc.stdout  # unbuilt stages are marked, not hidden
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
+    proc = submit("stage=prepare", "seed=7", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["stage"]["name"] == "prepare"
+    assert cfg["experiment"] == "digits" and cfg["seed"] == 7
+    assert cfg["run_root"] == str(tmp_path / "runs")  # resolved against the cwd, absolute
+    assert cfg["data"]["name"] == "digits" and cfg["cluster"]["name"] == "local"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, names", [
+    (["stage=nope"], ["stage=nope", "prepare"]),
+    (["stage=prepare", "data=nope"], ["data=nope", "digits, folder"]),
+    (["stage=prepare", "dta.resolution=3"], ["dta.resolution", "no such config key"]),
+    (["stage=prepare", "data.resolutio=3"], ["data.resolutio", "no such config key"]),
+    (["stage=prepare", "data=folder"], ["data.source", "missing"]),
+    (["stage=prepare", "data=folder", "data.source=/does/not/exist"], ["data.source=/does/not/exist", "does not exist"]),
+    (["stage=prepare", "data.source=/tmp"], ["data.source=/tmp", "data=digits"]),
+    (["stage=prepare", "cluster=slurm"], ["cluster=slurm", "not built yet"]),
+    (["stage=train_vqvae"], ["stage=train_vqvae", "not built yet"]),
+    (["stage=all"], ["stage=all", "not built yet"]),
+    (["data=digits"], ["stage", "no stage given"]),
+    (["stage=prepare", "oops"], ["oops", "key=value"]),
+    (["stage=prepare", "--frobnicate"], ["--frobnicate"]),
+])
+def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path, args, names):
+    proc = submit(*args, f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) <= 2, err  # one clear line (plus usage for bad flags)
+    for name in names:
+        assert name in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_run_root_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = submit("stage=prepare", f"run_root={blocker / 'runs'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"run_root={blocker / 'runs'}" in proc.stderr and "not a directory" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
