@@ -1,0 +1,134 @@
+"""`submit stage=prepare data=folder` on real image trees, including the bad files users have."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import SUBMIT, submit
+
+COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "emu": (30, 30, 200)}
+
+
+def _image(colour, size=(40, 30), mode="RGB", fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(sum(colour))
+    arr = np.clip(np.array(colour) + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
+    img = Image.fromarray(arr.astype(np.uint8), "RGB").convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _read(shard_dir: Path, split: str) -> list[dict]:
+    manifest = json.loads((shard_dir / "dataset.json").read_text())
+    urls = [str(shard_dir / s["name"]) for s in manifest["splits"][split]["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def test_split_class_tree_with_bad_files(tmp_path):
+    src = tmp_path / "flowers"
+    for split, n in (("train", 6), ("val", 2)):
+        for cls, colour in COLOURS.items():
+            d = src / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"img{i}.jpg").write_bytes(_image(colour))
+    (src / "train" / "cat" / "cmyk.jpeg").write_bytes(_image(COLOURS["cat"], mode="CMYK"))
+    (src / "train" / "dog" / "grey.JPG").write_bytes(_image(COLOURS["dog"], mode="L"))
+    (src / "train" / "emu" / "really_png.jpg").write_bytes(_image(COLOURS["emu"], fmt="PNG"))
+    (src / "train" / "emu" / "truncated.jpg").write_bytes(_image(COLOURS["emu"])[:300])
+    (src / "train" / "cat" / "notes.txt").write_text("not an image, not listed")
+
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", "data=folder", f"data.source={src}", "data.shard_size=5",
+                  f"run_root={run_root}", "experiment=flowers", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "split/class/image" in proc.stdout
+    assert "truncated.jpg" in proc.stdout  # the skipped file is named in the log
+
+    shard_dir = run_root / "flowers" / "prepare" / "shards"
+    manifest = json.loads((shard_dir / "dataset.json").read_text())
+    assert manifest["class_names"] == ["cat", "dog", "emu"]
+    train = _read(shard_dir, "train")
+    # nothing lost silently: 22 files in = 21 written + 1 skipped
+    assert len(train) == manifest["splits"]["train"]["count"] == 21
+    assert manifest["splits"]["train"]["skipped"] == 1
+    assert len(_read(shard_dir, "val")) == 6
+    for s in train:
+        name = s["__key__"].split("__")[-1]
+        img = Image.open(io.BytesIO(s.get("jpg") or s.get("png")))
+        assert img.mode == "RGB"
+        cls = manifest["class_names"][int(s["cls"])]
+        assert s["__key__"].startswith(f"train__{cls}__")  # label matches the folder
+        centre = np.asarray(img)[15, 20].astype(int)
+        if name == "grey_JPG":  # greyscale -> RGB: three equal channels
+            assert centre[0] == centre[1] == centre[2]
+        else:
+            assert np.abs(centre - COLOURS[cls]).max() < 60, (name, centre)
+    by_name = {s["__key__"]: s for s in train}
+    assert "jpg" in by_name["train__cat__cmyk_jpeg"]        # CMYK JPEG -> RGB JPEG
+    assert "png" in by_name["train__emu__really_png_jpg"]   # format from content, not extension
+    stats = [json.loads(p.read_text()) for p in shard_dir.glob("train-*_stats.json")]
+    skipped = [s for st in stats for s in st["skipped"]]
+    assert [s["origin"] for s in skipped] == ["train/emu/truncated.jpg"]
+
+    run_id = json.loads((shard_dir.parent / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}").get_run(run_id)
+    assert run.data.metrics["images_skipped"] == 1 and run.data.metrics["images"] == 27
+    assert run.data.params["data.source"] == str(src)
+
+
+def test_class_tree_without_splits_is_split_here(tmp_path):
+    src = tmp_path / "pets"
+    for cls, colour in COLOURS.items():
+        (src / cls).mkdir(parents=True)
+        for i in range(10):
+            (src / cls / f"{i}.png").write_bytes(_image(colour, fmt="PNG"))
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", "data=folder", f"data.source={src}", "data.val_fraction=0.2",
+                  f"run_root={run_root}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    shard_dir = run_root / "digits" / "prepare" / "shards"
+    val = _read(shard_dir, "val")
+    assert Counter(int(s["cls"]) for s in val) == {0: 2, 1: 2, 2: 2}  # stratified
+    train_keys = {s["__key__"] for s in _read(shard_dir, "train")}
+    assert len(train_keys) == 24 and not train_keys & {s["__key__"] for s in val}
+
+
+def test_sigterm_marks_the_run_killed(tmp_path):
+    src = tmp_path / "stuck"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir(parents=True)
+    for cls in ("a", "b"):
+        for i in range(3):
+            (src / cls / f"{i}.png").write_bytes(_image((9, 9, 9), fmt="PNG"))
+    os.mkfifo(src / "a" / "x.png")  # reading it blocks forever: a hung network filesystem
+    run_root = tmp_path / "runs"
+    proc = subprocess.Popen([SUBMIT, "stage=prepare", "data=folder", f"data.source={src}",
+                             f"run_root={run_root}"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    record = run_root / "digits" / "prepare" / "mlflow_run.json"
+    deadline = time.time() + 120
+    while not record.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert record.exists(), proc.communicate()
+    time.sleep(3)  # let it reach the blocking read
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    run_id = json.loads(record.read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert not list((run_root / "digits" / "prepare" / "shards").glob("*.tar"))
