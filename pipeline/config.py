@@ -164,6 +164,21 @@ def validate(cfg: DictConfig) -> None:
         if not os.access(src, os.R_OK | os.X_OK):
             raise ConfigError(f"data.source={source}", "directory is not readable",
                               "fix its permissions or pass another path")
+        if cfg.data.name == "imagenet" and not any(
+                (src / sub / "train").is_dir() for sub in (".", "ILSVRC/Data/CLS-LOC")):
+            raise ConfigError(f"data.source={source}", "no train/ folder (nor ILSVRC/Data/CLS-LOC/train)",
+                              "pass the folder that holds ImageNet's train/ and val/")
+    _check_choice(cfg, "data.augment", ("none", "center", "random_resized_crop"))
+    _check_choice(cfg, "data.layout", ("auto", "folders", "kaggle", "devkit"))
+    if int(cfg.prepare.workers) < 1:
+        raise ConfigError(f"prepare.workers={cfg.prepare.workers}", "must be at least 1",
+                          "pass prepare.workers=<processes>")
+
+
+def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is not None and value not in choices:
+        raise ConfigError(f"{key}={value}", "unknown choice", f"pass one of: {', '.join(choices)}")
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:

@@ -39,6 +39,7 @@ class ShardPlan:
     split: str
     index: int
     refs: list[SampleRef]
+    options: str = ""   # write options that change the bytes (resize, JPEG quality)
 
     @property
     def name(self) -> str:
@@ -46,21 +47,27 @@ class ShardPlan:
 
     @property
     def digest(self) -> str:
-        h = hashlib.sha256()
+        h = hashlib.sha256(self.options.encode())
         for r in self.refs:
             h.update(f"{r.key}\t{r.label}\t{r.origin}\n".encode())
         return h.hexdigest()[:16]
 
 
-def plan_shards(samples: dict[str, list[SampleRef]], shard_size: int, seed: int) -> list[ShardPlan]:
+def plan_shards(samples: dict[str, list[SampleRef]], shard_size: int, seed: int,
+                options: str = "") -> list[ShardPlan]:
     """Shuffle each split globally with the seed, then cut it into shards of ``shard_size``."""
     plans: list[ShardPlan] = []
     for split in sorted(samples):
         refs = sorted(samples[split], key=lambda r: r.key)
         random.Random(f"{seed}:{split}").shuffle(refs)
         for i in range(0, len(refs), shard_size):
-            plans.append(ShardPlan(split, i // shard_size, refs[i:i + shard_size]))
+            plans.append(ShardPlan(split, i // shard_size, refs[i:i + shard_size], options))
     return plans
+
+
+def assigned(plans: list[ShardPlan], task: int, tasks: int) -> list[ShardPlan]:
+    """The shards task ``task`` of ``tasks`` writes: i, i+n, ... (every task computes the same plan)."""
+    return plans[task::tasks]
 
 
 def tar_path(out_dir: Path, name: str) -> Path:
@@ -79,7 +86,8 @@ def completed_stats(out_dir: Path, plan: ShardPlan) -> dict | None:
     stats = json.loads(sp.read_text())
     if stats.get("plan") != plan.digest:
         raise PlanMismatch(
-            f"{sp}: written under another shard plan (data, seed or data.shard_size changed); "
+            f"{sp}: written under another shard plan (data, seed, data.shard_size, data.max_side "
+            f"or data.jpeg_quality changed); "
             f"use a new experiment=... or run_root=..., or move {Path(out_dir)} away")
     if tp.stat().st_size != stats["bytes"]:
         return None  # tar replaced or damaged after completion: write it again
@@ -135,6 +143,7 @@ def build_manifest(plans: list[ShardPlan], stats: dict[str, dict], source: Sourc
         entry["class_counts"] = {str(k): v for k, v in sorted(entry["class_counts"].items())}
     return {"format": FORMAT, "dataset": source.name, "layout": source.layout,
             "class_names": list(source.class_names), "num_classes": len(source.class_names),
+            "class_ids": list(getattr(source, "class_ids", source.class_names)),
             "resolution": resolution, "seed": seed, "shard_size": shard_size, "splits": splits}
 
 
@@ -152,3 +161,37 @@ def shard_urls(shard_dir: Path, split: str) -> list[str]:
         raise KeyError(f"split '{split}' not in {Path(shard_dir) / MANIFEST}; "
                        f"have {sorted(manifest['splits'])}")
     return [str(Path(shard_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify(shard_dir: Path) -> tuple[int, list[str]]:
+    """Re-read every shard of the manifest; return (samples read, problems found)."""
+    import tarfile
+
+    manifest = read_manifest(shard_dir)
+    total, problems = 0, []
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            tar = Path(shard_dir) / shard["name"]
+            fix = f"rerun `submit stage=prepare` to rewrite it"
+            if not tar.exists():
+                problems.append(f"{tar}: missing -- {fix}")
+                continue
+            keys: dict[str, set[str]] = {}
+            try:
+                with tarfile.open(tar) as tf:
+                    for member in tf:
+                        key, _, ext = member.name.partition(".")
+                        data = tf.extractfile(member).read()
+                        if ext == "cls":
+                            int(data)
+                        keys.setdefault(key, set()).add(ext)
+            except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+                problems.append(f"{tar}: unreadable after {len(keys)} samples ({type(e).__name__}: {e}) "
+                                f"-- delete it and its _stats.json, then {fix}")
+                continue
+            complete = [k for k, exts in keys.items() if "cls" in exts and exts & {"jpg", "png"}]
+            total += len(complete)
+            if len(complete) != shard["count"]:
+                problems.append(f"{tar}: {len(complete)} complete samples, manifest says {shard['count']} "
+                                f"-- delete it and its _stats.json, then {fix}")
+    return total, problems

@@ -92,6 +92,7 @@ class FolderSource:
     val_fraction: float
     seed: int
     jpeg_quality: int = 95
+    max_side: int | None = None
     name: str = "folder"
     layout: str = ""
     class_names: list[str] = field(default_factory=list)
@@ -135,12 +136,23 @@ class FolderSource:
                 "val": [self._ref(f, y, "val") for f, y in sorted(val)]}
 
     def load(self, ref: SampleRef) -> images.EncodedImage:
-        return images.encode((self.root / ref.origin).read_bytes(), self.jpeg_quality)
+        return images.encode((self.root / ref.origin).read_bytes(), self.jpeg_quality, self.max_side)
 
 
 def open_source(data: DictConfig, seed: int) -> Source:
     if data.name == "digits":
         return DigitsSource(int(data.resolution), float(data.val_fraction), seed)
+    max_side = int(data.max_side) if data.get("max_side") else None
     if data.name == "folder":
-        return FolderSource(Path(str(data.source)), float(data.val_fraction), seed)
-    raise ValueError(f"data={data.name}: no source implementation; choose data=digits or data=folder")
+        return FolderSource(Path(str(data.source)), float(data.val_fraction), seed,
+                            int(data.jpeg_quality), max_side)
+    if data.name == "imagenet":
+        from pipeline.data.imagenet import ImageNetSource
+
+        return ImageNetSource(Path(str(data.source)), str(data.layout), int(data.jpeg_quality), max_side)
+    raise ValueError(f"data={data.name}: no source implementation; choose data=digits, folder or imagenet")
+
+
+def write_options(data: DictConfig) -> str:
+    """What, besides the sample list, decides a shard's bytes (part of the shard plan's digest)."""
+    return f"max_side={data.get('max_side')};jpeg_quality={data.get('jpeg_quality')}"

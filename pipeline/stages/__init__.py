@@ -33,6 +33,8 @@ class StageContext:
     stage_dir: Path       # ${run_root}/${experiment}/<stage>/
     run: StageRun         # MLflow run (no-op on ranks > 0)
     log: logging.Logger
+    task: int = 0         # this array task's index (SLURM array jobs split work i, i+n, ...)
+    tasks: int = 1        # number of array tasks
 
 
 def stage_function(name: str) -> Callable[[DictConfig, StageContext], dict[str, Any]]:

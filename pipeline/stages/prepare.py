@@ -1,9 +1,18 @@
-"""`prepare`: a dataset -> WebDataset tar shards + manifest, restartable shard by shard."""
+"""`prepare`: a dataset -> WebDataset tar shards + manifest, restartable shard by shard.
+
+Shards are written by ``prepare.workers`` processes; array task i of n writes shards i, i+n, ...
+and the manifest is written by whichever task finds every shard complete.
+``verify=true`` re-reads every shard against the manifest instead of writing.
+"""
 
 from __future__ import annotations
 
 import io
+import json
+import multiprocessing as mp
+import queue
 import time
+from pathlib import Path
 from typing import Any
 
 import webdataset as wds
@@ -13,61 +22,135 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.data import shards
-from pipeline.data.sources import open_source
+from pipeline.data.sources import Source, open_source, write_options
 from pipeline.stages import StageContext
+
+_worker: dict[str, Any] = {}  # per worker process: the source and the progress queue
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
-    start = time.time()
     out_dir = ctx.stage_dir / "shards"
+    if cfg.verify:
+        return _verify(out_dir, ctx)
+    start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.data, int(cfg.seed))
     samples = source.samples()
-    ctx.log.info("source: %s (%s), %d classes, %s", source.name, source.layout,
+    ctx.log.info("source: %s, layout %s, %d classes, %s", source.name, source.layout,
                  len(source.class_names), ", ".join(f"{s}={len(v)}" for s, v in samples.items()))
-    plans = shards.plan_shards(samples, int(cfg.data.shard_size), int(cfg.seed))
+    plans = shards.plan_shards(samples, int(cfg.data.shard_size), int(cfg.seed), write_options(cfg.data))
+    mine = shards.assigned(plans, ctx.task, ctx.tasks)
 
     stats = {p.name: s for p in plans if (s := shards.completed_stats(out_dir, p)) is not None}
-    todo = [p for p in plans if p.name not in stats]
+    todo = [p for p in mine if p.name not in stats]
     if not todo:
-        ctx.log.info("all %d shards in %s are already complete: nothing to write", len(plans), out_dir)
+        ctx.log.info("all %d shards of this task in %s are already complete: nothing to write",
+                     len(mine), out_dir)
     else:
-        ctx.log.info("%d of %d shards to write (%d already complete)", len(todo), len(plans),
-                     len(stats))
+        ctx.log.info("%d of %d shards to write (%d already complete), %d worker(s)", len(todo),
+                     len(mine), len(mine) - len(todo), int(cfg.prepare.workers))
     with tqdm(total=sum(len(p.refs) for p in todo), unit="img", desc="prepare",
               disable=not todo, mininterval=1.0) as bar:
-        for p in todo:
-            stats[p.name] = shards.write_shard(out_dir, p, source, on_sample=lambda: bar.update())
+        stats.update(_write(out_dir, todo, source, int(cfg.prepare.workers), bar))
 
-    manifest = shards.build_manifest(plans, stats, source, int(cfg.data.resolution),
-                                     int(cfg.seed), int(cfg.data.shard_size))
+    pending = [p.name for p in plans if p.name not in stats]
     manifest_path = out_dir / shards.MANIFEST
-    if not manifest_path.exists() or shards.read_manifest(out_dir) != manifest:
-        atomic.write_json(manifest_path, manifest)
+    if pending:
+        ctx.log.info("%d shards are still being written by other tasks; the last task writes the "
+                     "manifest", len(pending))
+    else:
+        manifest = shards.build_manifest(plans, stats, source, int(cfg.data.resolution),
+                                         int(cfg.seed), int(cfg.data.shard_size))
+        if not manifest_path.exists() or shards.read_manifest(out_dir) != manifest:
+            atomic.write_json(manifest_path, manifest)
 
+    done = [stats[p.name] for p in mine if p.name in stats]
     written = [stats[p.name] for p in todo]
-    skipped = [s for st in stats.values() for s in st["skipped"]]
+    skipped = [s for st in done for s in st["skipped"]]
     for s in skipped:
         ctx.log.warning("skipped %s: %s", s["origin"], s["error"])
-    seconds = time.time() - start
     summary = {
-        "images": sum(st["count"] for st in stats.values()),
+        "images": sum(st["count"] for st in done),
         "images_written": sum(st["count"] for st in written),
         "images_skipped": len(skipped),
-        "shards": len(plans), "shards_written": len(todo), "shards_already_complete": len(plans) - len(todo),
-        "bytes": sum(st["bytes"] for st in stats.values()),
-        "seconds": round(seconds, 2),
+        "images_converted": sum(st["converted"] for st in done),
+        "shards": len(mine), "shards_written": len(todo), "shards_already_complete": len(mine) - len(todo),
+        "shards_pending_other_tasks": len(pending),
+        "bytes": sum(st["bytes"] for st in done),
+        "seconds": round(time.time() - start, 2),
     }
     ctx.run.log_metrics(summary, step=ctx.run.attempt)
-    ctx.run.log_artifact(manifest_path)
-    if todo:
-        ctx.run.log_image(class_grid(out_dir, manifest), "samples/train_per_class.png")
+    ctx.run.set_tags({"data.layout_found": source.layout})
+    if not pending:
+        ctx.run.log_artifact(manifest_path)
+        all_skipped = [s for p in plans for s in stats[p.name]["skipped"]]
+        skipped_path = out_dir / "skipped.json"
+        if all_skipped and (not skipped_path.exists() or json.loads(skipped_path.read_text()) != all_skipped):
+            atomic.write_json(skipped_path, all_skipped)
+        if all_skipped:
+            ctx.run.log_artifact(skipped_path)
+        if todo:
+            ctx.run.log_image(class_grid(out_dir, shards.read_manifest(out_dir)), "samples/train_per_class.png")
     ctx.log.info("prepare: %(images)d images in %(shards)d shards (%(shards_written)d written now), "
                  "%(images_skipped)d skipped, %(bytes)d bytes, %(seconds).1f s", summary)
     return {**summary, "outputs": str(out_dir)}
 
 
-def class_grid(shard_dir, manifest: dict, per_class: int = 10) -> Image.Image:
+def _verify(out_dir: Path, ctx: StageContext) -> dict[str, Any]:
+    start = time.time()
+    total, problems = shards.verify(out_dir)
+    for p in problems:
+        ctx.log.error("verify: %s", p)
+    ctx.run.log_metrics({"verify_samples": total, "verify_problems": len(problems)}, step=ctx.run.attempt)
+    if problems:
+        raise RuntimeError(f"verify found {len(problems)} problem(s); first: {problems[0]}")
+    ctx.log.info("verify: %d samples in %s match the manifest (%.1f s)", total, out_dir, time.time() - start)
+    return {"verify_samples": total, "outputs": str(out_dir)}
+
+
+def _write(out_dir: Path, todo: list[shards.ShardPlan], source: Source, workers: int,
+           bar: tqdm) -> dict[str, dict]:
+    """Write the shards in ``todo``; on an error or a stop, workers are terminated (their temp
+    files are removed when that shard is next written)."""
+    if workers <= 1 or len(todo) <= 1:
+        return {p.name: shards.write_shard(out_dir, p, source, on_sample=bar.update) for p in todo}
+    ctx = mp.get_context("spawn")  # no fork: the parent holds MLflow threads and open handles
+    ticks = ctx.Queue()
+    results: dict[str, dict] = {}
+    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(source, ticks)) as pool:
+        pending = [pool.apply_async(_write_one, (out_dir, p)) for p in todo]
+        while pending:
+            try:
+                bar.update(ticks.get(timeout=0.5))
+            except queue.Empty:
+                pass
+            for r in [r for r in pending if r.ready()]:
+                st = r.get()  # re-raises a worker's exception here
+                results[st["name"]] = st
+                pending.remove(r)
+        while not ticks.empty():
+            bar.update(ticks.get())
+    return results
+
+
+def _init_worker(source: Source, ticks: mp.Queue) -> None:
+    _worker.update(source=source, ticks=ticks)
+
+
+def _write_one(out_dir: Path, plan: shards.ShardPlan) -> dict:
+    seen = [0]
+
+    def tick() -> None:  # batch progress messages: one per 16 images
+        seen[0] += 1
+        if seen[0] % 16 == 0:
+            _worker["ticks"].put(16)
+
+    stats = shards.write_shard(out_dir, plan, _worker["source"], on_sample=tick)
+    _worker["ticks"].put(seen[0] % 16)
+    return stats
+
+
+def class_grid(shard_dir: Path, manifest: dict, per_class: int = 10) -> Image.Image:
     """A grid with one row per class (up to 20 classes) of the first train images, for MLflow."""
     classes = list(range(min(manifest["num_classes"], 20)))
     rows: dict[int, list[Image.Image]] = {c: [] for c in classes}

@@ -1,0 +1,117 @@
+"""`submit stage=prepare data=imagenet` on fake ImageNet trees in each layout people have."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import webdataset as wds
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import fake_imagenet as fake
+from conftest import submit
+from pipeline.data.imagenet import ImageNetSource, LayoutError
+
+
+def _read(shard_dir, split):
+    manifest = json.loads((shard_dir / "dataset.json").read_text())
+    return list(wds.WebDataset([str(shard_dir / s["name"]) for s in manifest["splits"][split]["shards"]],
+                               shardshuffle=False, empty_check=False))
+
+
+@pytest.mark.parametrize("layout", ["folders", "kaggle", "devkit"])
+def test_layouts_are_detected_and_labelled(tmp_path, layout):
+    labels = fake.build(tmp_path / "in", layout)
+    source = ImageNetSource(tmp_path / "in")
+    assert source.layout == layout
+    assert source.class_ids == fake.SYNSETS
+    if layout != "folders":
+        assert source.class_names == [fake.WORDS[w] for w in fake.SYNSETS]
+    samples = source.samples()
+    assert len(samples["train"]) == 3 * 4 + 3
+    got = {r.key: fake.SYNSETS[r.label] for r in samples["val"]}
+    assert got == labels
+
+
+def test_wrong_layout_is_a_clear_error(tmp_path):
+    fake.build(tmp_path / "in", "folders")
+    with pytest.raises(LayoutError, match="kaggle but no LOC_val_solution.csv"):
+        ImageNetSource(tmp_path / "in", layout="kaggle")
+    (tmp_path / "bad" / "train" / "cats").mkdir(parents=True)
+    with pytest.raises(LayoutError, match="no synset folders"):
+        ImageNetSource(tmp_path / "bad")
+
+
+def test_prepare_kaggle_tree_rerun_and_verify(tmp_path):
+    src = tmp_path / "imagenet"
+    labels = fake.build(src, "kaggle")
+    run_root = tmp_path / "runs"
+    args = ["stage=prepare", "data=imagenet", f"data.source={src}", "data.shard_size=4",
+            f"run_root={run_root}", "experiment=inet"]
+    proc = submit(*args, "prepare.workers=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "layout kaggle" in proc.stdout
+    shard_dir = run_root / "inet" / "prepare" / "shards"
+    manifest = json.loads((shard_dir / "dataset.json").read_text())
+    assert manifest["class_ids"] == fake.SYNSETS
+    assert manifest["class_names"][2] == "kit fox, Vulpes macrotis"
+    # 15 train files in = 14 written + 1 skipped (the truncated one), listed and logged
+    assert manifest["splits"]["train"]["count"] == 14 and manifest["splits"]["train"]["skipped"] == 1
+    skipped = json.loads((shard_dir / "skipped.json").read_text())
+    assert [s["key"] for s in skipped] == ["n01443537_trunc"]
+    train, val = _read(shard_dir, "train"), _read(shard_dir, "val")
+    assert len(train) == 14 and len(val) == 6
+    assert {s["__key__"]: fake.SYNSETS[int(s["cls"])] for s in val} == labels
+    for s in train:
+        wnid = s["__key__"].split("_")[0]
+        assert fake.SYNSETS[int(s["cls"])] == wnid
+        img = Image.open(io.BytesIO(s.get("jpg") or s.get("png")))
+        assert img.mode == "RGB"
+        assert np.abs(np.asarray(img)[20, 30].astype(int) - fake.COLOURS[wnid]).max() < 50
+    by_key = {s["__key__"]: s for s in train}
+    assert "jpg" in by_key["n01440764_cmyk"] and "png" in by_key["n01440764_png"]
+    assert Counter(int(s["cls"]) for s in train) == {0: 6, 1: 4, 2: 4}
+
+    run = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}").get_run(
+        json.loads((shard_dir.parent / "mlflow_run.json").read_text())["run_id"])
+    assert run.data.metrics["images_skipped"] == 1 and run.data.metrics["images_converted"] == 1  # CMYK; the PNG keeps its bytes
+    assert run.data.tags["data.layout_found"] == "kaggle"
+    assert "skipped.json" in {a.path for a in MlflowClient(
+        f"sqlite:///{run_root / 'mlflow.db'}").list_artifacts(run.info.run_id)}
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    again = submit(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to write" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()} == mtimes
+
+    ok = submit(*args, "verify=true", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert "verify: 20 samples" in ok.stdout and "match the manifest" in ok.stdout
+
+    victim = shard_dir / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:3000])
+    bad = submit(*args, "verify=true", cwd=tmp_path)
+    assert bad.returncode == 1
+    assert "train-000001.tar" in bad.stderr and "rerun `submit stage=prepare`" in bad.stderr
+    # ... and the rerun it suggests repairs exactly that shard
+    fixed = submit(*args, cwd=tmp_path)
+    assert fixed.returncode == 0 and "1 of 6 shards to write" in fixed.stdout
+    assert submit(*args, "verify=true", cwd=tmp_path).returncode == 0
+
+
+def test_resize_on_write(tmp_path):
+    src = tmp_path / "imagenet"
+    fake.build(src, "folders")
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", "data=imagenet", f"data.source={src}", "data.max_side=32",
+                  "data.jpeg_quality=80", f"run_root={run_root}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    for s in _read(run_root / "digits" / "prepare" / "shards", "val"):
+        img = Image.open(io.BytesIO(s["jpg"]))
+        assert img.size == (24, 32)  # 48x64 with the longer side capped at 32, aspect kept
+        meta = json.loads(s["json"])
+        assert (meta["width"], meta["height"]) == (48, 64) and "resized" in meta["converted"]
