@@ -23,10 +23,10 @@ def _describe(group: str, option: str) -> str:
 def help_text() -> str:
     import yaml
 
-    from pipeline.stages import BUILT, PLANNED
+    from pipeline.stages import BUILT, ORDER, PLANNED
 
     lines = [USAGE, "", "Runs one stage of the VQ-VAE-2 pipeline, tracked in MLflow.", "", "stages:"]
-    for st in group_options("stage"):
+    for st in sorted(group_options("stage"), key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER)):
         mark = "" if st in BUILT else f"  [not built yet: {PLANNED.get(st, '?')}]"
         lines.append(f"  {st:<20}{_describe('stage', st)}{mark}")
     primary = yaml.safe_load((config_dir() / "config.yaml").read_text())
@@ -40,6 +40,8 @@ def help_text() -> str:
     lines += ["", "examples:", textwrap.indent(textwrap.dedent("""\
         submit stage=prepare                                   # embedded digits -> shards, local
         submit stage=prepare data=folder data.source=/data/flowers
+        submit stage=prepare data=imagenet data.source=/datasets/ILSVRC2012 prepare.workers=16
+        submit stage=prepare verify=true                       # re-read every shard against the manifest
         submit stage=prepare --cfg job                         # print the resolved config, run nothing
         submit stage=prepare tracking.uri=http://127.0.0.1:5000"""), "  "),
         "", "Every key is documented in the YAML files under " + str(config_dir())]

@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 
 from pipeline.tracking import StageRun
 
+# The pipeline's order (what `submit --help` lists and `stage=all` runs).
+ORDER = ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior", "sample",
+         "evaluate", "all")
 # stage name -> "module:function"; imported lazily so `submit --help` stays fast.
 BUILT: dict[str, str] = {
     "prepare": "pipeline.stages.prepare:run",

@@ -1,0 +1,47 @@
+"""The VQ-VAE-2 models: pure PyTorch, no I/O, no launcher.
+
+    from pipeline.models import VQVAE2, TopPrior, BottomPrior, build
+    vqvae = build("vqvae", cfg.model)                      # or VQVAE2(hidden_channels=128, ...)
+    top = build("top_prior", cfg.model, num_classes=1000)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from pipeline.models.priors import BottomPrior, TopPrior
+from pipeline.models.quantizer import VectorQuantizer
+from pipeline.models.vqvae import VQVAE2
+
+__all__ = ["VQVAE2", "TopPrior", "BottomPrior", "VectorQuantizer", "build", "parameter_count"]
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def build(which: str, model_cfg: Any, num_classes: int | None = None) -> nn.Module:
+    """One of ``vqvae``, ``top_prior``, ``bottom_prior`` from a ``model`` config (Hydra or dict);
+    the priors take their code-book sizes from ``model_cfg.vqvae``."""
+    cfg = _plain(model_cfg)
+    vq = {k: v for k, v in cfg["vqvae"].items()}
+    if which == "vqvae":
+        return VQVAE2(**vq)
+    if num_classes is None:
+        raise ValueError(f"build('{which}'): num_classes is required (from the dataset manifest)")
+    if which == "top_prior":
+        return TopPrior(num_codes=vq["codebook_size_top"], num_classes=num_classes, **cfg["top_prior"])
+    if which == "bottom_prior":
+        return BottomPrior(num_codes=vq["codebook_size_bottom"], num_top_codes=vq["codebook_size_top"],
+                           num_classes=num_classes, **cfg["bottom_prior"])
+    raise ValueError(f"build('{which}'): choose vqvae, top_prior or bottom_prior")
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

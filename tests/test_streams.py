@@ -1,0 +1,136 @@
+"""The loaders over real WebDataset tars: exactly-once ordered stream, endless training stream."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import compose
+from pipeline.data import shards
+from pipeline.data.streams import TrainLoader, ordered_batches
+from pipeline.stages import StageContext
+from pipeline.stages import prepare
+from pipeline.tracking import StageRun
+
+SIZES = [7, 5, 4]  # three uneven shards
+
+
+def _jpeg(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((30, 40, 3), value, np.uint8)).save(buf, format="JPEG", quality=98)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tars(tmp_path):
+    urls, n = [], 0
+    for s, size in enumerate(SIZES):
+        path = tmp_path / f"train-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for _ in range(size):
+                sink.write({"__key__": f"k{n:03d}", "jpg": _jpeg(10 * n), "cls": n % 3})
+                n += 1
+        urls.append(str(path))
+    return urls
+
+
+def test_ordered_stream_is_exactly_once_over_ranks_and_workers(tars):
+    keys: Counter = Counter()
+    done: list[int] = []
+    for rank in range(2):  # 2 ranks x 2 workers = 4 readers for 3 shards: one reader idles
+        for batch in ordered_batches(tars, batch_size=3, resolution=16, rank=rank, world_size=2,
+                                     num_workers=2):
+            if "shard_done" in batch:
+                done.append(batch["shard_done"])
+                continue
+            keys.update(batch["key"])
+            assert batch["image"].shape[1:] == (3, 16, 16) and batch["image"].dtype == torch.float32
+            # labels and pixels stay with their key
+            n = [int(k[1:]) for k in batch["key"]]
+            assert batch["label"].tolist() == [i % 3 for i in n]
+            got = (batch["image"].mean(dim=(1, 2, 3)) + 1) * 127.5
+            assert torch.allclose(got, torch.tensor([10.0 * i for i in n]), atol=3)
+    assert keys == Counter(f"k{i:03d}" for i in range(sum(SIZES)))
+    assert sorted(done) == [0, 1, 2]
+
+
+def test_ordered_stream_keeps_shard_order_and_counts_a_truncated_tar(tars):
+    data = open(tars[1], "rb").read()
+    open(tars[1], "wb").write(data[: len(data) // 2])
+    batches = [b for b in ordered_batches(tars, batch_size=100, resolution=16, num_workers=0)
+               if "key" in b]
+    assert batches[0]["key"] == [f"k{i:03d}" for i in range(7)]  # tar order within a shard
+    assert batches[-1]["key"] == [f"k{i:03d}" for i in range(12, 16)]
+    assert batches[-1]["corrupt"] >= 1
+
+
+def test_training_stream_same_batches_on_every_rank(tars):
+    counts = []
+    for rank in range(2):
+        loader = TrainLoader(tars, batch_size=4, steps=9, resolution=16, augment="random_resized_crop",
+                             rank=rank, world_size=2, num_workers=2, shuffle_buffer=5)
+        batches = list(loader)
+        counts.append(len(batches))
+        images, labels = batches[-1]
+        assert images.shape == (4, 3, 16, 16) and labels.shape == (4,)
+        assert -1.0 <= images.min() and images.max() <= 1.0
+    assert counts == [9, 9]
+
+
+def test_training_stream_is_reseeded_on_resume(tars):
+    def first_labels(**kw):
+        loader = TrainLoader(tars, batch_size=8, steps=3, resolution=16, num_workers=0,
+                             shuffle_buffer=4, **kw)
+        return [tuple(y.tolist()) for _, y in loader]
+
+    assert first_labels(start_step=0) == first_labels(start_step=0)  # deterministic
+    assert first_labels(start_step=0) != first_labels(start_step=100)  # a resume is not a replay
+    assert first_labels(rank=0, world_size=2) != first_labels(rank=1, world_size=2)
+
+
+def test_training_stream_survives_a_truncated_tar(tars, caplog):
+    data = open(tars[0], "rb").read()
+    open(tars[0], "wb").write(data[: len(data) // 2])
+    loader = TrainLoader(tars, batch_size=4, steps=12, resolution=16, num_workers=0, shuffle_buffer=2)
+    with caplog.at_level(logging.WARNING):
+        assert len(list(loader)) == 12
+    assert loader.corrupt >= 1
+    assert "corrupt data #1" in caplog.text
+
+
+def test_training_stream_fails_instead_of_hanging_on_unreadable_shards(tmp_path):
+    bad = tmp_path / "train-000000.tar"
+    bad.write_bytes(b"not a tar at all" * 10)
+    loader = TrainLoader([str(bad)], batch_size=2, steps=1, resolution=16, num_workers=0)
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        list(loader)
+
+
+def test_array_tasks_split_shards_and_the_last_writes_the_manifest(tmp_path):
+    cfg = compose(["stage=prepare", f"run_root={tmp_path}", "data.shard_size=300"])
+    stage_dir = tmp_path / "digits" / "prepare"
+    stage_dir.mkdir(parents=True)
+    log = logging.getLogger("test")
+
+    def task(i):
+        run = StageRun(cfg, "prepare", stage_dir)  # never entered: logs nothing
+        return prepare.run(cfg, StageContext("prepare", stage_dir, run, log, task=i, tasks=2))
+
+    first = task(1)
+    out = stage_dir / "shards"
+    assert first["shards_pending_other_tasks"] == 4 and not (out / shards.MANIFEST).exists()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000001.tar", "train-000003.tar",
+                                                         "val-000000.tar"]
+    second = task(0)
+    assert second["shards_pending_other_tasks"] == 0
+    manifest = json.loads((out / shards.MANIFEST).read_text())
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 1797
+    assert first["images"] + second["images"] == 1797
