@@ -17,7 +17,8 @@ USAGE = "usage: submit stage=<stage> [group=option ...] [key=value ...] [--cfg j
 def _describe(group: str, option: str) -> str:
     import yaml
 
-    return str(yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text()).get("description", ""))
+    node = yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text())
+    return str(node.get(group, node).get("description", ""))  # stage files are @package _global_
 
 
 def help_text() -> str:
@@ -90,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print("submit: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
     except BaseException as e:  # noqa: BLE001 - the stage's failure becomes the exit status
-        from pipeline.tracking import StageKilled
+        from pipeline.tracking import EXIT_REQUEUE, StageKilled, StageStopped
+
+        if isinstance(e, StageStopped):
+            print(f"submit: stage {stage} stopped: {e}", file=sys.stderr)
+            return EXIT_REQUEUE
 
         print(f"submit: stage {stage} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 143 if isinstance(e, StageKilled) else 1

@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import pipeline.configs
 
-GROUPS = ("stage", "data", "model", "cluster", "tracking")
+GROUPS = ("stage", "data", "model", "cluster", "tracking", "deepspeed")
 
 
 class ConfigError(Exception):

@@ -28,6 +28,14 @@ class StageKilled(BaseException):
     """Raised in the stage when the process is asked to stop (SIGTERM/SIGINT): the run is KILLED."""
 
 
+class StageStopped(StageKilled):
+    """A training stage stopped on request after saving a checkpoint: rerun (requeue) to resume.
+    ``submit`` exits with ``EXIT_REQUEUE``."""
+
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary stop; run the same command again to continue
+
+
 def tracking_uri(cfg: DictConfig) -> str:
     if cfg.tracking.uri:
         return str(cfg.tracking.uri)
@@ -68,7 +76,9 @@ class StageRun:
 
     def __init__(self, cfg: DictConfig, stage: str, stage_dir: Path):
         self.cfg, self.stage, self.stage_dir = cfg, stage, Path(stage_dir)
-        self.enabled = int(os.environ.get("RANK", "0")) == 0
+        from pipeline.training.distributed import detect
+
+        self.enabled = detect().rank == 0  # SLURM or torchrun rank, before the group exists
         self.uri = tracking_uri(cfg)
         self.run_id: str | None = None
         self.attempt = 0  # how many executions of this stage came before this one
@@ -130,6 +140,16 @@ class StageRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def last_step(self, key: str) -> int:
+        """The highest step at which ``key`` was logged in this run (-1 if never): a resumed stage
+        skips steps it already logged."""
+        if self._mlflow is None:
+            return -1
+        from mlflow.tracking import MlflowClient
+
+        history = MlflowClient(self.uri).get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=-1)
 
     def log_image(self, image: Any, artifact_file: str, step: int | None = None) -> None:
         """Log a PIL image; with a step it shows up in the run's image history."""

@@ -16,6 +16,7 @@ from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.stages import StageContext, stage_function
 from pipeline.tracking import StageKilled, StageRun, tracking_uri, ui_command
+from pipeline.training.distributed import detect
 
 log = logging.getLogger("pipeline")
 
@@ -54,7 +55,9 @@ class StageJob:
         cfg = self.cfg
         sdir = stage_dir(cfg, self.stage)
         (sdir / "logs").mkdir(parents=True, exist_ok=True)
-        log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        rank = detect().rank
+        suffix = f"-rank{rank}" if rank else ""
+        log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.log"
         handler = _setup_logging(log_file)
         atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
         previous = signal.signal(signal.SIGTERM, _raise_killed)

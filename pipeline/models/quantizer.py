@@ -67,6 +67,14 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage_ema", torch.full((codebook_size,), 1.0 / codebook_size))
         self.register_buffer("initialised", torch.tensor(not data_init))
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Keep the EMA statistics in fp32 even when the whole model is cast (e.g. DeepSpeed bf16).
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     # -- assignment -----------------------------------------------------------------------------
     @torch.no_grad()
     def assign(self, flat: torch.Tensor) -> torch.Tensor:
@@ -83,11 +91,11 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, H, W) -> code vectors (B, D, H, W)."""
-        return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()
+        return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()  # codebook dtype
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor):
-        device_type = z.device.type
+        device_type, in_dtype = z.device.type, z.dtype
         with torch.autocast(device_type, enabled=False):  # distances and statistics in fp32
             z = z.float()
             b, d, h, w = z.shape
@@ -113,7 +121,7 @@ class VectorQuantizer(nn.Module):
                 "usage_window": (self.usage_ema * self.K >= self.dead_threshold).float().mean(),
                 "restarted": restarted,
             }
-        return z_q, codes.view(b, h, w), stats
+        return z_q.to(in_dtype), codes.view(b, h, w), stats
 
     # -- updates --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,10 +22,11 @@ ORDER = ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_pr
 # stage name -> "module:function"; imported lazily so `submit --help` stays fast.
 BUILT: dict[str, str] = {
     "prepare": "pipeline.stages.prepare:run",
+    "train_vqvae": "pipeline.stages.train_vqvae:run",
 }
 # Stages that exist as config entries and are delivered by later work (issue numbers).
 PLANNED: dict[str, str] = {
-    "train_vqvae": "#5", "encode": "#7", "train_top_prior": "#7", "train_bottom_prior": "#7",
+    "encode": "#7", "train_top_prior": "#7", "train_bottom_prior": "#7",
     "sample": "#8", "evaluate": "#8", "all": "#6/#9",
 }
 

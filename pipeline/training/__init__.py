@@ -1,0 +1,1 @@
+"""Training: distributed set-up, checkpoints and the one DeepSpeed engine shared by all models."""

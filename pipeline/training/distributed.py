@@ -1,0 +1,106 @@
+"""Who am I in the job: rank, world size, local rank, master address/port, device.
+
+Sources, in order: SLURM (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, the first host of
+``SLURM_JOB_NODELIST``, a port derived from ``SLURM_JOB_ID`` so every rank agrees), a torchrun
+environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``), or a single
+process. All five variables DeepSpeed reads are exported. The device is chosen by local rank with
+``torch.cuda.set_device``; ``CUDA_VISIBLE_DEVICES`` is never narrowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "slurm", "torchrun" or "single"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect(environ: dict[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "RANK" not in env:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                       first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       int(env.get("MASTER_PORT", 20000 + job % 20000)), "slurm")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def setup() -> DistEnv:
+    """Export the variables DeepSpeed needs, pick the device and initialise the process group."""
+    info = detect()
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+                      MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+    return info
+
+
+def teardown(barrier: bool = True) -> None:
+    """Barrier then destroy the group: a process that exits without it may abort at exit. Pass
+    ``barrier=False`` when other ranks may not get there (an error on this rank only)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on every rank."""
+    t = torch.tensor([0.0 if flag else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0.0
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on some rank."""
+    return not all_true(not flag)

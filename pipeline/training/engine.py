@@ -1,0 +1,275 @@
+"""The one training engine (DeepSpeed) shared by the VQ-VAE and both priors.
+
+A ``Task`` says what is trained (model, batches, loss, evaluation, export); the engine does the
+rest the same way for all three: distributed set-up, AdamW + warm-up/cosine schedule, DeepSpeed
+(ZeRO 0/1/2, bf16, accumulation, clipping), MLflow metrics, progress bar, checkpoints, resume,
+stop requests and NaN guards, and the final DeepSpeed-free ``model.pt``.
+
+Data stream and exact resume: the training stream is cut into segments of ``train.ckpt_every``
+steps, each seeded from (seed, rank, worker, segment start). An uninterrupted run and a run resumed
+from any checkpoint therefore read the same batches; a checkpoint taken between boundaries (a stop
+request) is resumed by fast-forwarding through its segment (``train.exact_resume``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import atomic
+from pipeline.stages import StageContext
+from pipeline.tracking import StageStopped
+from pipeline.training import distributed
+from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the last good checkpoint was left untouched."""
+
+
+class Task(Protocol):
+    """What a stage trains. Batches are whatever ``loss`` takes."""
+
+    kind: str  # "vqvae", "top_prior" or "bottom_prior": recorded in model.pt
+
+    def build_model(self) -> nn.Module: ...
+
+    def batches(self, start_step: int, steps: int, micro_batches_per_step: int) -> Iterator[Any]: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]: ...
+
+    def export_meta(self) -> dict[str, Any]: ...
+
+
+class _StopFlag:
+    """SIGUSR2/SIGTERM only set a flag; the ranks agree at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine down to ``min_ratio`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    bf16 = torch.cuda.is_available() if ds.bf16 == "auto" else bool(ds.bf16)
+    return {
+        "train_micro_batch_size_per_gpu": int(ds.micro_batch),
+        "gradient_accumulation_steps": int(ds.grad_accum),
+        "gradient_clipping": float(ds.grad_clip),
+        "zero_optimization": {"stage": int(ds.zero_stage)},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """What makes a checkpoint incompatible: the model architecture and the dataset."""
+    keys = {"model": cfg.model, "data": cfg.data.name, "resolution": cfg.data.resolution}
+    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(keys), resolve=True), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train(cfg: DictConfig, ctx: StageContext, task: Task) -> dict[str, Any]:
+    """Train ``task`` to ``train.max_steps`` (resuming if a checkpoint exists); collective."""
+    info = distributed.setup()
+    try:
+        result = _train(cfg, ctx, task, info)
+    except (StageStopped, Diverged):  # every rank took this decision together
+        distributed.teardown(barrier=True)
+        raise
+    except BaseException:
+        distributed.teardown(barrier=False)
+        raise
+    distributed.teardown(barrier=True)
+    return result
+
+
+def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.DistEnv) -> dict[str, Any]:
+    import deepspeed
+
+    t = cfg.train
+    torch.manual_seed(int(cfg.seed) + info.rank)
+    model = task.build_model().to(info.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), betas=tuple(t.betas),
+                                  weight_decay=float(t.weight_decay))
+    max_steps, warmup = int(t.max_steps), int(t.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, max_steps, str(t.schedule), float(t.min_lr_ratio)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg))
+    ckpts = CheckpointManager(ctx.stage_dir / "checkpoints", info.rank, info.world_size, int(t.keep_ckpts))
+    client = _resume(cfg, ckpts, engine)
+    step, samples = int(client.get("step", 0)), int(client.get("samples", 0))
+    ga = int(cfg.deepspeed.grad_accum)
+    global_batch = int(cfg.deepspeed.micro_batch) * ga * info.world_size
+    last_logged = ctx.run.last_step("loss")
+    ctx.log.info("training %s: %s parameters, step %d of %d, global batch %d, %d rank(s) (%s), %s",
+                 task.kind, f"{sum(p.numel() for p in model.parameters()):,}", step, max_steps, global_batch,
+                 info.world_size, info.source, info.device)
+    ctx.run.set_tags({"world_size": info.world_size, "global_batch": global_batch})
+
+    every = max(1, int(t.ckpt_every))
+    window: dict[str, float] = {}
+    n_window, wait, t_window = 0, 0.0, time.perf_counter()
+    with _StopFlag() as stop, tqdm(total=max_steps, initial=step, desc=task.kind, unit="step",
+                                   disable=info.rank != 0, mininterval=2.0) as bar:
+        stream = _segment(task, step, max_steps, every, ga, bool(t.exact_resume))
+        while step < max_steps:
+            if step % every == 0 and step > 0 and stream.start != step:
+                stream = _segment(task, step, max_steps, every, ga, True)
+            engine.train()
+            for _ in range(ga):
+                t0 = time.perf_counter()
+                batch = next(stream.batches)
+                wait += time.perf_counter() - t0
+                loss, terms = task.loss(engine, batch)
+                if t.inject_nan_at_step is not None and step + 1 == int(t.inject_nan_at_step):
+                    loss = loss * float("nan")  # fault injection for tests and drills
+                engine.backward(loss)
+                engine.step()
+                for k, v in terms.items():
+                    window[k] = window.get(k, 0.0) + float(v.detach()) / ga
+            step += 1
+            samples += global_batch
+            n_window += 1
+            bar.update(1)
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+            if not distributed.all_true(math.isfinite(float(loss.detach())) and math.isfinite(grad_norm)):
+                raise Diverged(f"non-finite loss or gradient norm at step {step} (loss {float(loss):.4g}, "
+                               f"grad norm {grad_norm:.4g}); the last checkpoint {ckpts.latest()} is intact")
+            if step % int(t.log_every) == 0 or step == max_steps:
+                elapsed = time.perf_counter() - t_window
+                metrics = {k: v / n_window for k, v in window.items()}
+                metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                               samples_per_s=n_window * global_batch / elapsed,
+                               loader_wait_fraction=wait / elapsed, corrupt_samples=stream.corrupt(),
+                               samples_seen=samples)
+                if step > last_logged:  # after a resume, steps already logged are not logged again
+                    ctx.run.log_metrics(metrics, step=step)
+                bar.set_postfix(loss=f"{metrics.get('loss', 0):.4f}")
+                window, n_window, wait, t_window = {}, 0, 0.0, time.perf_counter()
+            if step % int(t.eval_every) == 0 or step == max_steps:
+                engine.eval()
+                with torch.no_grad():
+                    results = task.evaluate(engine.module, step, ctx)
+                if step > last_logged:
+                    ctx.run.log_metrics(results, step=step)
+                ctx.log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+            stop_now = distributed.any_true(stop.signal is not None)
+            if step % every == 0 or step == max_steps or stop_now:
+                ckpts.save(engine, step, {"samples": samples, "segment_start": stream.start,
+                                          "config_hash": config_hash(cfg), "mlflow_run_id": ctx.run.run_id})
+            if stop_now and step < max_steps:
+                raise StageStopped(f"stop requested ({stop.signal or 'another rank'}); checkpoint saved at "
+                                   f"step {step}; rerun the same command to resume")
+    digest = _check_replicas(engine)
+    ctx.log.info("weights and buffers identical on all %d rank(s): sha256 %s", info.world_size, digest)
+    out = _export(cfg, ctx, task, engine, info.rank)
+    return {"steps": step, "samples_seen": samples, "model": str(out), "outputs": str(ctx.stage_dir)}
+
+
+class _Stream:
+    def __init__(self, start: int, batches: Iterator[Any], source: Any):
+        self.start, self.batches, self._source = start, batches, source
+
+    def corrupt(self) -> int:
+        return int(getattr(self._source, "corrupt", 0))
+
+
+def _segment(task: Task, step: int, max_steps: int, every: int, ga: int, exact: bool) -> _Stream:
+    """The data for the segment holding ``step``; fast-forwarded to ``step`` when ``exact``."""
+    start = (step // every) * every if exact else step
+    end = min(max_steps, (step // every + 1) * every)
+    source = task.batches(start, end - start, ga)
+    batches = iter(source)
+    for _ in range((step - start) * ga):  # exact resume mid-segment: replay the stream, not the model
+        next(batches)
+    return _Stream(start, batches, source)
+
+
+def _resume(cfg: DictConfig, ckpts: CheckpointManager, engine: Any) -> dict[str, Any]:
+    if ckpts.latest() is None:
+        return {}
+    if not bool(cfg.resume):
+        raise CheckpointMismatch(
+            f"resume=false but {ckpts.dir} holds checkpoints ({ckpts.latest()}); nothing is deleted: pass "
+            "experiment=<a new name> to start over elsewhere, or move that directory away")
+    client = json.loads((ckpts.dir / ckpts.latest() / "client.json").read_text())
+    if client.get("config_hash") != config_hash(cfg):
+        raise CheckpointMismatch(
+            f"{ckpts.dir / ckpts.latest()} was trained with another model or dataset configuration; "
+            "pass experiment=<a new name> to train this one from scratch")
+    return ckpts.load(engine, weights_only=bool(cfg.resume_weights_only)) or {}
+
+
+def _check_replicas(engine: Any) -> str:
+    """Digest of this rank's weights and buffers (codebooks included); raises if ranks differ."""
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for name, t in sorted(engine.module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(every, digest)
+        if len(set(every)) > 1:
+            raise RuntimeError(f"ranks hold different weights at the end of training: {every}")
+    return digest
+
+
+def _export(cfg: DictConfig, ctx: StageContext, task: Task, engine: Any, rank: int) -> Path:
+    """``model.pt``: fp32 weights, model config and data facts; loads with ``weights_only=True``."""
+    path = ctx.stage_dir / "model.pt"
+    if rank == 0:
+        state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                 for k, v in engine.module.state_dict().items()}
+        blob = {"kind": task.kind, "state_dict": state,
+                "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+                "resolution": int(cfg.data.resolution), "step": int(cfg.train.max_steps), **task.export_meta()}
+        tmp = atomic.temp_name(path)
+        torch.save(blob, tmp)
+        atomic.commit(tmp, path)
+        ctx.run.log_artifact(path)
+        ctx.log.info("exported %s", path)
+    return path

@@ -1,0 +1,189 @@
+"""`submit stage=train_vqvae` with the real DeepSpeed engine (CPU, gloo): learning, export,
+restarts after SIGKILL and SIGUSR2, exact resume, two ranks, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import SUBMIT, submit
+from pipeline.models import VQVAE2
+
+FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=10", "train.log_every=10",
+        "train.eval_samples=64"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    proc = submit("stage=prepare", f"run_root={root}", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "digits" / "prepare"
+
+
+@pytest.fixture
+def run_root(prepared, tmp_path):
+    shutil.copytree(prepared, tmp_path / "runs" / "digits" / "prepare")
+    return tmp_path / "runs"
+
+
+def _args(run_root, *extra):
+    return ["stage=train_vqvae", f"run_root={run_root}", *FAST, *extra]
+
+
+def _run(run_root):
+    record = json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    return client, client.get_run(record["run_id"])
+
+
+def _history(client, run, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def _wait_for_checkpoint(proc, ckpt_dir, tag, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = ckpt_dir / "latest"
+        if latest.exists() and latest.read_text().strip() >= tag:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before {tag}: {proc.communicate()}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"no checkpoint {tag} within {timeout}s")
+
+
+def _popen(args, cwd):
+    return subprocess.Popen([SUBMIT, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+def test_learns_logs_and_exports(run_root, tmp_path):
+    proc = submit(*_args(run_root, "train.max_steps=200", "train.eval_every=50", "train.ckpt_every=100"),
+                  cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run = _run(run_root)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "train_vqvae"
+    loss = _history(client, run, "loss")
+    assert loss[-1][1] < loss[0][1] / 2, loss
+    psnr = dict(_history(client, run, "val_psnr"))
+    assert sorted(psnr) == [50, 100, 150, 200] and psnr[200] > psnr[50] + 2, psnr
+    for key in ("recon", "commit", "lr", "grad_norm", "samples_per_s", "loader_wait_fraction",
+                "perplexity_top", "usage_bottom", "restarted_top", "corrupt_samples"):
+        assert _history(client, run, key), key
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("val_reconstructions" in p for p in images), images
+
+    blob = torch.load(run_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)
+    assert blob["kind"] == "vqvae" and blob["resolution"] == 32 and blob["num_classes"] == 10
+    model = VQVAE2(**blob["model_config"]["vqvae"])
+    model.load_state_dict(blob["state_dict"])
+    top, bottom = model.encode(torch.zeros(2, 3, 32, 32))
+    assert top.shape == (2, 4, 4) and bottom.shape == (2, 8, 8)
+    assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    ckpts = sorted(p.name for p in (run_root / "digits" / "train_vqvae" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000100", "step_00000200"]
+
+
+def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
+    ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"
+    proc = _popen(_args(run_root, "train.max_steps=5000", "train.ckpt_every=20", "train.eval_every=1000"),
+                  tmp_path)
+    _wait_for_checkpoint(proc, ckpt_dir, "step_00000040")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = (ckpt_dir / "latest").read_text().strip()
+    _, run = _run(run_root)
+    run_id = run.info.run_id
+
+    again = submit(*_args(run_root, "train.max_steps=" + str(int(killed_at[5:]) + 30), "train.ckpt_every=20",
+                          "train.eval_every=1000"), cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpt_dir / killed_at}" in again.stdout
+    client, run = _run(run_root)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    steps = [s for s, _ in _history(client, run, "loss")]
+    assert len(steps) == len(set(steps)), steps  # no step logged twice
+    assert max(steps) == int(killed_at[5:]) + 30  # the step kept counting
+    assert json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())["attempts"] == 2
+
+
+def test_sigusr2_checkpoints_and_resume_is_exact(run_root, tmp_path):
+    args = ["train.max_steps=120", "train.ckpt_every=20", "train.eval_every=1000"]
+    # the reference: the same command, uninterrupted, in another run_root
+    ref_root = tmp_path / "ref"
+    shutil.copytree(run_root, ref_root)
+    ref = submit(*_args(ref_root, *args), cwd=tmp_path, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"
+    proc = _popen(_args(run_root, *args), tmp_path)
+    _wait_for_checkpoint(proc, ckpt_dir, "step_00000020")
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]  # the requeue status
+    stopped_at = int((ckpt_dir / "latest").read_text().strip()[5:])
+    assert 20 <= stopped_at < 120
+    assert f"checkpoint saved at step {stopped_at}" in err
+    client, run = _run(run_root)
+    assert run.info.status == "KILLED"
+
+    again = submit(*_args(run_root, *args), cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = torch.load(ref_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), (k, stopped_at)
+
+
+def test_nan_marks_failed_and_keeps_the_checkpoint(run_root, tmp_path):
+    proc = submit(*_args(run_root, "train.max_steps=100", "train.ckpt_every=20", "train.eval_every=1000",
+                         "train.inject_nan_at_step=30"), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 1
+    assert "non-finite loss or gradient norm at step 30" in proc.stderr
+    _, run = _run(run_root)
+    assert run.info.status == "FAILED" and "step 30" in run.data.tags["error"]
+    ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"
+    assert (ckpt_dir / "latest").read_text().strip() == "step_00000020"
+    assert not (ckpt_dir / "step_00000030").exists()
+    assert not (run_root / "digits" / "train_vqvae" / "model.pt").exists()
+
+    refused = submit(*_args(run_root, "train.max_steps=100", "resume=false"), cwd=tmp_path, timeout=600)
+    assert refused.returncode == 1 and "resume=false" in refused.stderr and "experiment=" in refused.stderr
+    assert (ckpt_dir / "step_00000020").exists()  # nothing deleted
+
+
+def test_two_ranks_agree_and_a_different_world_size_is_refused(run_root, tmp_path):
+    port = 29000 + os.getpid() % 1000
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "pipeline.cli", *_args(run_root, "train.max_steps=30", "train.ckpt_every=30",
+                                         "train.eval_every=30")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
+    digests = {re.search(r"identical on all 2 rank\(s\): sha256 (\w+)", p.read_text()).group(1) for p in logs}
+    assert len(logs) == 2 and len(digests) == 1  # each rank computed the same digest of its weights
+    client, run = _run(run_root)
+    assert run.data.tags["world_size"] == "2"
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # rank 1 logged nothing of its own
+
+    refused = submit(*_args(run_root, "train.max_steps=40"), cwd=tmp_path, timeout=600)
+    assert refused.returncode == 1
+    assert "written by 2 data-parallel ranks" in refused.stderr and "resume_weights_only=true" in refused.stderr
+    ok = submit(*_args(run_root, "train.max_steps=40", "resume_weights_only=true"), cwd=tmp_path, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "weights only" in ok.stdout
