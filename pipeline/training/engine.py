@@ -128,6 +128,8 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
     t = cfg.train
     torch.manual_seed(int(cfg.seed) + info.rank)
     model = task.build_model().to(info.device)
+    if bool(t.channels_last):  # faster convolutions (tools/bench_train.py); the loaders emit NHWC memory
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), betas=tuple(t.betas),
                                   weight_decay=float(t.weight_decay))
     max_steps, warmup = int(t.max_steps), int(t.warmup_steps)
