@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the stage failed, 2 bad command line or config (nothing
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
 
+    if cfg.cluster.name == "slurm":
+        return _submit_to_slurm(cfg, stage)
     try:
         result = executors.run(cfg, stage)
     except KeyboardInterrupt:
@@ -102,6 +105,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstage {stage}: done\n  outputs: {result['stage_dir']}\n  log:     {result['log']}\n"
           f"  MLflow:  run {result['run_id']} at {result['tracking_uri']}\n"
           f"  open:    {ui_command_for(result['tracking_uri'])}")
+    return 0
+
+
+def _submit_to_slurm(cfg, stage: str) -> int:
+    from pipeline.config import stage_dir
+    from pipeline.launch import executors
+    from pipeline.tracking import tracking_uri
+
+    try:
+        jobs = executors.submit_slurm(cfg, stage)
+    except Exception as e:  # noqa: BLE001 - sbatch's own words are the useful part
+        from submitit.core.utils import FailedJobError
+
+        if not isinstance(e, FailedJobError):
+            raise
+        print(f"submit: error: SLURM refused the job: {' '.join(str(e).split())} -- check cluster.partition, "
+              "cluster.nodes, cluster.gpus_per_node, cluster.cpus_per_task, cluster.mem_gb, cluster.time_min",
+              file=sys.stderr)
+        return 2
+    sdir = stage_dir(cfg, stage)
+    print(f"stage {stage}: submitted to SLURM\n{executors.job_summary(jobs)}\n  outputs: {sdir}\n"
+          f"  MLflow:  experiment '{cfg.experiment}' at {tracking_uri(cfg)} (run id in "
+          f"{sdir / 'mlflow_run.json'} once the job starts)\n  open:    {ui_command_for(tracking_uri(cfg))}")
+    if not cfg.wait:
+        return 0
+    failed = 0
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
+            failed += 1
+            print(f"submit: job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+    if failed:
+        return 1
+    run = json.loads((sdir / "mlflow_run.json").read_text())
+    print(f"stage {stage}: done (MLflow run {run['run_id']})")
     return 0
 
 

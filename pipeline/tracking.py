@@ -30,7 +30,11 @@ class StageKilled(BaseException):
 
 class StageStopped(StageKilled):
     """A training stage stopped on request after saving a checkpoint: rerun (requeue) to resume.
-    ``submit`` exits with ``EXIT_REQUEUE``."""
+    ``submit`` exits with ``EXIT_REQUEUE``; under SLURM the launcher requeues the job."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary stop; run the same command again to continue
@@ -74,11 +78,12 @@ class StageRun:
     on any other exception.
     """
 
-    def __init__(self, cfg: DictConfig, stage: str, stage_dir: Path):
+    def __init__(self, cfg: DictConfig, stage: str, stage_dir: Path, task: int = 0):
         self.cfg, self.stage, self.stage_dir = cfg, stage, Path(stage_dir)
         from pipeline.training.distributed import detect
 
-        self.enabled = detect().rank == 0  # SLURM or torchrun rank, before the group exists
+        # rank 0 (SLURM or torchrun rank, known before the group exists) of array task 0 logs
+        self.enabled = detect().rank == 0 and task == 0
         self.uri = tracking_uri(cfg)
         self.run_id: str | None = None
         self.attempt = 0  # how many executions of this stage came before this one
@@ -120,7 +125,7 @@ class StageRun:
         mlflow = self._mlflow
         if exc_type is None:
             mlflow.end_run("FINISHED")
-        elif issubclass(exc_type, (StageKilled, KeyboardInterrupt)):
+        elif issubclass(exc_type, (StageKilled, KeyboardInterrupt, SystemExit)):
             mlflow.set_tag("stopped", f"{exc_type.__name__}: {exc}")
             mlflow.end_run("KILLED")
         else:

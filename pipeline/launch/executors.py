@@ -1,29 +1,81 @@
 """Executors: where a StageJob runs.
 
-``cluster=local`` runs the job inside the ``submit`` process: no pickling, no extra process,
-the stage's output and exit status are the command's own, and Ctrl-C/SIGTERM mark the MLflow
-run KILLED. ``cluster=slurm`` (submitit) is delivered by the SLURM issue.
+``cluster=local`` runs the job inside the ``submit`` process: no pickling, no extra process, the
+stage's output and exit status are the command's own, and Ctrl-C/SIGTERM mark the MLflow run
+KILLED. ``cluster=slurm`` submits it through submitit (the executor is named explicitly: submitit's
+AutoExecutor would pick SLURM whenever ``sbatch`` exists) and returns once the job is queued.
 """
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, stage_dir
 from pipeline.launch.jobs import StageJob
 
-AVAILABLE = ("local",)
+AVAILABLE = ("local", "slurm")
+ARRAY_STAGES = ("prepare", "encode")  # stages whose work splits into independent shards
 
 
 def check_available(cfg: DictConfig) -> None:
     name = str(cfg.cluster.name)
     if name not in AVAILABLE:
-        raise ConfigError(f"cluster={name}", "this executor is not built yet (SLURM issue #6)",
-                          "use cluster=local for now")
+        raise ConfigError(f"cluster={name}", "unknown executor", f"choose one of: {', '.join(AVAILABLE)}")
+    if name == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("cluster=slurm", "sbatch is not on PATH (no SLURM client here)",
+                          "run on a SLURM login node, start slurm/local-cluster.sh, or use cluster=local")
 
 
 def run(cfg: DictConfig, stage: str) -> dict[str, Any]:
     check_available(cfg)
     return StageJob(cfg, stage)()
+
+
+def slurm_executor(cfg: DictConfig, stage: str, array: int = 1) -> Any:
+    import submitit
+
+    c = cfg.cluster
+    folder = stage_dir(cfg, stage) / "slurm" / ("%A" if array > 1 else "%j")  # one folder per job id
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(c.max_requeues))
+    gpus = int(c.gpus_per_node)
+    extra = {k: v for k, v in {"account": c.account, "qos": c.qos, "constraint": c.constraint,
+                               "exclude": c.exclude}.items() if v}
+    extra.update(OmegaConf.to_container(c.extra, resolve=True) or {})
+    params: dict[str, Any] = dict(
+        job_name=f"{cfg.experiment}:{stage}", nodes=1 if array > 1 else int(c.nodes),
+        ntasks_per_node=1 if array > 1 else (gpus or int(c.tasks_per_node)),
+        cpus_per_task=int(c.cpus_per_task), mem=f"{int(c.mem_gb)}G", time=int(c.time_min),
+        signal_delay_s=int(c.signal_delay_s), setup=list(c.setup), additional_parameters=extra,
+        stderr_to_stdout=False)
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if c.partition:
+        params["partition"] = str(c.partition)
+    if array > 1:
+        params["array_parallelism"] = array
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit_slurm(cfg: DictConfig, stage: str, dependency: list[str] | None = None) -> list[Any]:
+    """Queue ``stage`` (a job array for shard-parallel stages); returns the submitit jobs."""
+    array = int(cfg.cluster.array_tasks) if stage in ARRAY_STAGES else 1
+    executor = slurm_executor(cfg, stage, array)
+    if dependency:
+        executor.update_parameters(dependency="afterok:" + ":".join(dependency))
+    stage_dir(cfg, stage).mkdir(parents=True, exist_ok=True)
+    if array > 1:
+        return executor.submit_array([StageJob(cfg, stage, i, array) for i in range(array)])
+    return [executor.submit(StageJob(cfg, stage))]
+
+
+def job_summary(jobs: list[Any]) -> str:
+    first = jobs[0]
+    ids = first.job_id.split("_")[0] if len(jobs) > 1 else first.job_id
+    lines = [f"  job:     {ids}" + (f" (array of {len(jobs)} tasks)" if len(jobs) > 1 else ""),
+             f"  stdout:  {first.paths.stdout}", f"  stderr:  {first.paths.stderr}"]
+    return "\n".join(lines)
+

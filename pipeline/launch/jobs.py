@@ -4,6 +4,7 @@ config snapshot and MLflow run, then call the library stage function."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.stages import StageContext, stage_function
-from pipeline.tracking import StageKilled, StageRun, tracking_uri, ui_command
+from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri, ui_command
 from pipeline.training.distributed import detect
 
 log = logging.getLogger("pipeline")
@@ -40,12 +41,36 @@ def _raise_killed(signum: int, _frame: Any) -> None:
     raise StageKilled(f"received {signal.Signals(signum).name}")
 
 
+def _requeue_if_scheduled(stopped: StageStopped, rank: int) -> None:
+    """Under submitit, hand the stop to its signal handler now that the checkpoint is saved: it
+    calls ``checkpoint()``, requeues the job (counting time-outs) and exits. A SIGTERM (plain
+    ``scancel``) is not requeued: submitit's handler for it does nothing."""
+    if "SUBMITIT_FOLDER" not in os.environ or stopped.signum is None:
+        return
+    handler = signal.getsignal(stopped.signum)
+    if rank != 0:  # rank 0 requeues the whole job; this task is killed by the requeue
+        if stopped.signum == signal.SIGUSR2:
+            log.info("stopped; waiting for rank 0 to requeue the job")
+            time.sleep(300)
+        return
+    if callable(handler) and handler not in (_raise_killed,):
+        log.info("checkpoint saved; handing %s to submitit to requeue", signal.Signals(stopped.signum).name)
+        handler(stopped.signum, None)
+
+
 class StageJob:
     """Runs one stage of one experiment. Holds the config as YAML so it pickles anywhere."""
 
-    def __init__(self, cfg: DictConfig, stage: str):
-        self.stage = stage
+    def __init__(self, cfg: DictConfig, stage: str, task: int = 0, tasks: int = 1):
+        self.stage, self.task, self.tasks = stage, task, tasks
         self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+
+    def checkpoint(self) -> Any:
+        """submitit calls this on preemption/time-out: requeue a fresh callable. It resumes from
+        the stage dir (checkpoints, completed shards), so it needs no state of its own."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageJob(self.cfg, self.stage, self.task, self.tasks))
 
     @property
     def cfg(self) -> DictConfig:
@@ -56,7 +81,7 @@ class StageJob:
         sdir = stage_dir(cfg, self.stage)
         (sdir / "logs").mkdir(parents=True, exist_ok=True)
         rank = detect().rank
-        suffix = f"-rank{rank}" if rank else ""
+        suffix = (f"-task{self.task}" if self.tasks > 1 else "") + (f"-rank{rank}" if rank else "")
         log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.log"
         handler = _setup_logging(log_file)
         atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
@@ -64,17 +89,20 @@ class StageJob:
         try:
             log.info("stage %s of experiment '%s': outputs in %s, log %s", self.stage,
                      cfg.experiment, sdir, log_file)
-            with StageRun(cfg, self.stage, sdir) as run:
+            with StageRun(cfg, self.stage, sdir, self.task) as run:
                 log.info("MLflow run %s at %s (%s)", run.run_id, tracking_uri(cfg),
                          ui_command(tracking_uri(cfg)))
                 try:
-                    result = stage_function(self.stage)(
-                        cfg, StageContext(self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}")))
+                    result = stage_function(self.stage)(cfg, StageContext(
+                        self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task, self.tasks))
                 finally:
                     handler.flush()
                     run.log_artifact(log_file, "logs")
             return {**result, "stage_dir": str(sdir), "log": str(log_file), "run_id": run.run_id,
                     "tracking_uri": tracking_uri(cfg)}
+        except StageStopped as stopped:
+            _requeue_if_scheduled(stopped, rank)
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
             logging.getLogger().removeHandler(handler)

@@ -61,6 +61,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
@@ -69,7 +70,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.signal = signal.Signals(signum).name
+        self.signal, self.signum = signal.Signals(signum).name, signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -202,7 +203,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
                                           "config_hash": config_hash(cfg), "mlflow_run_id": ctx.run.run_id})
             if stop_now and step < max_steps:
                 raise StageStopped(f"stop requested ({stop.signal or 'another rank'}); checkpoint saved at "
-                                   f"step {step}; rerun the same command to resume")
+                                   f"step {step}; rerun the same command to resume", stop.signum)
     digest = _check_replicas(engine)
     ctx.log.info("weights and buffers identical on all %d rank(s): sha256 %s", info.world_size, digest)
     out = _export(cfg, ctx, task, engine, info.rank)
