@@ -47,6 +47,25 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def resolve_host(host: str) -> str:
+    """``host`` if it resolves, else its ``NodeAddr`` from ``scontrol show node`` (emulated or
+    renamed SLURM nodes have names that DNS does not know)."""
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        pass
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return host
+    m = re.search(r"NodeAddr=(\S+)", out)
+    return m.group(1) if m else host
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,8 +77,8 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "RANK" not in env:
         job = int(env.get("SLURM_JOB_ID", "0"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                       first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                       int(env.get("MASTER_PORT", 20000 + job % 20000)), "slurm")
+                       resolve_host(first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))),
+                       20000 + job % 20000, "slurm")  # not MASTER_*: sbatch may export the submitter's
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")

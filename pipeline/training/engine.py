@@ -129,15 +129,19 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
     t = cfg.train
     torch.manual_seed(int(cfg.seed) + info.rank)
     model = task.build_model().to(info.device)
-    if bool(t.channels_last):  # faster convolutions (tools/bench_train.py); the loaders emit NHWC memory
-        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), betas=tuple(t.betas),
                                   weight_decay=float(t.weight_decay))
     max_steps, warmup = int(t.max_steps), int(t.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, max_steps, str(t.schedule), float(t.min_lr_ratio)))
+    ds_config = deepspeed_config(cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+                                           config=ds_config)
+    if bool(t.channels_last) and ds_config["zero_optimization"]["stage"] == 0 and not ds_config["bf16"]["enabled"]:
+        # Faster convolutions (tools/bench_train.py); the loaders emit NHWC memory. Only after
+        # initialize (DeepSpeed's broadcast needs contiguous parameters) and only where DeepSpeed
+        # does not keep flattened views of the parameters (ZeRO >= 1, bf16).
+        engine.module.to(memory_format=torch.channels_last)
     ckpts = CheckpointManager(ctx.stage_dir / "checkpoints", info.rank, info.world_size, int(t.keep_ckpts))
     client = _resume(cfg, ckpts, engine)
     step, samples = int(client.get("step", 0)), int(client.get("samples", 0))
