@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(help_text())
         return 0
+    if args[:1] == ["status"]:
+        return _status(args[1:])
     print_cfg = False
     if "--cfg" in args:
         i = args.index("--cfg")
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.launch import executors
     from pipeline.stages import BUILT, PLANNED
 
+    if "stage=all" in args:
+        return _chain(args, print_cfg)
     try:
         cfg = compose(args)
         stage = str(cfg.stage.name)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         validate(cfg)
-        if stage not in BUILT:
+        if stage != "all" and stage not in BUILT:
             raise ConfigError(f"stage={stage}", f"not built yet (issue {PLANNED.get(stage, '?')})",
                               f"built stages: {', '.join(BUILT)}")
         executors.check_available(cfg)
@@ -125,6 +129,9 @@ def _submit_to_slurm(cfg, stage: str) -> int:
               file=sys.stderr)
         return 2
     sdir = stage_dir(cfg, stage)
+    from pipeline.launch import records
+
+    records.add_job(sdir, jobs[0].job_id.split("_")[0])
     print(f"stage {stage}: submitted to SLURM\n{executors.job_summary(jobs)}\n  outputs: {sdir}\n"
           f"  MLflow:  experiment '{cfg.experiment}' at {tracking_uri(cfg)} (run id in "
           f"{sdir / 'mlflow_run.json'} once the job starts)\n  open:    {ui_command_for(tracking_uri(cfg))}")
@@ -141,6 +148,66 @@ def _submit_to_slurm(cfg, stage: str) -> int:
         return 1
     run = json.loads((sdir / "mlflow_run.json").read_text())
     print(f"stage {stage}: done (MLflow run {run['run_id']})")
+    return 0
+
+
+def _status(overrides: list[str]) -> int:
+    from pipeline.launch.records import status_table
+
+    try:
+        cfg = compose(["stage=all", *overrides])
+    except ConfigError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+    print(status_table(cfg))
+    return 0
+
+
+def _chain(args: list[str], print_cfg: bool) -> int:
+    """stage=all: run (local) or queue (slurm) every built stage not done yet, then a summary."""
+    from pipeline.launch import chain, executors
+    from pipeline.tracking import tracking_uri
+
+    try:
+        cfgs = chain.compose_all(args)
+        cfg = next(iter(cfgs.values()))
+        if print_cfg:
+            for stage, c in cfgs.items():
+                print(f"# --- {stage}\n{to_yaml(c)}", end="")
+            return 0
+        executors.check_available(cfg)
+    except ConfigError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.cluster.name == "slurm":
+        rows = chain.submit_slurm(cfgs)
+        print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the previous; "
+              "a failure cancels the rest)")
+        for r in rows:
+            print(f"  {r['stage']:<20}{r['status']:<28}{r['job']}")
+        print(f"  watch:   submit status experiment={cfg.experiment} run_root={cfg.run_root}\n"
+              f"  open:    {ui_command_for(tracking_uri(cfg))}")
+        if cfg.wait:
+            for r in rows:
+                for job in r.get("jobs", []):
+                    try:
+                        job.result()
+                    except Exception as e:  # noqa: BLE001
+                        print(f"submit: stage {r['stage']} (job {job.job_id}) failed: "
+                              f"{str(e).strip().splitlines()[-1]}", file=sys.stderr)
+                        return 1
+        return 0
+    try:
+        rows = chain.run_local(cfgs)
+    except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
+        print(f"submit: stage=all stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+    print(f"\nexperiment '{cfg.experiment}': stage=all finished")
+    print(f"  {'stage':<20}{'status':<16}{'wall time':>10}  outputs")
+    for r in rows:
+        wall = f"{r['seconds']:.0f} s" if r["status"] == "done" else ""
+        print(f"  {r['stage']:<20}{r['status']:<16}{wall:>10}  {r['outputs']}")
+    print(f"  open:    {ui_command_for(tracking_uri(cfg))}")
     return 0
 
 

@@ -116,7 +116,7 @@ def test_sigterm_marks_the_run_killed(tmp_path):
     os.mkfifo(src / "a" / "x.png")  # reading it blocks forever: a hung network filesystem
     run_root = tmp_path / "runs"
     proc = subprocess.Popen([SUBMIT, "stage=prepare", "data=folder", f"data.source={src}",
-                             f"run_root={run_root}"], cwd=tmp_path, text=True,
+                             "data.val_fraction=0.4", f"run_root={run_root}"], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     record = run_root / "digits" / "prepare" / "mlflow_run.json"

@@ -130,6 +130,11 @@ class FolderSource:
 
         files = self._files(self.root)
         labels = [y for _, y in files]
+        n_val = round(len(files) * self.val_fraction)
+        if not len(self.class_names) <= n_val <= len(files) - len(self.class_names):
+            raise ValueError(f"data.val_fraction={self.val_fraction} of {len(files)} images gives {n_val} val "
+                             f"images; a split stratified over {len(self.class_names)} classes needs at least one "
+                             "per class on each side: change data.val_fraction or add <split>/ folders")
         train, val = train_test_split(files, test_size=self.val_fraction, random_state=self.seed,
                                       stratify=labels)
         return {"train": [self._ref(f, y, "train") for f, y in sorted(train)],

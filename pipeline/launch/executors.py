@@ -60,12 +60,16 @@ def slurm_executor(cfg: DictConfig, stage: str, array: int = 1) -> Any:
     return executor
 
 
-def submit_slurm(cfg: DictConfig, stage: str, dependency: list[str] | None = None) -> list[Any]:
+def submit_slurm(cfg: DictConfig, stage: str, dependency: list[str] | None = None,
+                 kill_on_invalid_dep: bool = False) -> list[Any]:
     """Queue ``stage`` (a job array for shard-parallel stages); returns the submitit jobs."""
     array = int(cfg.cluster.array_tasks) if stage in ARRAY_STAGES else 1
     executor = slurm_executor(cfg, stage, array)
     if dependency:
         executor.update_parameters(dependency="afterok:" + ":".join(dependency))
+    if kill_on_invalid_dep:  # a failed dependency cancels this job instead of leaving it pending
+        extra = dict(executor.parameters.get("additional_parameters", {}))
+        executor.update_parameters(additional_parameters={**extra, "kill_on_invalid_dep": "yes"})
     stage_dir(cfg, stage).mkdir(parents=True, exist_ok=True)
     if array > 1:
         return executor.submit_array([StageJob(cfg, stage, i, array) for i in range(array)])

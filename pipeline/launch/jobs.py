@@ -20,6 +20,7 @@ from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri,
 from pipeline.training.distributed import detect
 
 log = logging.getLogger("pipeline")
+DONE = "done.json"  # written into the stage dir when a stage finished completely
 
 
 def _setup_logging(log_file: Path) -> logging.Handler:
@@ -85,6 +86,8 @@ class StageJob:
         log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.log"
         handler = _setup_logging(log_file)
         atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
+        if rank == 0 and self.task == 0:  # running again: done only once it finishes again
+            (sdir / DONE).unlink(missing_ok=True)
         previous = signal.signal(signal.SIGTERM, _raise_killed)
         try:
             log.info("stage %s of experiment '%s': outputs in %s, log %s", self.stage,
@@ -98,6 +101,12 @@ class StageJob:
                 finally:
                     handler.flush()
                     run.log_artifact(log_file, "logs")
+            if result.get("complete", True) and rank == 0:
+                # the stage's outputs are final: `stage=all` skips it, `submit status` reports it done
+                atomic.write_json(sdir / DONE, {"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                "run_id": run.run_id, "log": str(log_file),
+                                                "summary": {k: v for k, v in result.items()
+                                                            if isinstance(v, (int, float, str))}})
             return {**result, "stage_dir": str(sdir), "log": str(log_file), "run_id": run.run_id,
                     "tracking_uri": tracking_uri(cfg)}
         except StageStopped as stopped:

@@ -27,7 +27,7 @@ BUILT: dict[str, str] = {
 # Stages that exist as config entries and are delivered by later work (issue numbers).
 PLANNED: dict[str, str] = {
     "encode": "#7", "train_top_prior": "#7", "train_bottom_prior": "#7",
-    "sample": "#8", "evaluate": "#8", "all": "#6/#9",
+    "sample": "#8", "evaluate": "#8",
 }
 
 

@@ -93,7 +93,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             ctx.run.log_image(class_grid(out_dir, shards.read_manifest(out_dir)), "samples/train_per_class.png")
     ctx.log.info("prepare: %(images)d images in %(shards)d shards (%(shards_written)d written now), "
                  "%(images_skipped)d skipped, %(bytes)d bytes, %(seconds).1f s", summary)
-    return {**summary, "outputs": str(out_dir)}
+    return {**summary, "outputs": str(out_dir), "complete": not pending}
 
 
 def _verify(out_dir: Path, ctx: StageContext) -> dict[str, Any]:

@@ -1,0 +1,80 @@
+"""`submit stage=all`: every built stage in pipeline order, skipping those already done.
+
+Locally the stages run one after the other in this process. On SLURM the whole chain is queued at
+once, each job depending (``afterok``) on the one before, with ``--kill-on-invalid-dep=yes`` so a
+failed stage cancels everything after it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import GROUPS, ConfigError, compose, stage_dir, validate
+from pipeline.launch import executors, records
+from pipeline.launch.jobs import DONE, StageJob
+from pipeline.stages import BUILT, ORDER
+
+
+_ABSENT = object()
+
+
+def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
+    """One validated config per built stage. An override applies to the stages that have its key
+    (``train.max_steps=...`` to the training stages only); one that no stage has is an error."""
+    rest = [o for o in overrides if o.partition("=")[0] != "stage"]
+    groups = [o for o in rest if o.partition("=")[0] in GROUPS]
+    cfgs: dict[str, DictConfig] = {}
+    used: set[str] = set()
+    for stage in [s for s in ORDER if s in BUILT]:
+        probe = compose([f"stage={stage}", *groups])
+        mine = [o for o in rest if o in groups or
+                OmegaConf.select(probe, o.partition("=")[0].lstrip("+~"), default=_ABSENT) is not _ABSENT]
+        used.update(mine)
+        cfgs[stage] = compose([f"stage={stage}", *mine])
+        validate(cfgs[stage])
+    for o in rest:
+        if o not in used:
+            raise ConfigError(o.partition("=")[0], "no such config key in any stage",
+                              "check the spelling against `submit stage=<name> --cfg job`")
+    return cfgs
+
+
+def stages_to_run(cfg: DictConfig) -> tuple[list[str], list[str], list[str]]:
+    """(to run, already done, not built yet) in pipeline order."""
+    chain = [s for s in ORDER if s != "all"]
+    built = [s for s in chain if s in BUILT]
+    done = [s for s in built if (stage_dir(cfg, s) / DONE).exists()]
+    return [s for s in built if s not in done], done, [s for s in chain if s not in BUILT]
+
+
+def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
+    cfg = next(iter(cfgs.values()))
+    todo, done, missing = stages_to_run(cfg)
+    rows = [{"stage": s, "status": "already done", "seconds": 0.0, "outputs": str(stage_dir(cfg, s))}
+            for s in done]
+    for stage in todo:
+        start = time.time()
+        result = StageJob(cfgs[stage], stage)()
+        rows.append({"stage": stage, "status": "done", "seconds": time.time() - start,
+                     "outputs": result["stage_dir"], "run_id": result["run_id"]})
+    rows += [{"stage": s, "status": "not built yet", "seconds": 0.0, "outputs": ""} for s in missing]
+    return rows
+
+
+def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
+    cfg = next(iter(cfgs.values()))
+    todo, done, missing = stages_to_run(cfg)
+    rows = [{"stage": s, "status": "already done", "job": ""} for s in done]
+    previous: list[str] = []
+    for stage in todo:
+        jobs = executors.submit_slurm(cfgs[stage], stage, dependency=previous, kill_on_invalid_dep=True)
+        job_id = jobs[0].job_id.split("_")[0]
+        records.add_job(stage_dir(cfg, stage), job_id)
+        rows.append({"stage": stage, "status": "queued" + (f" after {previous[0]}" if previous else ""),
+                     "job": job_id, "jobs": jobs})
+        previous = [job_id]
+    rows += [{"stage": s, "status": "not built yet", "job": ""} for s in missing]
+    return rows

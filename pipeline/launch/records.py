@@ -1,0 +1,86 @@
+"""What `submit status` reads: per stage, the jobs submitted, the done marker, checkpoints, MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline import atomic
+from pipeline.config import stage_dir
+from pipeline.stages import ORDER
+
+JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
+
+
+def add_job(sdir: Path, job_id: str) -> None:
+    path = Path(sdir) / JOBS
+    jobs = json.loads(path.read_text()) if path.exists() else []
+    jobs.append({"job_id": job_id, "submitted": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic.write_json(path, jobs)
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's state from accounting (the array's worst task state for an array)."""
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return "UNKNOWN"
+    states = [s for s in out if s and s != "by"]
+    for bad in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"):
+        if bad in states:
+            return bad
+    for live in ("RUNNING", "REQUEUED", "PENDING", "COMPLETING"):
+        if live in states:
+            return live
+    return states[0] if states else "UNKNOWN"
+
+
+def _mlflow_status(sdir: Path) -> tuple[str, str]:
+    record = sdir / "mlflow_run.json"
+    if not record.exists():
+        return "", ""
+    info = json.loads(record.read_text())
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return info["run_id"], MlflowClient(info["tracking_uri"]).get_run(info["run_id"]).info.status
+    except Exception:  # noqa: BLE001 - an unreachable server must not break the status table
+        return info["run_id"], "UNKNOWN"
+
+
+def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    from pipeline.launch.jobs import DONE
+
+    sdir = stage_dir(cfg, stage)
+    run_id, run_status = _mlflow_status(sdir)
+    latest = sdir / "checkpoints" / "latest"
+    row = {"stage": stage, "status": "not started", "job": "", "checkpoint": "", "run_id": run_id}
+    if latest.exists():
+        row["checkpoint"] = "step " + str(int(latest.read_text().strip()[5:]))
+    jobs_file = sdir / JOBS
+    job = json.loads(jobs_file.read_text())[-1]["job_id"] if jobs_file.exists() else ""
+    if (sdir / DONE).exists():
+        row["status"] = "done"
+    elif job:
+        state = slurm_state(job)
+        word = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "pending", "COMPLETING": "running",
+                "COMPLETED": "incomplete"}.get(state, "failed")
+        row["status"], row["job"] = f"{word} ({state})", job
+    elif run_status:
+        row["status"] = {"FAILED": "failed", "KILLED": "stopped", "RUNNING": "running or crashed",
+                         "FINISHED": "incomplete"}.get(run_status, run_status.lower())
+    return row
+
+
+def status_table(cfg: DictConfig) -> str:
+    rows = [stage_status(cfg, s) for s in ORDER if s != "all"]
+    head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
+    lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
+    lines += [f"{r['stage']:<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}" for r in rows]
+    return "\n".join(lines)
