@@ -18,7 +18,10 @@ from pipeline.launch.jobs import DONE, StageJob
 from pipeline.stages import BUILT, ORDER
 
 
-_ABSENT = object()
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    parent, _, leaf = dotted.lstrip("+~").rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in list(node.keys())  # `in` is False for ??? values
 
 
 def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
@@ -30,8 +33,7 @@ def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
     used: set[str] = set()
     for stage in [s for s in ORDER if s in BUILT]:
         probe = compose([f"stage={stage}", *groups])
-        mine = [o for o in rest if o in groups or
-                OmegaConf.select(probe, o.partition("=")[0].lstrip("+~"), default=_ABSENT) is not _ABSENT]
+        mine = [o for o in rest if o in groups or _has_key(probe, o.partition("=")[0])]
         used.update(mine)
         cfgs[stage] = compose([f"stage={stage}", *mine])
         validate(cfgs[stage])

@@ -1,0 +1,153 @@
+"""`cluster=slurm` against a real SLURM cluster on localhost (slurm/local-cluster.sh): training,
+USR2 preemption -> requeue -> resume, time-limit requeue, two nodes, the stage=all chain, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import submit
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=5", "train.log_every=10",
+        "train.eval_samples=32", "cluster.mem_gb=2", "cluster.cpus_per_task=1"]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(state), "LOCAL_SLURM_PORT_BASE": "26800"}
+    proc = subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "start"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
+    yield {"SLURM_CONF": conf}
+    subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "stop"], env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    proc = submit("stage=prepare", f"run_root={root}", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "digits" / "prepare"
+
+
+@pytest.fixture
+def run_root(prepared, tmp_path):
+    shutil.copytree(prepared, tmp_path / "runs" / "digits" / "prepare")
+    return tmp_path / "runs"
+
+
+def _sh(cmd: list[str], slurm: dict) -> str:
+    return subprocess.run(cmd, env={**os.environ, **slurm}, capture_output=True, text=True, timeout=60).stdout
+
+
+def _job_id(out: str) -> str:
+    return re.search(r"job:\s+(\d+)", out).group(1)
+
+
+def _wait_job(job: str, slurm: dict, timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not _sh(["squeue", "-h", "-j", job], slurm).strip():
+            break
+        time.sleep(2)
+    return _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0]
+
+
+def _run(run_root):
+    record = json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    return client, client.get_run(record["run_id"])
+
+
+def test_train_on_slurm_and_preemption_requeues_and_resumes(slurm, run_root, tmp_path):
+    proc = submit("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=200",
+                  "train.ckpt_every=20", "train.eval_every=1000", "cluster.time_min=60", cwd=tmp_path, env=slurm)
+    assert proc.returncode == 0, proc.stderr
+    job = _job_id(proc.stdout)  # submit returned at once: the job is queued or running
+    stdout_log = Path(re.search(r"stdout:\s+(\S+)", proc.stdout).group(1))
+    ckpt = run_root / "digits" / "train_vqvae" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert ckpt.exists(), stdout_log.read_text() if stdout_log.exists() else "no log"
+    _sh(["scancel", "--signal=USR2", job], slurm)
+    assert _wait_job(job, slurm) == "COMPLETED"
+    assert "Restarts=1" in _sh(["scontrol", "show", "job", job], slurm)
+    log = stdout_log.read_text()
+    assert "handing SIGUSR2 to submitit to requeue" in log
+    stopped = int(re.search(r"checkpoint saved at step (\d+)", stdout_log.with_suffix(".err").read_text()
+                            + log).group(1)) if "checkpoint saved at step" in log else None
+    resumed = re.search(r"resumed from \S+step_(\d+) \(step (\d+)\)", log)
+    assert resumed, log[-3000:]
+    client, run = _run(run_root)
+    assert run.info.status == "FINISHED"
+    assert json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())["attempts"] == 2
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 200
+    assert stopped is None or int(resumed.group(2)) == stopped
+    assert (run_root / "digits" / "train_vqvae" / "model.pt").exists()
+
+
+def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path):
+    # 2-minute limit, USR2 70 s before it: every allocation trains a while, checkpoints, is requeued
+    proc = submit("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=600",
+                  "train.ckpt_every=50", "train.eval_every=1000", "cluster.time_min=2",
+                  "cluster.signal_delay_s=70", "cluster.max_requeues=5", "wait=true", cwd=tmp_path, env=slurm,
+                  timeout=900)
+    job = _job_id(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    restarts = int(re.search(r"Restarts=(\d+)", _sh(["scontrol", "show", "job", job], slurm)).group(1))
+    assert restarts >= 1
+    client, run = _run(run_root)
+    assert run.info.status == "FINISHED"
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 600
+
+
+def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
+    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", f"run_root={run_root}", *FAST,
+                  "train.max_steps=20", "train.ckpt_every=20", "train.eval_every=20", "wait=true",
+                  cwd=tmp_path, env=slurm, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = _job_id(proc.stdout)
+    nodes = _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"], slurm).strip()
+    assert nodes == "n[1-2]"
+    logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
+    digests = {re.search(r"identical on all 2 rank\(s\): sha256 (\w+)", p.read_text()).group(1) for p in logs}
+    assert len(logs) == 2 and len(digests) == 1
+    _, run = _run(run_root)
+    assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
+
+
+def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_path):
+    ok = submit("stage=all", "cluster=slurm", f"run_root={tmp_path / 'ok'}", *FAST, "train.max_steps=20",
+                "train.ckpt_every=20", "train.eval_every=20", "cluster.array_tasks=2", "wait=true",
+                cwd=tmp_path, env=slurm, timeout=900)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert re.search(r"train_vqvae\s+queued after \d+", ok.stdout)
+    status = submit("status", f"run_root={tmp_path / 'ok'}", cwd=tmp_path, env=slurm)
+    assert re.search(r"prepare\s+done", status.stdout) and re.search(r"train_vqvae\s+done\s+step 20", status.stdout)
+
+    # prepare fails in the job (a class-folder tree too small to split): train_vqvae is cancelled
+    src = tmp_path / "tiny"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
+    bad = submit("stage=all", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'bad'}",
+                 *FAST, "cluster.array_tasks=1", cwd=tmp_path, env=slurm)
+    assert bad.returncode == 0, bad.stderr
+    train_job = re.search(r"train_vqvae\s+queued after \d+\s+(\d+)", bad.stdout).group(1)
+    assert _wait_job(train_job, slurm, timeout=300) == "CANCELLED"
+    status = submit("status", f"run_root={tmp_path / 'bad'}", cwd=tmp_path, env=slurm)
+    assert re.search(r"prepare\s+failed \(FAILED\)", status.stdout), status.stdout
+    assert re.search(r"train_vqvae\s+failed \(CANCELLED\)", status.stdout), status.stdout
