@@ -140,7 +140,7 @@ def _submit_to_slurm(cfg, stage: str) -> int:
     failed = 0
     for job in jobs:
         try:
-            job.result()
+            job.results()  # every task of the job (one per rank)
         except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
             failed += 1
             print(f"submit: job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
@@ -191,7 +191,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
             for r in rows:
                 for job in r.get("jobs", []):
                     try:
-                        job.result()
+                        job.results()  # every task of the job (one per rank)
                     except Exception as e:  # noqa: BLE001
                         print(f"submit: stage {r['stage']} (job {job.job_id}) failed: "
                               f"{str(e).strip().splitlines()[-1]}", file=sys.stderr)
