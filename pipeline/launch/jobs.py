@@ -55,7 +55,7 @@ def _requeue_if_scheduled(stopped: StageStopped, rank: int) -> None:
             time.sleep(300)
         return
     if callable(handler) and handler not in (_raise_killed,):
-        log.info("checkpoint saved; handing %s to submitit to requeue", signal.Signals(stopped.signum).name)
+        log.info("%s; handing %s to submitit to requeue", stopped, signal.Signals(stopped.signum).name)
         handler(stopped.signum, None)
 
 
