@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipeline.config import config_dir
-from pipeline.models import BottomPrior, TopPrior, VQVAE2, build, parameter_count
+from pipeline.models import BottomPrior, TopPrior, build, parameter_count
 from pipeline.models.sampling import filter_logits, sample_bottom, sample_top
 
 TINY = OmegaConf.load(config_dir() / "model" / "tiny_digits.yaml")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
 
-import mlflow
 import numpy as np
 import webdataset as wds
 from mlflow.tracking import MlflowClient

@@ -33,20 +33,6 @@ def slurm(tmp_path_factory):
     subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "stop"], env=env, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    proc = submit("stage=prepare", f"run_root={root}", cwd=root)
-    assert proc.returncode == 0, proc.stderr
-    return root / "digits" / "prepare"
-
-
-@pytest.fixture
-def run_root(prepared, tmp_path):
-    shutil.copytree(prepared, tmp_path / "runs" / "digits" / "prepare")
-    return tmp_path / "runs"
-
-
 def _sh(cmd: list[str], slurm: dict) -> str:
     return subprocess.run(cmd, env={**os.environ, **slurm}, capture_output=True, text=True, timeout=60).stdout
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,20 +21,6 @@ from pipeline.models import VQVAE2
 
 FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=10", "train.log_every=10",
         "train.eval_samples=64"]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    proc = submit("stage=prepare", f"run_root={root}", cwd=root)
-    assert proc.returncode == 0, proc.stderr
-    return root / "digits" / "prepare"
-
-
-@pytest.fixture
-def run_root(prepared, tmp_path):
-    shutil.copytree(prepared, tmp_path / "runs" / "digits" / "prepare")
-    return tmp_path / "runs"
 
 
 def _args(run_root, *extra):

@@ -172,7 +172,7 @@ def verify(shard_dir: Path) -> tuple[int, list[str]]:
     for split, entry in manifest["splits"].items():
         for shard in entry["shards"]:
             tar = Path(shard_dir) / shard["name"]
-            fix = f"rerun `submit stage=prepare` to rewrite it"
+            fix = "rerun `submit stage=prepare` to rewrite it"
             if not tar.exists():
                 problems.append(f"{tar}: missing -- {fix}")
                 continue
