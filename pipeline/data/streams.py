@@ -54,12 +54,25 @@ def _image_bytes(sample: dict) -> bytes:
     return raw
 
 
+class ImageSample:
+    """Image shard sample -> (``resolution``² uint8 HWC crop, label)."""
+
+    def __init__(self, resolution: int, augment: str, hflip: bool):
+        self.resolution, self.augment, self.hflip = resolution, augment, hflip
+
+    def __call__(self, sample: dict, rng: random.Random) -> tuple[np.ndarray, int]:
+        return load_crop(_image_bytes(sample), self.resolution, self.augment, self.hflip, rng), int(sample["cls"])
+
+    @staticmethod
+    def finish(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (to_float(batch[0]), *batch[1:])
+
+
 class _TrainShards(IterableDataset):
-    def __init__(self, urls: list[str], *, batch_size: int, resolution: int, augment: str, hflip: bool,
-                 seed: int, rank: int, world_size: int, start_step: int, shuffle_buffer: int):
+    def __init__(self, urls: list[str], *, batch_size: int, decode: Any, seed: int, rank: int,
+                 world_size: int, start_step: int, shuffle_buffer: int):
         super().__init__()
-        self.urls, self.batch_size, self.resolution = list(urls), batch_size, resolution
-        self.augment, self.hflip, self.shuffle_buffer = augment, hflip, shuffle_buffer
+        self.urls, self.batch_size, self.decode, self.shuffle_buffer = list(urls), batch_size, decode, shuffle_buffer
         self.seed, self.rank, self.world_size, self.start_step = seed, rank, world_size, start_step
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -81,8 +94,7 @@ class _TrainShards(IterableDataset):
                 yield {"url": rng.choice(urls)}
 
         buffer: list[dict] = []
-        images: list[np.ndarray] = []
-        labels: list[int] = []
+        rows: list[tuple] = []
         for sample in wds.tarfile_samples(resampled(), handler=counter):
             shards_without_sample[0] = 0
             buffer.append(sample)
@@ -90,33 +102,35 @@ class _TrainShards(IterableDataset):
                 continue
             sample = buffer.pop(rng.randrange(len(buffer)))
             try:
-                images.append(load_crop(_image_bytes(sample), self.resolution, self.augment, self.hflip, rng))
-                labels.append(int(sample["cls"]))
+                rows.append(self.decode(sample, rng))
             except Exception as exn:  # noqa: BLE001 - any bad sample is counted, never fatal
                 counter(exn)
                 continue
-            if len(images) == self.batch_size:
-                yield _to_batch(images, labels, corrupt=counter.count, worker=wid)
-                images, labels = [], []
+            if len(rows) == self.batch_size:
+                fields = tuple(torch.from_numpy(np.stack(col)) if isinstance(col[0], np.ndarray)
+                               else torch.tensor(col) for col in zip(*rows))
+                yield {"fields": fields, "corrupt": counter.count, "worker": wid}
+                rows = []
 
 
 class TrainLoader:
     """Endless resampled training stream; iterating it yields exactly ``steps`` batches on every rank.
 
-    Each batch is ``(images, labels)``: float in [-1, 1], shape (B, 3, H, W). ``corrupt`` is the
-    number of bad samples/tars skipped so far on this rank.
+    Image shards (the default ``sample``): each batch is ``(images, labels)``, images float in
+    [-1, 1], shape (B, 3, H, W). Another ``sample`` decoder (e.g. code shards) gives its own tuple.
+    ``corrupt`` is the number of bad samples/tars skipped so far on this rank.
     """
 
-    def __init__(self, urls: list[str], *, batch_size: int, steps: int, resolution: int,
+    def __init__(self, urls: list[str], *, batch_size: int, steps: int, resolution: int = 0,
                  augment: str = "center", hflip: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_step: int = 0, num_workers: int = 2,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000, sample: Any = None):
         if not urls:
-            raise ValueError("no shards to read: run `submit stage=prepare` first")
+            raise ValueError("no shards to read: run the stage that writes them first")
         self.steps, self.corrupt = steps, 0
-        self._dataset = _TrainShards(urls, batch_size=batch_size, resolution=resolution, augment=augment,
-                                     hflip=hflip, seed=seed, rank=rank, world_size=world_size,
-                                     start_step=start_step, shuffle_buffer=shuffle_buffer)
+        self._sample = sample or ImageSample(resolution, augment, hflip)
+        self._dataset = _TrainShards(urls, batch_size=batch_size, decode=self._sample, seed=seed, rank=rank,
+                                     world_size=world_size, start_step=start_step, shuffle_buffer=shuffle_buffer)
         self._num_workers = num_workers
 
     def __len__(self) -> int:
@@ -133,7 +147,7 @@ class TrainLoader:
             batch = next(it)
             per_worker[batch["worker"]] = batch["corrupt"]
             self.corrupt = sum(per_worker.values())
-            yield to_float(batch["image"]), batch["label"]
+            yield self._sample.finish(batch["fields"])
         del it  # shuts the workers down
 
 

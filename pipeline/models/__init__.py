@@ -15,7 +15,7 @@ from pipeline.models.priors import BottomPrior, TopPrior
 from pipeline.models.quantizer import VectorQuantizer
 from pipeline.models.vqvae import VQVAE2
 
-__all__ = ["VQVAE2", "TopPrior", "BottomPrior", "VectorQuantizer", "build", "parameter_count"]
+__all__ = ["VQVAE2", "TopPrior", "BottomPrior", "VectorQuantizer", "build", "load_exported", "parameter_count"]
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -45,3 +45,13 @@ def build(which: str, model_cfg: Any, num_classes: int | None = None) -> nn.Modu
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def load_exported(path: Any, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A ``model.pt`` written by a training stage -> (model in eval mode, the file's metadata)."""
+    import torch
+
+    blob = torch.load(path, map_location=device, weights_only=True)
+    model = build(blob["kind"], blob["model_config"], num_classes=blob.get("num_classes"))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}

@@ -1,0 +1,66 @@
+"""Code shards: what `encode` writes and the priors read.
+
+One code shard per image shard, same name and same sample keys: ``top.npy`` and ``bottom.npy``
+(integer maps in the smallest unsigned dtype that holds K), ``cls`` and ``json`` (source key).
+Per shard a completion marker ``{name}_stats.json``; per split a manifest ``codes.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import atomic
+
+MANIFEST = "codes.json"
+FORMAT = "vqvae2-pipeline/code-shards-v1"
+
+
+def code_dtype(num_codes: int) -> np.dtype:
+    return np.dtype(np.uint8 if num_codes <= 256 else np.uint16 if num_codes <= 65536 else np.int32)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(raw: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+class CodeSample:
+    """Code shard sample -> (top codes int64 (h, w), bottom codes int64 (H, W), label)."""
+
+    def __call__(self, sample: dict, rng: random.Random) -> tuple[np.ndarray, np.ndarray, int]:
+        return (load_npy(sample["top.npy"]).astype(np.int64), load_npy(sample["bottom.npy"]).astype(np.int64),
+                int(sample["cls"]))
+
+    @staticmethod
+    def finish(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return batch
+
+
+def read_manifest(code_dir: Path) -> dict[str, Any]:
+    path = Path(code_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no code manifest; run `submit stage=encode` first")
+    return json.loads(path.read_text())
+
+
+def shard_urls(code_dir: Path, split: str) -> list[str]:
+    manifest = read_manifest(code_dir)
+    return [str(Path(code_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def write_manifest(code_dir: Path, manifest: dict[str, Any]) -> None:
+    path = Path(code_dir) / MANIFEST
+    if not path.exists() or json.loads(path.read_text()) != manifest:
+        atomic.write_json(path, manifest)

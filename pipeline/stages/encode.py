@@ -1,0 +1,141 @@
+"""`encode`: the frozen VQ-VAE turns every image shard into a code shard (same name, same keys).
+
+Array task i of n takes image shards i, i+n, ...; a shard is written atomically with a completion
+marker, so a rerun or a requeued task skips it. The task that finds every shard complete writes
+``codes.json`` and checks it against the image manifest: codes = images - skipped, per shard.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from pipeline import atomic
+from pipeline.config import stage_dir
+from pipeline.data import codes, shards
+from pipeline.data.streams import ordered_batches
+from pipeline.models import load_exported
+from pipeline.stages import StageContext
+from pipeline.training.distributed import detect
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    start = time.time()
+    image_dir = stage_dir(cfg, "prepare") / "shards"
+    images = shards.read_manifest(image_dir)
+    out_dir = ctx.stage_dir / "shards"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = detect().device
+    vqvae_path = Path(str(cfg.encode.vqvae or stage_dir(cfg, "train_vqvae") / "model.pt"))
+    if not vqvae_path.exists():
+        raise FileNotFoundError(f"{vqvae_path}: no VQ-VAE model; run `submit stage=train_vqvae` first "
+                                "or pass encode.vqvae=/path/to/model.pt")
+    model, meta = load_exported(vqvae_path, device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    vq = meta["model_config"]["vqvae"]
+    k_top, k_bottom = int(vq["codebook_size_top"]), int(vq["codebook_size_bottom"])
+
+    work = [(split, s) for split, entry in images["splits"].items() for s in entry["shards"]]
+    mine = work[ctx.task::ctx.tasks]
+    todo = [(split, s) for split, s in mine if not _complete(out_dir, s["name"])]
+    ctx.log.info("encode with %s (K top %d, bottom %d) on %s: %d of %d shards of this task to write",
+                 vqvae_path, k_top, k_bottom, device, len(todo), len(mine))
+    seconds, encoded = 0.0, 0
+    resolution = int(meta["resolution"])
+    crop = "none" if cfg.data.augment == "none" else "center"
+    with tqdm(total=sum(s["count"] for _, s in todo), unit="img", desc="encode", disable=not todo,
+              mininterval=2.0) as bar:
+        for split, s in todo:
+            t0 = time.time()
+            rows = _encode_shard(model, str(image_dir / s["name"]), int(cfg.encode.batch_size), resolution,
+                                 crop, bool(cfg.encode.hflip), device)
+            seconds += time.time() - t0
+            encoded += len(rows)
+            _write_shard(out_dir, s["name"], split, rows, s["count"], k_top, k_bottom, bool(cfg.encode.hflip))
+            bar.update(s["count"])
+    ips = encoded / seconds if seconds else 0.0
+    complete = all(_complete(out_dir, s["name"]) for _, s in work)
+    summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "images_encoded": encoded,
+                               "images_per_s": round(ips, 1), "seconds": round(time.time() - start, 2)}
+    if complete:
+        manifest = _manifest(out_dir, images, meta, vqvae_path, work)
+        codes.write_manifest(out_dir, manifest)
+        ctx.run.log_artifact(out_dir / codes.MANIFEST)
+        summary["skipped"] = sum(e["skipped"] for e in manifest["splits"].values())
+        summary["codes"] = sum(e["count"] for e in manifest["splits"].values())
+    ctx.run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=ctx.run.attempt)
+    ctx.log.info("encode: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return {**summary, "outputs": str(out_dir), "complete": complete}
+
+
+def _complete(out_dir: Path, name: str) -> bool:
+    return (out_dir / name).exists() and (out_dir / name.replace(".tar", "_stats.json")).exists()
+
+
+@torch.no_grad()
+def _encode_shard(model: torch.nn.Module, url: str, batch_size: int, resolution: int, crop: str, hflip: bool,
+                  device: torch.device) -> list[tuple[str, int, np.ndarray, np.ndarray, bool]]:
+    rows = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for batch in ordered_batches([url], batch_size=batch_size, resolution=resolution, augment=crop, num_workers=0):
+        if "image" not in batch:
+            continue
+        x = batch["image"].to(device)
+        variants = [(x, False)] + ([(x.flip(-1), True)] if hflip else [])
+        for xv, flipped in variants:
+            with autocast:
+                top, bottom = model.encode(xv.contiguous(memory_format=torch.channels_last))
+            for key, label, t, b in zip(batch["key"], batch["label"].tolist(), top.cpu().numpy(), bottom.cpu().numpy()):
+                rows.append((key, label, t, b, flipped))
+    return rows
+
+
+def _write_shard(out_dir: Path, name: str, split: str, rows: list, expected: int, k_top: int, k_bottom: int,
+                 hflip: bool) -> None:
+    tar = out_dir / name
+    atomic.remove_stale_temps(tar)
+    tmp = atomic.temp_name(tar)
+    with open(tmp, "wb") as stream:
+        sink = wds.TarWriter(stream)
+        for key, label, top, bottom, flipped in rows:
+            sink.write({"__key__": key + ("_flip" if flipped else ""),
+                        "top.npy": codes.npy_bytes(top.astype(codes.code_dtype(k_top))),
+                        "bottom.npy": codes.npy_bytes(bottom.astype(codes.code_dtype(k_bottom))),
+                        "cls": label, "json": {"source_key": key, "hflip": flipped}})
+        sink.close()
+    atomic.commit(tmp, tar)
+    originals = sum(1 for r in rows if not r[4])
+    if originals > expected:
+        raise RuntimeError(f"{name}: encoded {originals} images but the image manifest lists {expected}")
+    atomic.write_json(out_dir / name.replace(".tar", "_stats.json"), {
+        "name": name, "split": split, "count": len(rows), "images": originals, "skipped": expected - originals,
+        "hflip": hflip, "bytes": tar.stat().st_size})
+
+
+def _manifest(out_dir: Path, images: dict, meta: dict, vqvae_path: Path, work: list) -> dict[str, Any]:
+    import json
+
+    splits: dict[str, Any] = {}
+    for split, s in work:
+        st = json.loads((out_dir / s["name"].replace(".tar", "_stats.json")).read_text())
+        if st["images"] + st["skipped"] != s["count"]:  # the promise: nothing lost silently
+            raise RuntimeError(f"{s['name']}: {st['images']} encoded + {st['skipped']} skipped != "
+                               f"{s['count']} images in the image manifest")
+        entry = splits.setdefault(split, {"count": 0, "skipped": 0, "shards": []})
+        entry["count"] += st["count"]
+        entry["skipped"] += st["skipped"]
+        entry["shards"].append({"name": s["name"], "count": st["count"]})
+    vq = meta["model_config"]["vqvae"]
+    res = int(meta["resolution"])
+    return {"format": codes.FORMAT, "vqvae": str(vqvae_path), "resolution": res,
+            "top_size": res // 8, "bottom_size": res // 4,
+            "codebook_size_top": int(vq["codebook_size_top"]), "codebook_size_bottom": int(vq["codebook_size_bottom"]),
+            "num_classes": images["num_classes"], "class_names": images["class_names"], "splits": splits}

@@ -1,0 +1,91 @@
+"""`submit stage=encode`: code shards that match the image shards key for key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import submit
+from pipeline.config import compose
+from pipeline.data import codes
+from pipeline.data.streams import ordered_batches
+from pipeline.models import load_exported
+from pipeline.stages import StageContext, encode
+from pipeline.tracking import StageRun
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """An experiment with prepare and a (briefly) trained VQ-VAE."""
+    root = tmp_path_factory.mktemp("trained") / "runs"
+    shutil.copytree(prepared, root / "digits" / "prepare")
+    proc = submit("stage=train_vqvae", f"run_root={root}", "train.max_steps=20", "deepspeed.micro_batch=16",
+                  "train.eval_every=20", "train.ckpt_every=20", cwd=root.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+@pytest.fixture
+def experiment(trained, tmp_path):
+    root = tmp_path / "runs"
+    for stage in ("prepare", "train_vqvae"):
+        shutil.copytree(trained / "digits" / stage, root / "digits" / stage)
+    return root
+
+
+def _samples(urls):
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+
+
+def test_every_image_gets_codes_that_decode_to_its_reconstruction(experiment, tmp_path):
+    proc = submit("stage=encode", f"run_root={experiment}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    image_dir = experiment / "digits" / "prepare" / "shards"
+    code_dir = experiment / "digits" / "encode" / "shards"
+    manifest = codes.read_manifest(code_dir)
+    assert (manifest["top_size"], manifest["bottom_size"], manifest["codebook_size_top"]) == (4, 8, 32)
+    model, _ = load_exported(experiment / "digits" / "train_vqvae" / "model.pt")
+    for split in ("train", "val"):
+        image_urls = [str(image_dir / s["name"]) for s in json.loads((image_dir / "dataset.json").read_text())
+                      ["splits"][split]["shards"]]
+        images = _samples(image_urls)
+        coded = _samples(codes.shard_urls(code_dir, split))
+        assert coded.keys() == images.keys() and manifest["splits"][split]["skipped"] == 0
+        assert all(int(coded[k]["cls"]) == int(images[k]["cls"]) for k in coded)
+        top = codes.load_npy(next(iter(coded.values()))["top.npy"])
+        assert top.dtype == np.uint8 and top.shape == (4, 4)
+    # decoding a stored code pair gives the VQ-VAE's eval reconstruction of that image
+    batch = next(b for b in ordered_batches(image_urls[:1], batch_size=8, resolution=32, augment="none",
+                                            num_workers=0) if "image" in b)
+    with torch.no_grad():
+        recon, _ = model(batch["image"])
+        t = torch.stack([torch.from_numpy(codes.load_npy(coded[k]["top.npy"]).astype(np.int64)) for k in batch["key"]])
+        b = torch.stack([torch.from_numpy(codes.load_npy(coded[k]["bottom.npy"]).astype(np.int64)) for k in batch["key"]])
+        assert torch.allclose(model.decode_codes(t, b), recon, atol=1e-5)
+
+    again = submit("stage=encode", f"run_root={experiment}", cwd=tmp_path)
+    assert again.returncode == 0 and "0 of 8 shards of this task to write" in again.stdout
+
+
+def test_array_tasks_cover_every_shard_once_and_corrupt_images_are_accounted(experiment):
+    shard = experiment / "digits" / "prepare" / "shards" / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated image shard
+    cfg = compose(["stage=encode", f"run_root={experiment}"])
+    sdir = experiment / "digits" / "encode"
+    sdir.mkdir(parents=True)
+    log = logging.getLogger("test")
+    first = encode.run(cfg, StageContext("encode", sdir, StageRun(cfg, "encode", sdir), log, task=1, tasks=2))
+    assert not first["complete"] and not (sdir / "shards" / codes.MANIFEST).exists()
+    assert first["shards"] == 4
+    second = encode.run(cfg, StageContext("encode", sdir, StageRun(cfg, "encode", sdir), log, task=0, tasks=2))
+    assert second["complete"] and first["shards_written"] + second["shards_written"] == 8
+    manifest = codes.read_manifest(sdir / "shards")
+    skipped = manifest["splits"]["train"]["skipped"]
+    assert 0 < skipped < 256 and second["skipped"] == skipped
+    assert manifest["splits"]["train"]["count"] + skipped == 1437
