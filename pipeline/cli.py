@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline.launch import executors
-    from pipeline.stages import BUILT, PLANNED
+    from pipeline.stages import BUILT, PLANNED, missing_inputs
 
     if "stage=all" in args:
         return _chain(args, print_cfg)
@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if stage != "all" and stage not in BUILT:
             raise ConfigError(f"stage={stage}", f"not built yet (issue {PLANNED.get(stage, '?')})",
                               f"built stages: {', '.join(BUILT)}")
+        for producer, path in missing_inputs(cfg, stage):
+            raise ConfigError(f"stage={stage}", f"needs {path}, which is missing",
+                              f"run `submit stage={producer}` first (same experiment and run_root), "
+                              "or `submit stage=all`")
         executors.check_available(cfg)
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)

@@ -24,12 +24,31 @@ BUILT: dict[str, str] = {
     "prepare": "pipeline.stages.prepare:run",
     "train_vqvae": "pipeline.stages.train_vqvae:run",
     "encode": "pipeline.stages.encode:run",
+    "train_top_prior": "pipeline.stages.train_priors:run_top",
+    "train_bottom_prior": "pipeline.stages.train_priors:run_bottom",
 }
 # Stages that exist as config entries and are delivered by later work (issue numbers).
 PLANNED: dict[str, str] = {
-    "train_top_prior": "#7", "train_bottom_prior": "#7",
     "sample": "#8", "evaluate": "#8",
 }
+# What each stage reads from earlier stages (stage, path in its dir). A stage submitted alone is
+# refused before it starts when one is missing; `stage=all` queues the producers first instead.
+NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "train_vqvae": (("prepare", "shards/dataset.json"),),
+    "encode": (("prepare", "shards/dataset.json"), ("train_vqvae", "model.pt")),
+    "train_top_prior": (("encode", "shards/codes.json"),),
+    "train_bottom_prior": (("encode", "shards/codes.json"),),
+}
+
+
+def missing_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Path]]:
+    """(producing stage, path) for each input of ``stage`` that is not on disk."""
+    from pipeline.config import stage_dir
+
+    needs = [(s, stage_dir(cfg, s) / rel) for s, rel in NEEDS.get(stage, ())]
+    if stage == "encode" and cfg.encode.get("vqvae"):  # an explicitly named model replaces train_vqvae's
+        needs = [needs[0], ("train_vqvae", Path(str(cfg.encode.vqvae)))]
+    return [(s, p) for s, p in needs if not p.exists()]
 
 
 @dataclass

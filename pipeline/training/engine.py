@@ -152,6 +152,9 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
                  task.kind, f"{sum(p.numel() for p in model.parameters()):,}", step, max_steps, global_batch,
                  info.world_size, info.source, info.device)
     ctx.run.set_tags({"world_size": info.world_size, "global_batch": global_batch})
+    ctx.log.info("memory per rank: %.2f GB of fp32 weights, gradients and AdamW state (before ZeRO "
+                 "sharding and activations)%s", 16 * sum(p.numel() for p in model.parameters()) / 2**30,
+                 _peak_memory())
 
     every = max(1, int(t.ckpt_every))
     window: dict[str, float] = {}
@@ -212,6 +215,12 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
     ctx.log.info("weights and buffers identical on all %d rank(s): sha256 %s", info.world_size, digest)
     out = _export(cfg, ctx, task, engine, info.rank)
     return {"steps": step, "samples_seen": samples, "model": str(out), "outputs": str(ctx.stage_dir)}
+
+
+def _peak_memory() -> str:
+    if torch.cuda.is_available():
+        return f"; peak CUDA memory so far {torch.cuda.max_memory_allocated() / 2**30:.2f} GB"
+    return ""
 
 
 class _Stream:
