@@ -185,8 +185,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         return 2
     if cfg.cluster.name == "slurm":
         rows = chain.submit_slurm(cfgs)
-        print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the previous; "
-              "a failure cancels the rest)")
+        print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the jobs whose "
+              "outputs it reads; a failure cancels what depends on it)")
         for r in rows:
             print(f"  {r['stage']:<20}{r['status']:<28}{r['job']}")
         print(f"  watch:   submit status experiment={cfg.experiment} run_root={cfg.run_root}\n"

@@ -43,3 +43,31 @@ def run_root(prepared: Path, tmp_path: Path) -> Path:
     """A fresh run_root whose experiment 'digits' already has its prepare stage done."""
     shutil.copytree(prepared, tmp_path / "runs" / "digits" / "prepare")
     return tmp_path / "runs"
+
+
+def copy_stages(src_root: Path, dst_root: Path, *stages: str) -> Path:
+    """A new run_root holding copies of these finished stages of experiment 'digits'."""
+    for stage in stages:
+        shutil.copytree(src_root / "digits" / stage, dst_root / "digits" / stage)
+    return dst_root
+
+
+@pytest.fixture(scope="session")
+def trained(prepared: Path, tmp_path_factory) -> Path:
+    """A run_root whose experiment has prepare and a briefly trained VQ-VAE (real `submit`s)."""
+    root = tmp_path_factory.mktemp("trained") / "runs"
+    shutil.copytree(prepared, root / "digits" / "prepare")
+    proc = submit("stage=train_vqvae", f"run_root={root}", "train.max_steps=100", "deepspeed.micro_batch=16",
+                  "train.eval_every=100", "train.ckpt_every=100", "data.num_workers=0", cwd=root.parent,
+                  timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+@pytest.fixture(scope="session")
+def encoded(trained: Path, tmp_path_factory) -> Path:
+    """``trained`` plus a real `submit stage=encode`: the code shards the priors train on."""
+    root = copy_stages(trained, tmp_path_factory.mktemp("encoded") / "runs", "prepare", "train_vqvae")
+    proc = submit("stage=encode", f"run_root={root}", cwd=root.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root

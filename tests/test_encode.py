@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
-from conftest import submit
+from conftest import copy_stages, submit
 from pipeline.config import compose
 from pipeline.data import codes
 from pipeline.data.streams import ordered_batches
@@ -20,23 +19,9 @@ from pipeline.stages import StageContext, encode
 from pipeline.tracking import StageRun
 
 
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory):
-    """An experiment with prepare and a (briefly) trained VQ-VAE."""
-    root = tmp_path_factory.mktemp("trained") / "runs"
-    shutil.copytree(prepared, root / "digits" / "prepare")
-    proc = submit("stage=train_vqvae", f"run_root={root}", "train.max_steps=20", "deepspeed.micro_batch=16",
-                  "train.eval_every=20", "train.ckpt_every=20", cwd=root.parent, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return root
-
-
 @pytest.fixture
 def experiment(trained, tmp_path):
-    root = tmp_path / "runs"
-    for stage in ("prepare", "train_vqvae"):
-        shutil.copytree(trained / "digits" / stage, root / "digits" / stage)
-    return root
+    return copy_stages(trained, tmp_path / "runs", "prepare", "train_vqvae")
 
 
 def _samples(urls):
@@ -89,3 +74,31 @@ def test_array_tasks_cover_every_shard_once_and_corrupt_images_are_accounted(exp
     skipped = manifest["splits"]["train"]["skipped"]
     assert 0 < skipped < 256 and second["skipped"] == skipped
     assert manifest["splits"]["train"]["count"] + skipped == 1437
+
+
+def test_hflip_adds_mirrored_train_codes_and_a_changed_setting_is_refused(experiment, tmp_path):
+    proc = submit("stage=encode", f"run_root={experiment}", "encode.hflip=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    code_dir = experiment / "digits" / "encode" / "shards"
+    manifest = codes.read_manifest(code_dir)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["count"] == 2 * train["images"] and train["images"] + val["images"] == 1797
+    assert val["count"] == val["images"] and train["hflip"] and not val["hflip"]
+
+    model, _ = load_exported(experiment / "digits" / "train_vqvae" / "model.pt")
+    image_url = str(experiment / "digits" / "prepare" / "shards" / manifest["splits"]["train"]["shards"][0]["name"])
+    coded = _samples([str(code_dir / manifest["splits"]["train"]["shards"][0]["name"])])
+    batch = next(b for b in ordered_batches([image_url], batch_size=4, resolution=32, augment="none",
+                                            num_workers=0) if "image" in b)
+    with torch.no_grad():
+        top, bottom = model.encode(batch["image"].flip(-1))
+    for i, key in enumerate(batch["key"]):
+        flipped = coded[key + "_flip"]
+        assert json.loads(flipped["json"]) == {"source_key": key, "hflip": True}
+        assert np.array_equal(codes.load_npy(flipped["top.npy"]), top[i].numpy())
+        assert np.array_equal(codes.load_npy(flipped["bottom.npy"]), bottom[i].numpy())
+
+    before = {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()}
+    refused = submit("stage=encode", f"run_root={experiment}", "encode.hflip=false", cwd=tmp_path)
+    assert refused.returncode == 1 and "encode.hflip" in refused.stderr and "hflip=True" in refused.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()} == before  # nothing rewritten

@@ -119,9 +119,16 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
                 "train.ckpt_every=20", "train.eval_every=20", "cluster.array_tasks=2", "wait=true",
                 cwd=tmp_path, env=slurm, timeout=900)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
-    assert re.search(r"train_vqvae\s+queued after \d+", ok.stdout)
+    jobs = dict(re.findall(r"^\s*(\w+)\s+queued(?: after [\d,]+)?\s+(\d+)", ok.stdout, re.M))
+    assert re.search(rf"train_vqvae\s+queued after {jobs['prepare']}\s", ok.stdout)
+    assert re.search(rf"encode\s+queued after {jobs['prepare']},{jobs['train_vqvae']}\s", ok.stdout)
+    for prior in ("train_top_prior", "train_bottom_prior"):  # side by side, each after encode only
+        assert re.search(rf"{prior}\s+queued after {jobs['encode']}\s", ok.stdout), ok.stdout
     status = submit("status", f"run_root={tmp_path / 'ok'}", cwd=tmp_path, env=slurm)
     assert re.search(r"prepare\s+done", status.stdout) and re.search(r"train_vqvae\s+done\s+step 20", status.stdout)
+    for stage in ("encode", "train_top_prior", "train_bottom_prior"):
+        assert re.search(rf"{stage}\s+done", status.stdout), status.stdout
+    assert (tmp_path / "ok" / "digits" / "train_bottom_prior" / "model.pt").exists()
 
     # prepare fails in the job (a class-folder tree too small to split): train_vqvae is cancelled
     src = tmp_path / "tiny"

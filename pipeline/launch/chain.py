@@ -1,7 +1,7 @@
 """`submit stage=all`: every built stage in pipeline order, skipping those already done.
 
 Locally the stages run one after the other in this process. On SLURM the whole chain is queued at
-once, each job depending (``afterok``) on the one before, with ``--kill-on-invalid-dep=yes`` so a
+once, each job depending (``afterok``) on the jobs that produce its inputs, with ``--kill-on-invalid-dep=yes`` so a
 failed stage cancels everything after it.
 """
 
@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import GROUPS, ConfigError, compose, stage_dir, validate
 from pipeline.launch import executors, records
 from pipeline.launch.jobs import DONE, StageJob
-from pipeline.stages import BUILT, ORDER
+from pipeline.stages import BUILT, NEEDS, ORDER
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
@@ -67,16 +67,18 @@ def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
 
 
 def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
+    """Queue every stage to run at once, each depending on the jobs that produce its inputs (so the
+    two priors run side by side after encode)."""
     cfg = next(iter(cfgs.values()))
     todo, done, missing = stages_to_run(cfg)
     rows = [{"stage": s, "status": "already done", "job": ""} for s in done]
-    previous: list[str] = []
+    queued: dict[str, str] = {}
     for stage in todo:
-        jobs = executors.submit_slurm(cfgs[stage], stage, dependency=previous, kill_on_invalid_dep=True)
-        job_id = jobs[0].job_id.split("_")[0]
-        records.add_job(stage_dir(cfg, stage), job_id)
-        rows.append({"stage": stage, "status": "queued" + (f" after {previous[0]}" if previous else ""),
-                     "job": job_id, "jobs": jobs})
-        previous = [job_id]
+        after = sorted({queued[p] for p, _ in NEEDS.get(stage, ()) if p in queued}, key=int)
+        jobs = executors.submit_slurm(cfgs[stage], stage, dependency=after, kill_on_invalid_dep=True)
+        queued[stage] = jobs[0].job_id.split("_")[0]
+        records.add_job(stage_dir(cfg, stage), queued[stage])
+        rows.append({"stage": stage, "status": "queued" + (f" after {','.join(after)}" if after else ""),
+                     "job": queued[stage], "jobs": jobs})
     rows += [{"stage": s, "status": "not built yet", "job": ""} for s in missing]
     return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -45,23 +45,27 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     work = [(split, s) for split, entry in images["splits"].items() for s in entry["shards"]]
     mine = work[ctx.task::ctx.tasks]
+    flips = {split: bool(cfg.encode.hflip) and split == "train" for split in images["splits"]}
+    _check_settings(out_dir, mine, flips)
     todo = [(split, s) for split, s in mine if not _complete(out_dir, s["name"])]
     ctx.log.info("encode with %s (K top %d, bottom %d) on %s: %d of %d shards of this task to write",
                  vqvae_path, k_top, k_bottom, device, len(todo), len(mine))
-    seconds, encoded = 0.0, 0
+    encoded = 0
     resolution = int(meta["resolution"])
     crop = "none" if cfg.data.augment == "none" else "center"
+    t0 = time.time()
     with tqdm(total=sum(s["count"] for _, s in todo), unit="img", desc="encode", disable=not todo,
               mininterval=2.0) as bar:
-        for split, s in todo:
-            t0 = time.time()
-            rows = _encode_shard(model, str(image_dir / s["name"]), int(cfg.encode.batch_size), resolution,
-                                 crop, bool(cfg.encode.hflip), device)
-            seconds += time.time() - t0
-            encoded += len(rows)
-            _write_shard(out_dir, s["name"], split, rows, s["count"], k_top, k_bottom, bool(cfg.encode.hflip))
+        for i, rows in encode_shards(model, [str(image_dir / s["name"]) for _, s in todo],
+                                     [flips[split] for split, _ in todo], batch_size=int(cfg.encode.batch_size),
+                                     resolution=resolution, crop=crop, device=device,
+                                     workers=int(cfg.encode.workers)):
+            split, s = todo[i]
+            encoded += sum(1 for r in rows if not r[4])
+            _write_shard(out_dir, s["name"], split, rows, s["count"], k_top, k_bottom, flips[split])
             bar.update(s["count"])
-    ips = encoded / seconds if seconds else 0.0
+    seconds = time.time() - t0
+    ips = encoded / seconds if todo else 0.0
     complete = all(_complete(out_dir, s["name"]) for _, s in work)
     summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "images_encoded": encoded,
                                "images_per_s": round(ips, 1), "seconds": round(time.time() - start, 2)}
@@ -80,22 +84,45 @@ def _complete(out_dir: Path, name: str) -> bool:
     return (out_dir / name).exists() and (out_dir / name.replace(".tar", "_stats.json")).exists()
 
 
+Row = tuple[str, int, np.ndarray, np.ndarray, bool]  # key, label, top codes, bottom codes, flipped
+
+
+def _check_settings(out_dir: Path, mine: list, flips: dict[str, bool]) -> None:
+    """Completed shards are reused, never rewritten: refuse to mix them with a different encode.hflip."""
+    import json
+
+    for split, s in mine:
+        if _complete(out_dir, s["name"]):
+            done = json.loads((out_dir / s["name"].replace(".tar", "_stats.json")).read_text())["hflip"]
+            if done != flips[split]:
+                raise ValueError(f"encode.hflip: {out_dir / s['name']} was written with hflip={done}, this run "
+                                 f"asks for {flips[split]} -- keep encode.hflip={str(done).lower()}, or use "
+                                 "another experiment= (finished shards are never overwritten)")
+
+
 @torch.no_grad()
-def _encode_shard(model: torch.nn.Module, url: str, batch_size: int, resolution: int, crop: str, hflip: bool,
-                  device: torch.device) -> list[tuple[str, int, np.ndarray, np.ndarray, bool]]:
-    rows = []
+def encode_shards(model: torch.nn.Module, urls: list[str], flips: list[bool], *, batch_size: int, resolution: int,
+                  crop: str, device: torch.device, workers: int) -> Iterator[tuple[int, list[Row]]]:
+    """Image shards -> (index into urls, rows (key, label, top, bottom, flipped) in the shard's order)
+    as each shard finishes. ``workers`` loader processes decode JPEGs while the model runs (decoding,
+    not the model, is the bottleneck of small models). The model should be in eval mode
+    (channels_last on CPU); bf16 autocast is used on CUDA."""
+    rows: dict[int, list[Row]] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch in ordered_batches([url], batch_size=batch_size, resolution=resolution, augment=crop, num_workers=0):
-        if "image" not in batch:
+    for batch in ordered_batches(urls, batch_size=batch_size, resolution=resolution, augment=crop,
+                                 num_workers=min(workers, len(urls))):
+        if "shard_done" in batch:
+            yield batch["shard_done"], rows.pop(batch["shard_done"], [])
             continue
-        x = batch["image"].to(device)
-        variants = [(x, False)] + ([(x.flip(-1), True)] if hflip else [])
+        x = batch["image"].to(device, non_blocking=True)
+        variants = [(x, False)] + ([(x.flip(-1), True)] if flips[batch["shard"]] else [])
+        out = rows.setdefault(batch["shard"], [])
         for xv, flipped in variants:
             with autocast:
                 top, bottom = model.encode(xv.contiguous(memory_format=torch.channels_last))
-            for key, label, t, b in zip(batch["key"], batch["label"].tolist(), top.cpu().numpy(), bottom.cpu().numpy()):
-                rows.append((key, label, t, b, flipped))
-    return rows
+            for key, label, t, b in zip(batch["key"], batch["label"].tolist(), top.cpu().numpy(),
+                                        bottom.cpu().numpy()):
+                out.append((key, label, t, b, flipped))
 
 
 def _write_shard(out_dir: Path, name: str, split: str, rows: list, expected: int, k_top: int, k_bottom: int,
@@ -129,8 +156,10 @@ def _manifest(out_dir: Path, images: dict, meta: dict, vqvae_path: Path, work: l
         if st["images"] + st["skipped"] != s["count"]:  # the promise: nothing lost silently
             raise RuntimeError(f"{s['name']}: {st['images']} encoded + {st['skipped']} skipped != "
                                f"{s['count']} images in the image manifest")
-        entry = splits.setdefault(split, {"count": 0, "skipped": 0, "shards": []})
+        entry = splits.setdefault(split, {"count": 0, "images": 0, "skipped": 0, "hflip": st["hflip"],
+                                          "shards": []})
         entry["count"] += st["count"]
+        entry["images"] += st["images"]
         entry["skipped"] += st["skipped"]
         entry["shards"].append({"name": s["name"], "count": st["count"]})
     vq = meta["model_config"]["vqvae"]

@@ -1,0 +1,100 @@
+"""`submit stage=train_top_prior` / `train_bottom_prior` on real digits code shards with the real
+DeepSpeed engine: the priors learn more than the codes' frequencies, log sample grids, export, and
+resume the same MLflow run after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from mlflow.tracking import MlflowClient
+
+from conftest import copy_stages, submit
+from pipeline.data import codes
+from pipeline.models import load_exported
+from pipeline.models.sampling import sample_bottom, sample_top
+from test_train_vqvae import _history, _popen, _wait_for_checkpoint
+
+FAST = ["deepspeed.micro_batch=32", "data.num_workers=0", "train.warmup_steps=20", "train.log_every=10",
+        "train.eval_samples=128"]
+
+
+@pytest.fixture
+def experiment(encoded, tmp_path):
+    return copy_stages(encoded, tmp_path / "runs", "train_vqvae", "encode")
+
+
+def _run(run_root, stage):
+    record = json.loads((run_root / "digits" / stage / "mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    return client, client.get_run(record["run_id"])
+
+
+def _unigram_bits(run_root, key: str, k: int) -> float:
+    """Entropy of the val codes' own histogram: the best any position- and context-blind model gets."""
+    urls = codes.shard_urls(run_root / "digits" / "encode" / "shards", "val")
+    counts = np.zeros(k)
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        counts += np.bincount(codes.load_npy(s[key]).ravel(), minlength=k)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+@pytest.mark.parametrize("stage, key, k, grid", [
+    ("train_top_prior", "top.npy", 32, "samples_top_prior_with_nearest_real_bottom"),
+    ("train_bottom_prior", "bottom.npy", 64, "samples_bottom_prior_real_top_originals_above"),
+])
+def test_prior_learns_more_than_code_frequencies_logs_samples_and_exports(experiment, tmp_path, stage, key, k,
+                                                                          grid):
+    proc = submit(f"stage={stage}", f"run_root={experiment}", *FAST, "train.max_steps=150",
+                  "train.eval_every=50", "train.ckpt_every=150", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run = _run(experiment, stage)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == stage
+    val = dict(_history(client, run, "val_bits_per_code"))
+    assert sorted(val) == [50, 100, 150], val
+    unigram = _unigram_bits(experiment, key, k)
+    assert unigram < math.log2(k)
+    assert val[150] < val[50] and val[150] < unigram - 0.5, (val, unigram)
+    for metric in ("loss", "bits_per_code", "accuracy", "val_accuracy", "lr", "grad_norm", "samples_per_s"):
+        assert _history(client, run, metric), metric
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any(grid in p for p in images), images
+
+    model, meta = load_exported(experiment / "digits" / stage / "model.pt")
+    assert meta["num_codes"] == k and meta["num_classes"] == 10 and len(meta["class_names"]) == 10
+    g = torch.Generator().manual_seed(0)
+    classes = torch.arange(3)
+    if stage == "train_top_prior":
+        out = sample_top(model, classes, (meta["top_size"],) * 2, generator=g)
+        assert out.shape == (3, 4, 4)
+    else:
+        top = torch.randint(0, 32, (3, meta["top_size"], meta["top_size"]), generator=g)
+        out = sample_bottom(model, top, classes, (meta["bottom_size"],) * 2, generator=g)
+        assert out.shape == (3, 8, 8)
+    assert out.dtype == torch.long and 0 <= int(out.min()) and int(out.max()) < k
+
+
+def test_top_prior_sigkill_then_rerun_resumes_the_same_run(experiment, tmp_path):
+    ckpt_dir = experiment / "digits" / "train_top_prior" / "checkpoints"
+    args = ["stage=train_top_prior", f"run_root={experiment}", *FAST, "train.ckpt_every=20",
+            "train.eval_every=1000", "train.sample_grid=false"]
+    proc = _popen([*args, "train.max_steps=5000"], tmp_path)
+    _wait_for_checkpoint(proc, ckpt_dir, "step_00000040")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = int((ckpt_dir / "latest").read_text().strip()[5:])
+    _, run = _run(experiment, "train_top_prior")
+
+    again = submit(*args, f"train.max_steps={killed_at + 30}", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpt_dir / f'step_{killed_at:08d}'}" in again.stdout
+    client, resumed = _run(experiment, "train_top_prior")
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    steps = [s for s, _ in _history(client, resumed, "loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == killed_at + 30, steps
