@@ -25,12 +25,11 @@ def _describe(group: str, option: str) -> str:
 def help_text() -> str:
     import yaml
 
-    from pipeline.stages import BUILT, ORDER, PLANNED
+    from pipeline.stages import ORDER
 
     lines = [USAGE, "", "Runs one stage of the VQ-VAE-2 pipeline, tracked in MLflow.", "", "stages:"]
     for st in sorted(group_options("stage"), key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER)):
-        mark = "" if st in BUILT else f"  [not built yet: {PLANNED.get(st, '?')}]"
-        lines.append(f"  {st:<20}{_describe('stage', st)}{mark}")
+        lines.append(f"  {st:<20}{_describe('stage', st)}")
     primary = yaml.safe_load((config_dir() / "config.yaml").read_text())
     defaults = {k: v for d in primary["defaults"] if isinstance(d, dict) for k, v in d.items()}
     lines += ["", "config groups (group=option; default marked *):"]
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline.launch import executors
-    from pipeline.stages import BUILT, PLANNED, missing_inputs
+    from pipeline.stages import BUILT, missing_inputs
 
     if "stage=all" in args:
         return _chain(args, print_cfg)
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         validate(cfg)
         if stage != "all" and stage not in BUILT:
-            raise ConfigError(f"stage={stage}", f"not built yet (issue {PLANNED.get(stage, '?')})",
-                              f"built stages: {', '.join(BUILT)}")
+            raise ConfigError(f"stage={stage}", "has a config file but no implementation",
+                              f"stages: {', '.join(BUILT)}")
         for producer, path in missing_inputs(cfg, stage):
             raise ConfigError(f"stage={stage}", f"needs {path}, which is missing",
                               f"run `submit stage={producer}` first (same experiment and run_root), "

@@ -173,6 +173,45 @@ def validate(cfg: DictConfig) -> None:
     if int(cfg.prepare.workers) < 1:
         raise ConfigError(f"prepare.workers={cfg.prepare.workers}", "must be at least 1",
                           "pass prepare.workers=<processes>")
+    if "sample" in cfg:
+        _check_sampling(cfg)
+    if "eval" in cfg:
+        _check_eval(cfg)
+
+
+def _check_sampling(cfg: DictConfig) -> None:
+    s = cfg.sample
+    for key in ("per_class", "batch_size", "shard_size", "grid_per_class"):
+        if int(s[key]) < 1:
+            raise ConfigError(f"sample.{key}={s[key]}", "must be at least 1", f"pass sample.{key}=<n>")
+    if float(s.temperature) <= 0:
+        raise ConfigError(f"sample.temperature={s.temperature}", "must be > 0", "pass e.g. sample.temperature=1.0")
+    if not 0 < float(s.top_p) <= 1:
+        raise ConfigError(f"sample.top_p={s.top_p}", "must be in (0, 1]", "pass e.g. sample.top_p=0.95")
+    if int(s.top_k) < 0:
+        raise ConfigError(f"sample.top_k={s.top_k}", "must be >= 0 (0: no top-k)", "pass e.g. sample.top_k=0")
+    if s.classes is not None and (not OmegaConf.is_list(s.classes) or not len(s.classes)):
+        raise ConfigError(f"sample.classes={s.classes}", "must be a non-empty list of class indices",
+                          "pass e.g. 'sample.classes=[0,3,7]', or null for every class")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    e = cfg.eval
+    _check_choice(cfg, "eval.features", ("classifier", "inception"))
+    _check_choice(cfg, "eval.classifier_augment", ("none", "center", "random_resized_crop"))
+    if e.features == "inception":
+        weights = e.inception_weights
+        if weights is None or not Path(os.path.expanduser(str(weights))).is_file():
+            raise ConfigError(f"eval.inception_weights={weights}", "no such file (jobs never download weights)",
+                              "run `python tools/fetch_inception_weights.py --out <file>` where the internet is "
+                              "reachable and pass eval.inception_weights=<file>, or use eval.features=classifier")
+    rates = list(e.accept_rates) if OmegaConf.is_list(e.accept_rates) else []
+    if not rates or not all(isinstance(r, (int, float)) and 0 < float(r) <= 1 for r in rates):
+        raise ConfigError(f"eval.accept_rates={e.accept_rates}", "must be a non-empty list of fractions in (0, 1]",
+                          "pass e.g. 'eval.accept_rates=[1.0,0.5,0.1]'")
+    for key in ("batch_size", "kid_subset_size", "prc_neighborhood"):
+        if int(e[key]) < 1:
+            raise ConfigError(f"eval.{key}={e[key]}", "must be at least 1", f"pass eval.{key}=<n>")
 
 
 def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:

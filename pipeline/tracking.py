@@ -217,6 +217,31 @@ class StageRun:
             self.set_tags({f"changed.{k}": f"{logged[k]} -> {v}" for k, v in changed.items()})
 
 
+class PrefixedRun:
+    """A view of a StageRun whose metric, image, tag and artifact names get ``prefix/``: one stage
+    that trains two models (evaluate's classifiers) keeps their curves apart in one MLflow run."""
+
+    def __init__(self, run: StageRun, prefix: str):
+        self._run, self.prefix = run, prefix
+        self.run_id, self.attempt = run.run_id, run.attempt
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._run.log_metrics({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._run.set_tags({f"{self.prefix}.{k}": v for k, v in tags.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._run.log_artifact(path, artifact_path=self.prefix if artifact_path is None
+                               else f"{self.prefix}/{artifact_path}")
+
+    def last_step(self, key: str) -> int:
+        return self._run.last_step(f"{self.prefix}/{key}")
+
+    def log_image(self, image: Any, artifact_file: str, step: int | None = None) -> None:
+        self._run.log_image(image, f"{self.prefix}_{artifact_file}", step=step)
+
+
 def _has_psutil() -> bool:
     try:
         import psutil  # noqa: F401

@@ -71,3 +71,36 @@ def encoded(trained: Path, tmp_path_factory) -> Path:
     proc = submit("stage=encode", f"run_root={root}", cwd=root.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root
+
+
+PRIOR_ARGS = ["deepspeed.micro_batch=32", "data.num_workers=0", "train.warmup_steps=20", "train.log_every=10",
+              "train.eval_samples=128", "train.max_steps=150", "train.eval_every=50", "train.ckpt_every=150"]
+
+
+@pytest.fixture(scope="session")
+def priors(encoded: Path, tmp_path_factory) -> Path:
+    """``encoded`` plus both priors trained 150 steps each (top first, so its grid uses the nearest
+    real bottom codes): read-only, copy with ``copy_stages`` before writing."""
+    root = copy_stages(encoded, tmp_path_factory.mktemp("priors") / "runs", "prepare", "train_vqvae", "encode")
+    for stage in ("train_top_prior", "train_bottom_prior"):
+        proc = submit(f"stage={stage}", f"run_root={root}", *PRIOR_ARGS, cwd=root.parent, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+PRIOR_STAGES = ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior")
+EVAL_ARGS = ["train.max_steps=150", "train.warmup_steps=15", "train.eval_every=150", "train.ckpt_every=150",
+             "train.log_every=25", "deepspeed.micro_batch=64"]
+
+
+@pytest.fixture(scope="session")
+def evaluated(priors: Path, tmp_path_factory) -> dict:
+    """``priors`` plus 10 samples per class and one `submit stage=evaluate` (classifiers 150 steps):
+    read-only. Holds the run_root and the evaluate command's output."""
+    root = copy_stages(priors, tmp_path_factory.mktemp("evaluated") / "runs", *PRIOR_STAGES)
+    proc = submit("stage=sample", f"run_root={root}", "sample.per_class=10", "sample.batch_size=50",
+                  cwd=root.parent, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = submit("stage=evaluate", f"run_root={root}", *EVAL_ARGS, cwd=root.parent, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "stdout": proc.stdout, "stderr": proc.stderr}

@@ -21,7 +21,7 @@ def test_help_lists_stages_groups_and_options(tmp_path):
                           ("tracking", "mlflow")]:
         line = next(l for l in proc.stdout.splitlines() if l.strip().startswith(group + " "))
         assert option in line
-    assert "not built yet" in proc.stdout  # unbuilt stages are marked, not hidden
+    assert "not built yet" not in proc.stdout  # every stage is built
     assert list(tmp_path.iterdir()) == []
 
 
@@ -45,7 +45,12 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=prepare", "data=folder", "data.source=/does/not/exist"], ["data.source=/does/not/exist", "does not exist"]),
     (["stage=prepare", "data.source=/tmp"], ["data.source=/tmp", "data=digits"]),
     (["stage=prepare", "cluster=nope"], ["cluster=nope", "local, slurm"]),
-    (["stage=sample"], ["stage=sample", "not built yet"]),
+    (["stage=evaluate"], ["stage=evaluate", "dataset.json", "submit stage=prepare"]),
+    (["stage=evaluate", "eval.features=inception"], ["eval.inception_weights=None", "fetch_inception_weights"]),
+    (["stage=evaluate", "eval.accept_rates=[0.5,2]"], ["eval.accept_rates", "(0, 1]"]),
+    (["stage=sample"], ["stage=sample", "train_vqvae/model.pt", "submit stage=train_vqvae"]),
+    (["stage=sample", "sample.temperature=0"], ["sample.temperature=0", "must be > 0"]),
+    (["stage=sample", "sample.top_p=1.5"], ["sample.top_p=1.5", "(0, 1]"]),
     (["stage=encode"], ["stage=encode", "dataset.json", "missing", "submit stage=prepare"]),
     (["stage=train_top_prior"], ["stage=train_top_prior", "codes.json", "submit stage=encode"]),
     (["stage=train_vqvae", "deepspeed.zero_stage=x"], ["deepspeed.zero_stage=x", "expected int"]),

@@ -1,4 +1,4 @@
-"""`submit stage=train_top_prior` / `train_bottom_prior` on real digits code shards with the real
+"""`submit stage=train_top_prior` / `train_bottom_prior` (run by the ``priors`` fixture) on real digits code shards with the real
 DeepSpeed engine: the priors learn more than the codes' frequencies, log sample grids, export, and
 resume the same MLflow run after SIGKILL."""
 
@@ -14,14 +14,13 @@ import torch
 import webdataset as wds
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_stages, submit
+from conftest import PRIOR_ARGS, copy_stages, submit
 from pipeline.data import codes
 from pipeline.models import load_exported
 from pipeline.models.sampling import sample_bottom, sample_top
 from test_train_vqvae import _history, _popen, _wait_for_checkpoint
 
-FAST = ["deepspeed.micro_batch=32", "data.num_workers=0", "train.warmup_steps=20", "train.log_every=10",
-        "train.eval_samples=128"]
+FAST = PRIOR_ARGS[:5]  # without the step counts
 
 
 @pytest.fixture
@@ -49,11 +48,8 @@ def _unigram_bits(run_root, key: str, k: int) -> float:
     ("train_top_prior", "top.npy", 32, "samples_top_prior_with_nearest_real_bottom"),
     ("train_bottom_prior", "bottom.npy", 64, "samples_bottom_prior_real_top_originals_above"),
 ])
-def test_prior_learns_more_than_code_frequencies_logs_samples_and_exports(experiment, tmp_path, stage, key, k,
-                                                                          grid):
-    proc = submit(f"stage={stage}", f"run_root={experiment}", *FAST, "train.max_steps=150",
-                  "train.eval_every=50", "train.ckpt_every=150", cwd=tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_prior_learns_more_than_code_frequencies_logs_samples_and_exports(priors, stage, key, k, grid):
+    experiment = priors  # trained by the fixture with conftest.PRIOR_ARGS: 150 steps, eval every 50
     client, run = _run(experiment, stage)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == stage
     val = dict(_history(client, run, "val_bits_per_code"))

@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import submit
+from pipeline.data import shards
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=5", "train.log_every=10",
@@ -116,19 +117,26 @@ def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
 
 def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_path):
     ok = submit("stage=all", "cluster=slurm", f"run_root={tmp_path / 'ok'}", *FAST, "train.max_steps=20",
-                "train.ckpt_every=20", "train.eval_every=20", "cluster.array_tasks=2", "wait=true",
-                cwd=tmp_path, env=slurm, timeout=900)
+                "train.ckpt_every=20", "train.eval_every=20", "cluster.array_tasks=2", "sample.per_class=2",
+                "wait=true", cwd=tmp_path, env=slurm, timeout=900)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     jobs = dict(re.findall(r"^\s*(\w+)\s+queued(?: after [\d,]+)?\s+(\d+)", ok.stdout, re.M))
     assert re.search(rf"train_vqvae\s+queued after {jobs['prepare']}\s", ok.stdout)
     assert re.search(rf"encode\s+queued after {jobs['prepare']},{jobs['train_vqvae']}\s", ok.stdout)
     for prior in ("train_top_prior", "train_bottom_prior"):  # side by side, each after encode only
         assert re.search(rf"{prior}\s+queued after {jobs['encode']}\s", ok.stdout), ok.stdout
+    producers = ",".join(sorted((jobs[s] for s in ("train_vqvae", "train_top_prior", "train_bottom_prior")), key=int))
+    assert re.search(rf"sample\s+queued after {producers}\s", ok.stdout), ok.stdout
+    inputs = ",".join(sorted((jobs[s] for s in ("prepare", "train_vqvae", "sample")), key=int))
+    assert re.search(rf"evaluate\s+queued after {inputs}\s", ok.stdout), ok.stdout
     status = submit("status", f"run_root={tmp_path / 'ok'}", cwd=tmp_path, env=slurm)
     assert re.search(r"prepare\s+done", status.stdout) and re.search(r"train_vqvae\s+done\s+step 20", status.stdout)
-    for stage in ("encode", "train_top_prior", "train_bottom_prior"):
+    for stage in ("encode", "train_top_prior", "train_bottom_prior", "sample", "evaluate"):
         assert re.search(rf"{stage}\s+done", status.stdout), status.stdout
     assert (tmp_path / "ok" / "digits" / "train_bottom_prior" / "model.pt").exists()
+    assert shards.read_manifest(tmp_path / "ok" / "digits" / "sample" / "shards")["splits"]["samples"]["count"] == 20
+    results = json.loads((tmp_path / "ok" / "digits" / "evaluate" / "results.json").read_text())["results"]
+    assert {"fid", "cas/top1", "real/top1", "recon/psnr"} <= set(results)
 
     # prepare fails in the job (a class-folder tree too small to split): train_vqvae is cancelled
     src = tmp_path / "tiny"

@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, stage_dir
 from pipeline.launch.jobs import StageJob
 
 AVAILABLE = ("local", "slurm")
-ARRAY_STAGES = ("prepare", "encode")  # stages whose work splits into independent shards
+ARRAY_STAGES = ("prepare", "encode", "sample")  # stages whose work splits into independent shards
 
 
 def check_available(cfg: DictConfig) -> None:

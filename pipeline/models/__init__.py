@@ -11,11 +11,12 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from pipeline.models.classifier import Classifier
 from pipeline.models.priors import BottomPrior, TopPrior
 from pipeline.models.quantizer import VectorQuantizer
 from pipeline.models.vqvae import VQVAE2
 
-__all__ = ["VQVAE2", "TopPrior", "BottomPrior", "VectorQuantizer", "build", "load_exported", "parameter_count"]
+__all__ = ["VQVAE2", "Classifier", "TopPrior", "BottomPrior", "VectorQuantizer", "build", "load_exported", "parameter_count"]
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -27,20 +28,22 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 
 def build(which: str, model_cfg: Any, num_classes: int | None = None) -> nn.Module:
-    """One of ``vqvae``, ``top_prior``, ``bottom_prior`` from a ``model`` config (Hydra or dict);
-    the priors take their code-book sizes from ``model_cfg.vqvae``."""
+    """One of ``vqvae``, ``top_prior``, ``bottom_prior``, ``classifier`` from a ``model`` config
+    (Hydra or dict); the priors take their code-book sizes from ``model_cfg.vqvae``."""
     cfg = _plain(model_cfg)
     vq = {k: v for k, v in cfg["vqvae"].items()}
     if which == "vqvae":
         return VQVAE2(**vq)
     if num_classes is None:
         raise ValueError(f"build('{which}'): num_classes is required (from the dataset manifest)")
+    if which == "classifier":
+        return Classifier(num_classes=num_classes, **cfg["classifier"])
     if which == "top_prior":
         return TopPrior(num_codes=vq["codebook_size_top"], num_classes=num_classes, **cfg["top_prior"])
     if which == "bottom_prior":
         return BottomPrior(num_codes=vq["codebook_size_bottom"], num_top_codes=vq["codebook_size_top"],
                            num_classes=num_classes, **cfg["bottom_prior"])
-    raise ValueError(f"build('{which}'): choose vqvae, top_prior or bottom_prior")
+    raise ValueError(f"build('{which}'): choose vqvae, top_prior, bottom_prior or classifier")
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -26,10 +26,8 @@ BUILT: dict[str, str] = {
     "encode": "pipeline.stages.encode:run",
     "train_top_prior": "pipeline.stages.train_priors:run_top",
     "train_bottom_prior": "pipeline.stages.train_priors:run_bottom",
-}
-# Stages that exist as config entries and are delivered by later work (issue numbers).
-PLANNED: dict[str, str] = {
-    "sample": "#8", "evaluate": "#8",
+    "sample": "pipeline.stages.sample:run",
+    "evaluate": "pipeline.stages.evaluate:run",
 }
 # What each stage reads from earlier stages (stage, path in its dir). A stage submitted alone is
 # refused before it starts when one is missing; `stage=all` queues the producers first instead.
@@ -38,6 +36,8 @@ NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
     "encode": (("prepare", "shards/dataset.json"), ("train_vqvae", "model.pt")),
     "train_top_prior": (("encode", "shards/codes.json"),),
     "train_bottom_prior": (("encode", "shards/codes.json"),),
+    "sample": (("train_vqvae", "model.pt"), ("train_top_prior", "model.pt"), ("train_bottom_prior", "model.pt")),
+    "evaluate": (("prepare", "shards/dataset.json"), ("train_vqvae", "model.pt"), ("sample", "shards/dataset.json")),
 }
 
 

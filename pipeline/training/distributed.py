@@ -10,6 +10,7 @@ process. All five variables DeepSpeed reads are exported. The device is chosen b
 from __future__ import annotations
 
 import os
+import sys
 import re
 import socket
 from dataclasses import dataclass
@@ -107,7 +108,13 @@ def teardown(barrier: bool = True) -> None:
             if barrier:
                 dist.barrier()
         finally:
-            dist.destroy_process_group()
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
+                # DeepSpeed's own call also drops its cached groups, so a later train() in this
+                # process (evaluate trains two classifiers) starts clean.
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
 
 
 def all_true(flag: bool) -> bool:

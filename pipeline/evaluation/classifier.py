@@ -1,0 +1,116 @@
+"""Classifiers trained by `evaluate` with the shared engine: the real-data classifier (baseline
+accuracy, FID features, rejection scores) and the CAS classifier (trained on samples only).
+Both are tested on the real val split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from pipeline.data.shard_images import ShardImages
+from pipeline.data.streams import TrainLoader
+from pipeline.models import build, load_exported
+from pipeline.stages import StageContext
+from pipeline.tracking import PrefixedRun
+from pipeline.training import distributed, engine
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _images(dataset: ShardImages, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    labels = torch.from_numpy(dataset.labels)
+    for i, x in enumerate(DataLoader(dataset, batch_size=batch_size, num_workers=0)):
+        yield x.float().div_(127.5).sub_(1.0), labels[i * batch_size:i * batch_size + len(x)]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: ShardImages, batch_size: int = 256) -> tuple[float, float]:
+    """(top-1, top-5) of ``model`` on every image of ``dataset``."""
+    device = next(model.parameters()).device
+    hits, n = torch.zeros(2, dtype=torch.float64), 0
+    k = min(5, model.num_classes)
+    for x, y in _images(dataset, batch_size):
+        top = model(x.to(device, next(model.parameters()).dtype)).float().topk(k, dim=1).indices.cpu()
+        hits += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item()],
+                             dtype=torch.float64)
+        n += len(y)
+    return float(hits[0] / n), float(hits[1] / n)
+
+
+@torch.no_grad()
+def confidences(model: nn.Module, dataset: ShardImages, batch_size: int = 256) -> np.ndarray:
+    """The classifier's probability of each image's own label (its intended class, for samples)."""
+    device = next(model.parameters()).device
+    out = []
+    for x, y in _images(dataset, batch_size):
+        p = F.softmax(model(x.to(device, next(model.parameters()).dtype)).float(), dim=1).cpu()
+        out.append(p.gather(1, y[:, None])[:, 0])
+    return torch.cat(out).numpy()
+
+
+class ClassifierTask:
+    kind = "classifier"
+
+    def __init__(self, cfg: DictConfig, train_urls: list[str], val: ShardImages, num_classes: int,
+                 class_names: list[str], trained_on: str):
+        self.cfg, self.train_urls, self.val = cfg, train_urls, val
+        self.num_classes, self.class_names, self.trained_on = num_classes, class_names, trained_on
+        self.dist = distributed.detect()
+
+    def build_model(self) -> nn.Module:
+        return build("classifier", self.cfg.model, num_classes=self.num_classes)
+
+    def batches(self, start_step: int, steps: int, micro_batches_per_step: int) -> TrainLoader:
+        d = self.cfg.data
+        return TrainLoader(self.train_urls, batch_size=int(self.cfg.deepspeed.micro_batch),
+                           steps=steps * micro_batches_per_step, resolution=int(d.resolution),
+                           augment=str(self.cfg.eval.classifier_augment), hflip=False, seed=int(self.cfg.seed),
+                           rank=self.dist.rank, world_size=self.dist.world_size, start_step=start_step,
+                           num_workers=int(d.num_workers), shuffle_buffer=int(d.shuffle_buffer))
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        dtype = next(model.parameters()).dtype
+        logits = model(x.to(self.dist.device, dtype, non_blocking=True))
+        y = y.to(self.dist.device)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, {"loss": loss.detach(), "accuracy": (logits.argmax(1) == y).float().mean()}
+
+    def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]:
+        limit = int(self.cfg.train.eval_samples)
+        top1, top5 = accuracy(model, self.val.subset(list(range(min(limit, len(self.val))))))
+        return {"val_top1": top1, "val_top5": top5}
+
+    def export_meta(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": self.class_names, "trained_on": self.trained_on}
+
+
+def train_or_reuse(cfg: DictConfig, ctx: StageContext, name: str, task: ClassifierTask) -> Path:
+    """Train ``task`` in ``<stage dir>/<name>/`` (resuming from its checkpoints), or reuse the
+    exported model when it is finished; a model trained on other data is refused, never replaced."""
+    sub_dir = ctx.stage_dir / name
+    path = sub_dir / "model.pt"
+    if path.exists():
+        _, meta = load_exported(path)
+        if meta.get("trained_on") != task.trained_on:
+            raise ValueError(f"{path} was trained on other data ({meta.get('trained_on')} != {task.trained_on}): "
+                             f"the inputs of evaluate changed; pass another experiment=, or move {sub_dir} away")
+        if int(meta["step"]) == int(cfg.train.max_steps):
+            ctx.log.info("%s: reusing the trained classifier %s", name, path)
+            return path
+    sub_dir.mkdir(parents=True, exist_ok=True)
+    ctx.log.info("%s: training a %s classifier on %d shard(s)", name, cfg.model.classifier.arch, len(task.train_urls))
+    engine.train(cfg, StageContext(ctx.stage, sub_dir, PrefixedRun(ctx.run, name), ctx.log, ctx.task, ctx.tasks),
+                 task)
+    return path

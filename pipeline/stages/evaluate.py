@@ -1,0 +1,103 @@
+"""`evaluate`: how good the trained pipeline is, in the VQ-VAE-2 paper's terms.
+
+1. a classifier trained on the real train split (the engine): the real-data accuracy baseline, the
+   FID features of ``eval.features=classifier`` and the scores of rejection sampling;
+2. reconstructions of the real val split: MSE, PSNR, reconstruction FID;
+3. samples vs real val: FID, IS, KID, precision, recall (torch-fidelity, shard datasets);
+4. classifier-based rejection: the same metrics for the samples kept at each ``eval.accept_rates``;
+5. Classification Accuracy Score: the same classifier recipe trained on the samples only, tested on
+   the real val split;
+6. a report beside the paper's numbers (report.md / report.html) and every number in results.json.
+
+Expensive work is kept: trained classifiers are reused, reconstruction shards carry markers, and
+torch-fidelity caches the real features; a rerun recomputes only the cheap sample metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import atomic
+from pipeline.config import stage_dir
+from pipeline.data import shards
+from pipeline.data.shard_images import ShardImages
+from pipeline.evaluation import fidelity, report
+from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, manifest_digest, train_or_reuse
+from pipeline.evaluation.reconstruction import reconstruct
+from pipeline.evaluation.rejection import accepted, rate_name
+from pipeline.models import load_exported
+from pipeline.stages import StageContext
+from pipeline.training.distributed import detect
+
+SAMPLE_METRICS = ("fid", "isc", "kid", "precision", "recall")
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    start = time.time()
+    e, device, res = cfg.eval, detect().device, int(cfg.data.resolution)
+    real_dir, sample_dir = stage_dir(cfg, "prepare") / "shards", stage_dir(cfg, "sample") / "shards"
+    real_manifest, sample_manifest = shards.read_manifest(real_dir), shards.read_manifest(sample_dir)
+    if int(sample_manifest["num_classes"]) != int(real_manifest["num_classes"]) or \
+            int(sample_manifest["resolution"]) != res:
+        raise ValueError(f"{sample_dir}: samples of {sample_manifest['num_classes']} classes at "
+                         f"{sample_manifest['resolution']}² do not match the data ({real_manifest['num_classes']} "
+                         f"classes at {res}²); rerun `submit stage=sample` for this experiment")
+    crop = "none" if cfg.data.augment == "none" else "center"
+    val = ShardImages(shards.shard_urls(real_dir, "val"), res, crop, limit=e.max_real)
+    samples = ShardImages(shards.shard_urls(sample_dir, "samples"), res, "none")
+    ctx.log.info("evaluating %d samples against %d real val images (%s features)", len(samples), len(val),
+                 e.features)
+    num_classes, names = int(real_manifest["num_classes"]), list(real_manifest["class_names"])
+    results: dict[str, float] = {}
+
+    real_task = ClassifierTask(cfg, shards.shard_urls(real_dir, "train"), val, num_classes, names,
+                               f"real train {manifest_digest(real_manifest)}")
+    real_path = train_or_reuse(cfg, ctx, "classifier_real", real_task)
+    real_clf, _ = load_exported(real_path, device)
+    results["real/top1"], results["real/top5"] = accuracy(real_clf, val, int(e.batch_size))
+
+    ext = (fidelity.extractor(fidelity.CLASSIFIER, real_path) if e.features == "classifier"
+           else fidelity.extractor(fidelity.INCEPTION, Path(str(e.inception_weights)).expanduser()))
+    common = dict(reference=val, ext=ext, cache_root=Path(str(e.cache_root)), batch_size=int(e.batch_size),
+                  kid_subset_size=int(e.kid_subset_size), prc_neighborhood=int(e.prc_neighborhood),
+                  seed=int(cfg.seed), log=ctx.log,
+                  reference_name=f"{cfg.data.name}-val-{manifest_digest(real_manifest)}-{res}{crop}-n{len(val)}")
+
+    vqvae, _ = load_exported(stage_dir(cfg, "train_vqvae") / "model.pt", device)
+    recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log)
+    results["recon/mse"], results["recon/psnr"] = recon["mse"], recon["psnr"]
+    results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
+
+    results.update(fidelity.metrics(samples, **common))
+    scores = confidences(real_clf, samples, int(e.batch_size))
+    for rate in sorted({float(r) for r in e.accept_rates}, reverse=True):
+        name, keep = rate_name(rate), accepted(samples.labels, scores, rate)
+        kept = {m: results[m] for m in SAMPLE_METRICS} if len(keep) == len(samples) else \
+            fidelity.metrics(samples.subset(keep), **common)
+        results.update({f"{name}/{m}": v for m, v in kept.items()})
+        results[f"{name}/kept"] = float(len(keep))
+        results[f"{name}/confidence"] = float(np.mean(scores[keep]))
+
+    cas_task = ClassifierTask(cfg, shards.shard_urls(sample_dir, "samples"), val, num_classes, names,
+                              f"samples {manifest_digest(sample_manifest)}")
+    cas, _ = load_exported(train_or_reuse(cfg, ctx, "classifier_samples", cas_task), device)
+    results["cas/top1"], results["cas/top5"] = accuracy(cas, val, int(e.batch_size))
+
+    facts = {"data": cfg.data.name, "resolution": res, "features": ext.name}
+    accept = [rate_name(r) for r in sorted({float(r) for r in e.accept_rates}, reverse=True)]
+    atomic.write_json(ctx.stage_dir / "results.json", {"results": results, **facts, "samples": len(samples),
+                                                       "real": len(val)})
+    atomic.write_text(ctx.stage_dir / "report.md", report.markdown(results, accept, facts))
+    atomic.write_text(ctx.stage_dir / "report.html", report.html_table(results, accept, facts))
+    ctx.run.log_metrics(results, step=ctx.run.attempt)
+    for name in ("results.json", "report.md", "report.html"):
+        ctx.run.log_artifact(ctx.stage_dir / name)
+    ctx.log.info("evaluation:\n%s", report.markdown(results, accept, facts))
+    return {"fid": results["fid"], "cas_top1": results["cas/top1"], "real_top1": results["real/top1"],
+            "recon_psnr": results["recon/psnr"], "seconds": round(time.time() - start, 2),
+            "outputs": str(ctx.stage_dir)}

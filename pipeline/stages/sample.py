@@ -1,0 +1,186 @@
+"""`sample`: class-conditional ancestral samples — top codes from the top prior, bottom codes from
+the bottom prior given them, decoded by the VQ-VAE — written as image shards that `evaluate` reads
+like the real ones (split ``samples``).
+
+The plan (which class and sample index goes to which shard) depends only on the config, and every
+shard draws from its own generator seeded by (seed, shard index): the samples are the same however
+the shards are split over array tasks or requeues. Array task i of n writes shards i, i+n, ...; a
+shard is written atomically with a completion marker, so a requeued task continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import atomic
+from pipeline.config import stage_dir
+from pipeline.data import grids, shards
+from pipeline.models import load_exported
+from pipeline.models.sampling import sample_bottom, sample_top
+from pipeline.stages import StageContext
+from pipeline.training.distributed import detect
+
+SPLIT = "samples"
+GRID_CLASSES = 20  # classes shown in the MLflow grid (ImageNet has 1000)
+
+
+def plan(cfg: DictConfig, num_classes: int) -> list[list[tuple[int, int]]]:
+    """Shards of (class, index within the class), classes in the order asked for."""
+    classes = list(range(num_classes)) if cfg.sample.classes is None else [int(c) for c in cfg.sample.classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"sample.classes: {bad} out of range, the models know classes 0..{num_classes - 1}")
+    items = [(c, i) for c in classes for i in range(int(cfg.sample.per_class))]
+    size = int(cfg.sample.shard_size)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    s = cfg.sample
+    return {"seed": int(cfg.seed), "temperature": float(s.temperature), "top_k": int(s.top_k),
+            "top_p": float(s.top_p)}
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    start = time.time()
+    device = detect().device
+    models = {name: load_exported(stage_dir(cfg, name) / "model.pt", device)
+              for name in ("train_vqvae", "train_top_prior", "train_bottom_prior")}
+    vqvae, vq_meta = models["train_vqvae"]
+    (top_prior, top_meta), (bottom_prior, bottom_meta) = models["train_top_prior"], models["train_bottom_prior"]
+    num_classes = int(top_meta["num_classes"])
+    if int(bottom_meta["num_classes"]) != num_classes or int(vq_meta["num_classes"]) != num_classes:
+        raise ValueError("the VQ-VAE and the two priors were trained on different class sets; retrain the "
+                         "priors after `submit stage=encode` with this VQ-VAE")
+    shard_plan = plan(cfg, num_classes)
+    how = settings(cfg)
+    stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (stage_dir(cfg, n) / "model.pt" for n in models)]
+    digest = hashlib.sha256(json.dumps([how, shard_plan, stamps]).encode()).hexdigest()[:16]
+    out_dir = ctx.stage_dir / "shards"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"{SPLIT}-{i:06d}" for i in range(len(shard_plan))]
+    mine = list(range(len(shard_plan)))[ctx.task::ctx.tasks]
+    todo = [i for i in mine if _completed(out_dir, names[i], digest) is None]
+    ctx.log.info("sampling %d classes x %d per class (temperature %g, top-k %d, top-p %g) on %s: %d of %d "
+                 "shards of this task to write", len({c for s in shard_plan for c, _ in s}),
+                 int(cfg.sample.per_class), how["temperature"], how["top_k"], how["top_p"], device,
+                 len(todo), len(mine))
+    sizes = (int(top_meta["top_size"]),) * 2, (int(bottom_meta["bottom_size"]),) * 2
+    t0, drawn = time.time(), 0
+    with tqdm(total=sum(len(shard_plan[i]) for i in todo), unit="sample", desc="sample", disable=not todo,
+              mininterval=2.0) as bar:
+        for i in todo:
+            g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + i)
+            rows = []
+            for b in range(0, len(shard_plan[i]), int(cfg.sample.batch_size)):
+                items = shard_plan[i][b:b + int(cfg.sample.batch_size)]
+                classes = torch.tensor([c for c, _ in items], device=device)
+                images = _draw(vqvae, top_prior, bottom_prior, classes, sizes, g, how, device)
+                rows += [(c, k, img) for (c, k), img in zip(items, images)]
+                bar.update(len(items))
+            _write_shard(out_dir, names[i], rows, digest, how)
+            drawn += len(rows)
+    seconds = time.time() - t0
+    complete = all(_completed(out_dir, n, digest) is not None for n in names)
+    summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "samples_drawn": drawn,
+                               "samples_per_s": round(drawn / seconds, 2) if drawn else 0.0,
+                               "seconds": round(time.time() - start, 2)}
+    if complete:
+        manifest = _manifest(out_dir, names, vq_meta, top_meta, how, cfg)
+        if not (out_dir / shards.MANIFEST).exists() or shards.read_manifest(out_dir) != manifest:
+            atomic.write_json(out_dir / shards.MANIFEST, manifest)
+        ctx.run.log_artifact(out_dir / shards.MANIFEST)
+        ctx.run.log_image(_grid(out_dir, names, int(cfg.sample.grid_per_class)), "samples_per_class.png")
+        summary["samples"] = manifest["splits"][SPLIT]["count"]
+    ctx.run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=ctx.run.attempt)
+    ctx.log.info("sample: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return {**summary, "outputs": str(out_dir), "complete": complete}
+
+
+@torch.no_grad()
+def _draw(vqvae, top_prior, bottom_prior, classes: torch.Tensor, sizes, g: torch.Generator, how: dict,
+          device: torch.device) -> list[bytes]:
+    """classes -> PNG bytes of the decoded samples (bf16 autocast on GPU)."""
+    filt = {k: how[k] for k in ("temperature", "top_k", "top_p")}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        top = sample_top(top_prior, classes, sizes[0], generator=g, **filt)
+        bottom = sample_bottom(bottom_prior, top, classes, sizes[1], generator=g, **filt)
+        x = vqvae.decode_codes(top, bottom)
+    pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for p in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _completed(out_dir: Path, name: str, digest: str) -> dict | None:
+    sp, tp = shards.stats_path(out_dir, name), shards.tar_path(out_dir, name)
+    if not sp.exists() or not tp.exists():
+        return None
+    stats = json.loads(sp.read_text())
+    if stats["plan"] != digest:
+        raise ValueError(f"{sp}: written with other sampling settings (seed, sample.*, or other models); "
+                         "pass the same settings, or another experiment= (finished shards are never overwritten)")
+    return stats if tp.stat().st_size == stats["bytes"] else None
+
+
+def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], digest: str, how: dict) -> None:
+    tar = shards.tar_path(out_dir, name)
+    atomic.remove_stale_temps(tar)
+    tmp = atomic.temp_name(tar)
+    with open(tmp, "wb") as stream:
+        sink = wds.TarWriter(stream)
+        for c, k, png in rows:
+            sink.write({"__key__": f"c{c:05d}_{k:06d}", "png": png, "cls": c,
+                        "json": {"class": c, "index": k, **how}})
+        sink.close()
+    atomic.commit(tmp, tar)
+    counts: dict[str, int] = {}
+    for c, _, _ in rows:
+        counts[str(c)] = counts.get(str(c), 0) + 1
+    atomic.write_json(shards.stats_path(out_dir, name), {
+        "name": name, "tar": tar.name, "split": SPLIT, "plan": digest, "count": len(rows), "skipped": [],
+        "class_counts": counts, "bytes": tar.stat().st_size})
+
+
+def _manifest(out_dir: Path, names: list[str], vq_meta: dict, top_meta: dict, how: dict, cfg: DictConfig) -> dict:
+    stats = [json.loads(shards.stats_path(out_dir, n).read_text()) for n in names]
+    counts: dict[str, int] = {}
+    for s in stats:
+        for c, n in s["class_counts"].items():
+            counts[c] = counts.get(c, 0) + n
+    entry = {"count": sum(s["count"] for s in stats), "skipped": 0,
+             "shards": [{"name": s["tar"], "count": s["count"]} for s in stats],
+             "class_counts": dict(sorted(counts.items(), key=lambda kv: int(kv[0])))}
+    return {"format": shards.FORMAT, "dataset": f"samples of experiment {cfg.experiment}", "layout": "samples",
+            "class_names": list(top_meta["class_names"]), "num_classes": int(top_meta["num_classes"]),
+            "class_ids": list(top_meta["class_names"]), "resolution": int(vq_meta["resolution"]),
+            "seed": how["seed"], "shard_size": int(cfg.sample.shard_size), "sampling": how,
+            "splits": {SPLIT: entry}}
+
+
+def _grid(out_dir: Path, names: list[str], per_class: int) -> Image.Image:
+    """One row per class (the first classes), the first ``per_class`` samples of each."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    for s in wds.WebDataset([str(shards.tar_path(out_dir, n)) for n in names], shardshuffle=False,
+                            empty_check=False):
+        c = int(s["cls"])
+        if (c in rows or len(rows) < GRID_CLASSES) and len(rows.setdefault(c, [])) < per_class:
+            img = np.array(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+            rows[c].append(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)
+    height = next(iter(rows.values()))[0].shape[-1]
+    return grids.grid([torch.stack(v) for _, v in sorted(rows.items())], max(1, 128 // height))

@@ -1,0 +1,145 @@
+"""`submit stage=evaluate`: torch-fidelity metrics on shard datasets (classifier and Inception
+features), CAS, classifier-based rejection, cached reference features, the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import EVAL_ARGS, submit
+from pipeline.config import compose
+from pipeline.data import shards
+from pipeline.data.shard_images import ShardImages, write_image_shard
+from pipeline.evaluation import fidelity
+from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, train_or_reuse
+from pipeline.evaluation.rejection import accepted
+from pipeline.models import load_exported
+from pipeline.stages import StageContext
+from pipeline.tracking import StageRun
+
+NAMES = ["recon/mse", "recon/psnr", "recon/fid", "fid", "isc", "kid", "precision", "recall", "cas/top1",
+         "cas/top5", "real/top1", "real/top5", "accept_1.0/fid", "accept_0.5/fid", "accept_0.1/fid",
+         "accept_0.5/precision", "accept_0.5/recall", "accept_0.5/isc"]
+
+
+def _val(root, limit=None):
+    return ShardImages(shards.shard_urls(root / "digits" / "prepare" / "shards", "val"), 32, "none", limit=limit)
+
+
+def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evaluated, tmp_path):
+    root = evaluated["root"]
+    out = root / "digits" / "evaluate"
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(NAMES) <= set(results)
+    assert all(math.isfinite(v) for v in results.values())
+    assert results["real/top1"] > 0.8  # the real-data classifier works on real digits
+    assert 0 <= results["cas/top1"] <= 1 and results["recon/psnr"] > 10
+    assert results["accept_0.5/kept"] == 50 and results["accept_0.1/kept"] == 10
+    assert results["accept_0.5/confidence"] > results["accept_1.0/confidence"]
+    report = (out / "report.md").read_text()
+    assert "| CAS top-1 (trained on samples, tested on real val) |" in report and "54.83" in report
+    assert "different dataset" in report
+    first = evaluated["stdout"] + evaluated["stderr"]
+    assert "computing" in first and "reference features" in first
+
+    record = json.loads((out / "mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    metrics = client.get_run(record["run_id"]).data.metrics
+    assert set(NAMES) <= set(metrics)
+    assert "classifier_real/loss" in metrics and "classifier_samples/val_top1" in metrics
+    assert {"report.md", "report.html", "results.json"} <= {a.path for a in client.list_artifacts(record["run_id"])}
+
+    again = submit("stage=evaluate", f"run_root={root}", *EVAL_ARGS, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "reusing the cache" in log and "computing" not in log
+    assert "classifier_real: reusing the trained classifier" in log
+    assert "classifier_samples: reusing the trained classifier" in log
+    rerun = json.loads((out / "results.json").read_text())["results"]
+    assert rerun["fid"] == pytest.approx(results["fid"]) and rerun["cas/top1"] == results["cas/top1"]
+
+
+def test_real_halves_score_better_than_noise_through_the_same_path(evaluated, tmp_path):
+    root = evaluated["root"]
+    ext = fidelity.extractor(fidelity.CLASSIFIER, root / "digits" / "evaluate" / "classifier_real" / "model.pt")
+    val = _val(root)
+    half = len(val) // 2
+    a, b = val.subset(list(range(half))), val.subset(list(range(half, len(val))))
+    rng = np.random.default_rng(0)
+    noise = ShardImages([str(write_image_shard(tmp_path / "noise.tar", rng.integers(0, 256, (half, 32, 32, 3),
+                                                                                       dtype=np.uint8),
+                                               [0] * half))], 32, "none")
+    common = dict(reference=b, ext=ext, reference_name="test-val-b", cache_root=tmp_path / "cache")
+    real = fidelity.metrics(a, **common)
+    fake = fidelity.metrics(noise, **common)
+    assert real["fid"] < fake["fid"] / 3
+    assert real["precision"] > 0.6 and real["recall"] > 0.6
+    assert fake["precision"] < 0.1 and fake["recall"] < 0.1
+
+
+def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):
+    root = evaluated["root"]
+    clf, _ = load_exported(root / "digits" / "evaluate" / "classifier_real" / "model.pt")
+    samples = ShardImages(shards.shard_urls(root / "digits" / "sample" / "shards", "samples"), 32, "none")
+    scores = confidences(clf, samples)
+    keep = accepted(samples.labels, scores, 0.5)
+    kept_per_class = np.bincount(samples.labels[keep], minlength=10)
+    assert kept_per_class.tolist() == [5] * 10  # 10 samples per class were drawn
+    assert scores[keep].mean() > scores.mean()
+    dropped = np.setdiff1d(np.arange(len(samples)), keep)
+    for c in range(10):  # within a class, every kept sample scores at least as high as every dropped one
+        k, d = [i for i in keep if samples.labels[i] == c], [i for i in dropped if samples.labels[i] == c]
+        assert scores[k].min() >= scores[d].max()
+
+
+def test_cas_on_correct_labels_beats_cas_on_random_labels(evaluated, tmp_path):
+    root = evaluated["root"]
+    cfg = compose(["stage=evaluate", f"run_root={tmp_path / 'runs'}", *EVAL_ARGS, "train.max_steps=100"])
+    val = _val(root)
+    train = ShardImages(shards.shard_urls(root / "digits" / "prepare" / "shards", "train"), 32, "none")
+    images = np.stack([train[i].permute(1, 2, 0).numpy() for i in range(len(train))])
+    rng = np.random.default_rng(0)
+    scores = {}
+    for name, labels in (("correct", train.labels.tolist()), ("random", rng.integers(0, 10, len(train)).tolist())):
+        urls = [str(write_image_shard(tmp_path / name / "samples-000000.tar", images, labels))]
+        sdir = tmp_path / "runs" / name
+        sdir.mkdir(parents=True)
+        ctx = StageContext("evaluate", sdir, StageRun(cfg, "evaluate", sdir), logging.getLogger("test"))
+        task = ClassifierTask(cfg, urls, val.subset(list(range(64))), 10, [str(c) for c in range(10)], name)
+        model, _ = load_exported(train_or_reuse(cfg, ctx, "classifier_samples", task))
+        scores[name] = accuracy(model, val)[0]
+    assert scores["correct"] > 0.8 and scores["random"] < 0.35, scores
+
+
+def test_inception_weights_from_a_local_file(evaluated, tmp_path, monkeypatch):
+    """torch-fidelity's inception-v3-compat reads its weights from the configured file (here random
+    weights written by the test, re-initialised so the features do not collapse)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    with monkeypatch.context() as m:  # build the architecture without weights to get its state dict
+        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    torch.manual_seed(0)
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+        elif isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+    weights = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), weights)
+
+    ext = fidelity.extractor(fidelity.INCEPTION, weights)
+    val = _val(evaluated["root"], limit=12)
+    m = fidelity.metrics(val.subset(list(range(6))), val.subset(list(range(6, 12))), ext,
+                         reference_name="test-inception", cache_root=tmp_path / "cache")
+    assert all(math.isfinite(v) for v in m.values()) and m["fid"] > 0
+    cached = torch.load(fidelity.cache_files(ext, "test-inception", tmp_path / "cache")[0])
+    assert cached.shape == (6, 2048) and cached.std(dim=0).mean() > 1e-3  # distinct images, distinct features
