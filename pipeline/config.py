@@ -181,6 +181,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_sampling(cfg: DictConfig) -> None:
     s = cfg.sample
+    _check_choice(cfg, "sample.method", ("cached", "naive"))
     for key in ("per_class", "batch_size", "shard_size", "grid_per_class"):
         if int(s[key]) < 1:
             raise ConfigError(f"sample.{key}={s[key]}", "must be at least 1", f"pass sample.{key}=<n>")

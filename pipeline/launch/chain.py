@@ -44,17 +44,16 @@ def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
     return cfgs
 
 
-def stages_to_run(cfg: DictConfig) -> tuple[list[str], list[str], list[str]]:
-    """(to run, already done, not built yet) in pipeline order."""
-    chain = [s for s in ORDER if s != "all"]
-    built = [s for s in chain if s in BUILT]
-    done = [s for s in built if (stage_dir(cfg, s) / DONE).exists()]
-    return [s for s in built if s not in done], done, [s for s in chain if s not in BUILT]
+def stages_to_run(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """(to run, already done) in pipeline order."""
+    chain = [s for s in ORDER if s in BUILT]
+    done = [s for s in chain if (stage_dir(cfg, s) / DONE).exists()]
+    return [s for s in chain if s not in done], done
 
 
 def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     cfg = next(iter(cfgs.values()))
-    todo, done, missing = stages_to_run(cfg)
+    todo, done = stages_to_run(cfg)
     rows = [{"stage": s, "status": "already done", "seconds": 0.0, "outputs": str(stage_dir(cfg, s))}
             for s in done]
     for stage in todo:
@@ -62,7 +61,6 @@ def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
         result = StageJob(cfgs[stage], stage)()
         rows.append({"stage": stage, "status": "done", "seconds": time.time() - start,
                      "outputs": result["stage_dir"], "run_id": result["run_id"]})
-    rows += [{"stage": s, "status": "not built yet", "seconds": 0.0, "outputs": ""} for s in missing]
     return rows
 
 
@@ -70,7 +68,7 @@ def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     """Queue every stage to run at once, each depending on the jobs that produce its inputs (so the
     two priors run side by side after encode)."""
     cfg = next(iter(cfgs.values()))
-    todo, done, missing = stages_to_run(cfg)
+    todo, done = stages_to_run(cfg)
     rows = [{"stage": s, "status": "already done", "job": ""} for s in done]
     queued: dict[str, str] = {}
     for stage in todo:
@@ -80,5 +78,4 @@ def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
         records.add_job(stage_dir(cfg, stage), queued[stage])
         rows.append({"stage": stage, "status": "queued" + (f" after {','.join(after)}" if after else ""),
                      "job": queued[stage], "jobs": jobs})
-    rows += [{"stage": s, "status": "not built yet", "job": ""} for s in missing]
     return rows

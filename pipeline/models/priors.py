@@ -45,9 +45,12 @@ class TopPrior(nn.Module):
                                 out_stack=out_stack, dropout=dropout, checkpointing=checkpointing)
         self.classes = _ClassCondition(num_classes, hidden, layers)
 
+    def conditions(self, classes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (for v, for h) gate biases, each (B, 2*hidden, 1, 1)."""
+        return [c.chunk(2, dim=1) for c in self.classes(classes)]
+
     def forward(self, codes: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        cond = [c.chunk(2, dim=1) for c in self.classes(classes)]
-        return self.stack(codes, cond)
+        return self.stack(codes, self.conditions(classes))
 
 
 class BottomPrior(nn.Module):
@@ -83,9 +86,12 @@ class BottomPrior(nn.Module):
             c = self.cond_stack(c)
         return self.cond_up(F.interpolate(c, size=size, mode="nearest"))
 
+    def conditions(self, features: torch.Tensor, classes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (for v, for h) gate biases, each (B, 2*hidden, H, W), from ``condition``'s features."""
+        return [(c + p(features)).chunk(2, dim=1) for c, p in zip(self.classes(classes), self.per_layer)]
+
     def forward(self, codes: torch.Tensor, top: torch.Tensor, classes: torch.Tensor,
                 features: torch.Tensor | None = None) -> torch.Tensor:
         if features is None:
             features = self.condition(top, tuple(codes.shape[-2:]))
-        cond = [(c + p(features)).chunk(2, dim=1) for c, p in zip(self.classes(classes), self.per_layer)]
-        return self.stack(codes, cond)
+        return self.stack(codes, self.conditions(features, classes))

@@ -1,14 +1,15 @@
 """Ancestral sampling: top codes given classes, then bottom codes given top codes and classes.
 
-This is the straightforward sampler: at every raster position it re-runs the prior on the whole
-map (positions after the current one are ignored by causality). Exact, and slow: 1 forward per
-position.
+``method="cached"`` (default) decodes incrementally (pipeline/models/incremental.py): each position
+computes only what it needs. ``method="naive"`` re-runs the prior on the whole map at every position
+(1 forward per position): the reference the cached sampler is tested against.
 """
 
 from __future__ import annotations
 
 import torch
 
+from pipeline.models.incremental import IncrementalStack
 from pipeline.models.priors import BottomPrior, TopPrior
 
 
@@ -34,28 +35,43 @@ def _draw(logits: torch.Tensor, generator: torch.Generator | None, **filt) -> to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+METHODS = ("cached", "naive")
+
+
+def _raster(size: tuple[int, int], batch: int, device: torch.device, logits_at, on_code, generator, filt) -> torch.Tensor:
+    codes = torch.zeros(batch, *size, dtype=torch.long, device=device)
+    for i in range(size[0]):
+        for j in range(size[1]):
+            codes[:, i, j] = _draw(logits_at(codes, i, j), generator, **filt)
+            on_code(i, j, codes[:, i, j])
+    return codes
+
+
 @torch.no_grad()
 def sample_top(prior: TopPrior, classes: torch.Tensor, size: tuple[int, int], *,
                generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0) -> torch.Tensor:
+               top_p: float = 1.0, method: str = "cached") -> torch.Tensor:
     """classes (B,) -> top codes (B, H, W)."""
-    codes = torch.zeros(len(classes), *size, dtype=torch.long, device=classes.device)
-    for i in range(size[0]):
-        for j in range(size[1]):
-            logits = prior(codes, classes)[:, :, i, j]
-            codes[:, i, j] = _draw(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
-    return codes
+    filt = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    if method == "naive":
+        return _raster(size, len(classes), classes.device, lambda c, i, j: prior(c, classes)[:, :, i, j],
+                       lambda *a: None, generator, filt)
+    state = IncrementalStack(prior.stack, prior.conditions(classes), len(classes), size)
+    return _raster(size, len(classes), classes.device, lambda c, i, j: state.logits(i, j), state.set,
+                   generator, filt)
 
 
 @torch.no_grad()
 def sample_bottom(prior: BottomPrior, top: torch.Tensor, classes: torch.Tensor, size: tuple[int, int], *,
                   generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> torch.Tensor:
+                  top_p: float = 1.0, method: str = "cached") -> torch.Tensor:
     """top codes (B, H', W'), classes (B,) -> bottom codes (B, H, W)."""
-    codes = torch.zeros(len(classes), *size, dtype=torch.long, device=classes.device)
+    filt = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     features = prior.condition(top, size)  # the conditioning stack runs once
-    for i in range(size[0]):
-        for j in range(size[1]):
-            logits = prior(codes, top, classes, features=features)[:, :, i, j]
-            codes[:, i, j] = _draw(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
-    return codes
+    if method == "naive":
+        return _raster(size, len(classes), classes.device,
+                       lambda c, i, j: prior(c, top, classes, features=features)[:, :, i, j],
+                       lambda *a: None, generator, filt)
+    state = IncrementalStack(prior.stack, prior.conditions(features, classes), len(classes), size)
+    return _raster(size, len(classes), classes.device, lambda c, i, j: state.logits(i, j), state.set,
+                   generator, filt)

@@ -87,7 +87,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             for b in range(0, len(shard_plan[i]), int(cfg.sample.batch_size)):
                 items = shard_plan[i][b:b + int(cfg.sample.batch_size)]
                 classes = torch.tensor([c for c, _ in items], device=device)
-                images = _draw(vqvae, top_prior, bottom_prior, classes, sizes, g, how, device)
+                images = _draw(vqvae, top_prior, bottom_prior, classes, sizes, g, how, device,
+                               str(cfg.sample.method))
                 rows += [(c, k, img) for (c, k), img in zip(items, images)]
                 bar.update(len(items))
             _write_shard(out_dir, names[i], rows, digest, how)
@@ -111,9 +112,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
 @torch.no_grad()
 def _draw(vqvae, top_prior, bottom_prior, classes: torch.Tensor, sizes, g: torch.Generator, how: dict,
-          device: torch.device) -> list[bytes]:
+          device: torch.device, method: str) -> list[bytes]:
     """classes -> PNG bytes of the decoded samples (bf16 autocast on GPU)."""
-    filt = {k: how[k] for k in ("temperature", "top_k", "top_p")}
+    filt = {k: how[k] for k in ("temperature", "top_k", "top_p")} | {"method": method}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         top = sample_top(top_prior, classes, sizes[0], generator=g, **filt)
         bottom = sample_bottom(bottom_prior, top, classes, sizes[1], generator=g, **filt)
