@@ -36,3 +36,19 @@ def test_lr_warmup_then_cosine_down_to_the_floor():
     assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert lr_factor(50, 10, 110, "constant", 0.1) == 1.0
+
+
+def test_teardown_gives_the_environment_back(monkeypatch):
+    """A process that trained (evaluate's classifiers, in-process tests) must not pass its rank
+    variables on to jobs it starts later: srun tasks would take them for a torchrun launch."""
+    import os
+
+    from pipeline.training import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for _ in range(2):  # twice: the second group starts clean
+        distributed.setup()
+        assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+        distributed.teardown()
+        assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)

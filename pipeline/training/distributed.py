@@ -86,9 +86,16 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
+_EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_saved_env: dict[str, str | None] = {}
+
+
 def setup() -> DistEnv:
     """Export the variables DeepSpeed needs, pick the device and initialise the process group."""
     info = detect()
+    if not _saved_env:  # teardown puts them back: a later job started from this process (a
+        # subprocess, an sbatch that exports the environment) must not inherit this rank's identity
+        _saved_env.update({k: os.environ.get(k) for k in _EXPORTED})
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     if torch.cuda.is_available():
@@ -115,6 +122,16 @@ def teardown(barrier: bool = True) -> None:
                 ds_comm.destroy_process_group()
             else:
                 dist.destroy_process_group()
+    _restore_env()
+
+
+def _restore_env() -> None:
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env.clear()
 
 
 def all_true(flag: bool) -> bool:
