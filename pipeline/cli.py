@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import time
 
 from pipeline.config import GROUPS, ConfigError, compose, config_dir, group_options, to_yaml, validate
 
@@ -39,12 +40,15 @@ def help_text() -> str:
     lines += ["", "top-level keys:"]
     lines += [f"  {k:<20}default {v}" for k, v in primary.items() if k != "defaults"]
     lines += ["", "examples:", textwrap.indent(textwrap.dedent("""\
+        submit stage=all                                       # every stage of the embedded default, here (~12 min)
         submit stage=prepare                                   # embedded digits -> shards, local
         submit stage=prepare data=folder data.source=/data/flowers
         submit stage=prepare data=imagenet data.source=/datasets/ILSVRC2012 prepare.workers=16
         submit stage=prepare verify=true                       # re-read every shard against the manifest
         submit stage=prepare --cfg job                         # print the resolved config, run nothing
-        submit stage=prepare tracking.uri=http://127.0.0.1:5000"""), "  "),
+        submit stage=prepare tracking.uri=http://127.0.0.1:5000
+        submit stage=all data=imagenet data.source=/datasets/ILSVRC2012 model=paper_imagenet256 cluster=slurm
+        submit status                                          # where every stage stands"""), "  "),
         "", "Every key is documented in the YAML files under " + str(config_dir())]
     return "\n".join(lines)
 
@@ -168,6 +172,7 @@ def _status(overrides: list[str]) -> int:
 
 def _chain(args: list[str], print_cfg: bool) -> int:
     """stage=all: run (local) or queue (slurm) every built stage not done yet, then a summary."""
+    from pipeline.config import stage_dir
     from pipeline.launch import chain, executors
     from pipeline.tracking import tracking_uri
 
@@ -200,17 +205,20 @@ def _chain(args: list[str], print_cfg: bool) -> int:
                               f"{str(e).strip().splitlines()[-1]}", file=sys.stderr)
                         return 1
         return 0
+    start = time.time()
     try:
         rows = chain.run_local(cfgs)
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
         print(f"submit: stage=all stopped: {type(e).__name__}: {e}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     print(f"\nexperiment '{cfg.experiment}': stage=all finished")
-    print(f"  {'stage':<20}{'status':<16}{'wall time':>10}  outputs")
-    for r in rows:
-        wall = f"{r['seconds']:.0f} s" if r["status"] == "done" else ""
-        print(f"  {r['stage']:<20}{r['status']:<16}{wall:>10}  {r['outputs']}")
-    print(f"  open:    {ui_command_for(tracking_uri(cfg))}")
+    print(chain.summary_table(rows, time.time() - start))
+    report = stage_dir(cfg, "evaluate") / "report.md"
+    if report.exists():
+        print(f"  report:  {report}")
+    uri = tracking_uri(cfg)
+    browse = "" if uri.startswith("http") else "   # then browse http://127.0.0.1:5000"
+    print(f"  MLflow:  {ui_command_for(uri)}{browse}, experiment '{cfg.experiment}'")
     return 0
 
 

@@ -25,7 +25,8 @@ from pipeline.tracking import StageRun
 
 NAMES = ["recon/mse", "recon/psnr", "recon/fid", "fid", "isc", "kid", "precision", "recall", "cas/top1",
          "cas/top5", "real/top1", "real/top5", "accept_1.0/fid", "accept_0.5/fid", "accept_0.1/fid",
-         "accept_0.5/precision", "accept_0.5/recall", "accept_0.5/isc"]
+         "accept_0.5/precision", "accept_0.5/recall", "accept_0.5/isc", "recon/usage_top", "recon/usage_bottom",
+         "real_train/fid", "fid/vs_real_train", "cas/vs_real"]
 
 
 def _val(root, limit=None):
@@ -40,10 +41,15 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert all(math.isfinite(v) for v in results.values())
     assert results["real/top1"] > 0.8  # the real-data classifier works on real digits
     assert 0 <= results["cas/top1"] <= 1 and results["recon/psnr"] > 10
+    assert 0 < results["recon/usage_top"] <= 1 and 0 < results["recon/usage_bottom"] <= 1
+    # 100 real train digits are closer to real val than 100 samples of briefly trained priors
+    assert results["real_train/fid"] < results["fid"]
+    assert results["fid/vs_real_train"] == pytest.approx(results["fid"] / results["real_train/fid"])
+    assert results["cas/vs_real"] == pytest.approx(results["cas/top1"] / results["real/top1"])
     assert results["accept_0.5/kept"] == 50 and results["accept_0.1/kept"] == 10
     assert results["accept_0.5/confidence"] > results["accept_1.0/confidence"]
     report = (out / "report.md").read_text()
-    assert "| CAS top-1 (trained on samples, tested on real val) |" in report and "54.83" in report
+    assert "| CAS top-1 (trained on samples, tested on real val) |" in report and "0.5483" in report
     assert "different dataset" in report
     first = evaluated["stdout"] + evaluated["stderr"]
     assert "computing" in first and "reference features" in first

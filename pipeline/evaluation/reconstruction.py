@@ -1,6 +1,7 @@
 """VQ-VAE reconstructions of the real val split: MSE / PSNR, and the reconstructions themselves as
 image shards (one per val shard, written atomically with a marker) so reconstruction FID reads
-them like any other image set, and a requeued job keeps the shards it finished."""
+them like any other image set, and a requeued job keeps the shards it finished. Codebook usage is
+the share of each level's codes that at least one val image uses (counts kept in the markers)."""
 
 from __future__ import annotations
 
@@ -20,34 +21,43 @@ from pipeline.data.shard_images import ShardImages, write_image_shard
 @torch.no_grad()
 def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: int,
                 log: logging.Logger) -> tuple[dict[str, float], list[str]]:
-    """({"mse", "psnr"} in [-1, 1] pixel units, the reconstruction shard paths), shard by shard of ``val``."""
+    """({"mse", "psnr"} in [-1, 1] pixel units, "usage_top", "usage_bottom"; the reconstruction
+    shard paths), shard by shard of ``val``."""
     device = next(vqvae.parameters()).device
+    sizes = {"top": vqvae.quant_t.K, "bottom": vqvae.quant_b.K}
     by_tar: dict[str, list[int]] = {}
     for i, e in enumerate(val.entries):
         by_tar.setdefault(e.tar, []).append(i)
     sq_err, values, urls = 0.0, 0, []
+    counts = {level: np.zeros(k, dtype=np.int64) for level, k in sizes.items()}
     for n, (tar, indices) in enumerate(by_tar.items()):
         out = out_dir / f"recon-{n:06d}.tar"
         marker = out_dir / f"recon-{n:06d}_stats.json"
         source = {"tar": tar, "count": len(indices)}
-        if marker.exists() and out.exists() and json.loads(marker.read_text())["source"] == source:
-            stats = json.loads(marker.read_text())
-        else:
+        stats = json.loads(marker.read_text()) if marker.exists() and out.exists() else {}
+        if stats.get("source") != source or "codes_top" not in stats:
             part = val.subset(indices)
             images, err = [], 0.0
+            used = {level: np.zeros(k, dtype=np.int64) for level, k in sizes.items()}
             for b in range(0, len(indices), batch_size):
                 x = torch.stack([part[j] for j in range(b, min(b + batch_size, len(indices)))])
                 real = x.float().div(127.5).sub(1.0).to(device)
-                recon, _ = vqvae(real)
-                recon = recon.float().clamp(-1, 1)
+                top, bottom = vqvae.encode(real)
+                recon = vqvae.decode_codes(top, bottom).float().clamp(-1, 1)
+                for level, codes in (("top", top), ("bottom", bottom)):
+                    used[level] += torch.bincount(codes.flatten().cpu(), minlength=sizes[level]).numpy()
                 err += float(((recon - real) ** 2).sum())
                 images.append(((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
             write_image_shard(out, np.concatenate(images), list(part.labels), [e.key for e in part.entries])
-            stats = {"source": source, "sq_err": err, "values": int(sum(im.size for im in images))}
+            stats = {"source": source, "sq_err": err, "values": int(sum(im.size for im in images)),
+                     **{f"codes_{level}": c.tolist() for level, c in used.items()}}
             atomic.write_json(marker, stats)
             log.info("reconstructed %s: %d images", Path(tar).name, len(indices))
         sq_err += stats["sq_err"]
         values += stats["values"]
+        for level in counts:
+            counts[level] += np.asarray(stats[f"codes_{level}"], dtype=np.int64)
         urls.append(str(out))
     mse = sq_err / max(values, 1)
-    return {"mse": mse, "psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}, urls
+    return {"mse": mse, "psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
+            **{f"usage_{level}": float((c > 0).mean()) for level, c in counts.items()}}, urls

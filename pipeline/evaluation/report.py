@@ -8,19 +8,24 @@ from typing import Any
 
 # Razavi et al. 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2", ImageNet 256x256.
 PAPER: dict[str, str] = {
-    "cas/top1": "54.83", "cas/top5": "77.59", "real/top1": "73.09", "real/top5": "91.47",
+    "cas/top1": "0.5483", "cas/top5": "0.7759", "real/top1": "0.7309", "real/top5": "0.9147", "cas/vs_real": "0.75",
 }
 ROWS: list[tuple[str, str]] = [
     ("recon/mse", "VQ-VAE val MSE (pixels in [-1, 1])"),
     ("recon/psnr", "VQ-VAE val PSNR (dB)"),
+    ("recon/usage_top", "codebook usage, top (share of codes used on val)"),
+    ("recon/usage_bottom", "codebook usage, bottom"),
     ("recon/fid", "reconstruction FID (recon vs real val)"),
     ("fid", "FID (samples vs real val)"),
+    ("real_train/fid", "FID (as many real train images vs real val)"),
+    ("fid/vs_real_train", "FID ratio: samples / real train"),
     ("isc", "Inception Score (of the extractor's logits)"),
     ("kid", "KID"),
     ("precision", "precision (k-NN manifolds)"),
     ("recall", "recall (k-NN manifolds)"),
     ("cas/top1", "CAS top-1 (trained on samples, tested on real val)"),
     ("cas/top5", "CAS top-5"),
+    ("cas/vs_real", "CAS ratio: CAS top-1 / real-data top-1"),
     ("real/top1", "real-data classifier top-1 (same recipe)"),
     ("real/top5", "real-data classifier top-5"),
 ]

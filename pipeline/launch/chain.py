@@ -7,8 +7,9 @@ failed stage cancels everything after it.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,17 +52,56 @@ def stages_to_run(cfg: DictConfig) -> tuple[list[str], list[str]]:
     return [s for s in chain if s not in done], done
 
 
+# The number that says whether each stage worked, from its summary (done.json).
+KEY_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "prepare": lambda s: f"{s['images']} images, {s['images_skipped']} skipped",
+    "train_vqvae": lambda s: f"val PSNR {s['val_psnr']:.1f} dB",
+    "encode": lambda s: f"{s['codes']} code maps",
+    "train_top_prior": lambda s: f"val {s['val_bits_per_code']:.3f} bits/code",
+    "train_bottom_prior": lambda s: f"val {s['val_bits_per_code']:.3f} bits/code",
+    "sample": lambda s: f"{s['samples']} samples",
+    "evaluate": lambda s: (f"FID {s['fid']:.3g} ({s['fid'] / max(s['fid_real_train'], 1e-12):.2f}x real), "
+                           f"CAS {s['cas_top1']:.3f} ({s['cas_top1'] / max(s['real_top1'], 1e-12):.2f}x real)"),
+}
+
+
+def key_metric(cfg: DictConfig, stage: str) -> str:
+    """The stage's key metric from its done.json; '' where the summary lacks it (an older run)."""
+    try:
+        summary = json.loads((stage_dir(cfg, stage) / DONE).read_text())["summary"]
+        return KEY_METRICS[stage](summary)
+    except (OSError, KeyError, ValueError, TypeError):
+        return ""
+
+
 def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     cfg = next(iter(cfgs.values()))
     todo, done = stages_to_run(cfg)
-    rows = [{"stage": s, "status": "already done", "seconds": 0.0, "outputs": str(stage_dir(cfg, s))}
+    rows = [{"stage": s, "status": "already done", "seconds": None, "outputs": str(stage_dir(cfg, s))}
             for s in done]
     for stage in todo:
         start = time.time()
         result = StageJob(cfgs[stage], stage)()
         rows.append({"stage": stage, "status": "done", "seconds": time.time() - start,
                      "outputs": result["stage_dir"], "run_id": result["run_id"]})
-    return rows
+    for r in rows:
+        r["metric"] = key_metric(cfg, r["stage"])
+    return sorted(rows, key=lambda r: ORDER.index(r["stage"]))
+
+
+def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
+    """The lines `stage=all` ends with: stage, wall time, key metric, outputs."""
+    width = max([len(r["metric"]) for r in rows] + [10])
+    lines = [f"  {'stage':<20}{'wall time':>10}  {'key metric':<{width}}  outputs"]
+    for r in rows:
+        wall = "done before" if r["seconds"] is None else _duration(r["seconds"])
+        lines.append(f"  {r['stage']:<20}{wall:>10}  {r['metric']:<{width}}  {r['outputs']}")
+    lines.append(f"  {'total':<20}{_duration(total_seconds):>10}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
 
 
 def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 1. a classifier trained on the real train split (the engine): the real-data accuracy baseline, the
    FID features of ``eval.features=classifier`` and the scores of rejection sampling;
-2. reconstructions of the real val split: MSE, PSNR, reconstruction FID;
-3. samples vs real val: FID, IS, KID, precision, recall (torch-fidelity, shard datasets);
+2. reconstructions of the real val split: MSE, PSNR, codebook usage per level, reconstruction FID;
+3. samples vs real val: FID, IS, KID, precision, recall (torch-fidelity, shard datasets), and the
+   FID of as many real train images vs real val: the floor a perfect model would reach;
 4. classifier-based rejection: the same metrics for the samples kept at each ``eval.accept_rates``;
 5. Classification Accuracy Score: the same classifier recipe trained on the samples only, tested on
    the real val split;
@@ -70,10 +71,14 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     vqvae, _ = load_exported(stage_dir(cfg, "train_vqvae") / "model.pt", device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log)
-    results["recon/mse"], results["recon/psnr"] = recon["mse"], recon["psnr"]
+    results.update({f"recon/{k}": v for k, v in recon.items()})
     results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
 
     results.update(fidelity.metrics(samples, **common))
+    # FID shrinks with more images: the real baseline uses as many train images as there are samples
+    train = ShardImages(shards.shard_urls(real_dir, "train"), res, crop, limit=len(samples))
+    results["real_train/fid"] = fidelity.metrics(train, **common)["fid"]
+    results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
     scores = confidences(real_clf, samples, int(e.batch_size))
     for rate in sorted({float(r) for r in e.accept_rates}, reverse=True):
         name, keep = rate_name(rate), accepted(samples.labels, scores, rate)
@@ -87,6 +92,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                               f"samples {manifest_digest(sample_manifest)}")
     cas, _ = load_exported(train_or_reuse(cfg, ctx, "classifier_samples", cas_task), device)
     results["cas/top1"], results["cas/top5"] = accuracy(cas, val, int(e.batch_size))
+    results["cas/vs_real"] = results["cas/top1"] / max(results["real/top1"], 1e-12)
 
     facts = {"data": cfg.data.name, "resolution": res, "features": ext.name}
     accept = [rate_name(r) for r in sorted({float(r) for r in e.accept_rates}, reverse=True)]
@@ -98,6 +104,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     for name in ("results.json", "report.md", "report.html"):
         ctx.run.log_artifact(ctx.stage_dir / name)
     ctx.log.info("evaluation:\n%s", report.markdown(results, accept, facts))
-    return {"fid": results["fid"], "cas_top1": results["cas/top1"], "real_top1": results["real/top1"],
-            "recon_psnr": results["recon/psnr"], "seconds": round(time.time() - start, 2),
-            "outputs": str(ctx.stage_dir)}
+    return {"fid": results["fid"], "fid_real_train": results["real_train/fid"], "cas_top1": results["cas/top1"],
+            "real_top1": results["real/top1"], "recon_psnr": results["recon/psnr"],
+            "usage_top": results["recon/usage_top"], "usage_bottom": results["recon/usage_bottom"],
+            "seconds": round(time.time() - start, 2), "outputs": str(ctx.stage_dir)}

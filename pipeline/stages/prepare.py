@@ -7,7 +7,6 @@ and the manifest is written by whichever task finds every shard complete.
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing as mp
 import queue
@@ -15,13 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import atomic
-from pipeline.data import shards
+from pipeline.data import grids, shards
 from pipeline.data.sources import Source, open_source, write_options
 from pipeline.stages import StageContext
 
@@ -90,7 +87,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         if all_skipped:
             ctx.run.log_artifact(skipped_path)
         if todo:
-            ctx.run.log_image(class_grid(out_dir, shards.read_manifest(out_dir)), "samples/train_per_class.png")
+            ctx.run.log_image(grids.class_grid(shards.shard_urls(out_dir, "train"), 10,
+                                               classes=int(shards.read_manifest(out_dir)["num_classes"]), size=64),
+                              "samples/train_per_class.png")
     ctx.log.info("prepare: %(images)d images in %(shards)d shards (%(shards_written)d written now), "
                  "%(images_skipped)d skipped, %(bytes)d bytes, %(seconds).1f s", summary)
     return {**summary, "outputs": str(out_dir), "complete": not pending}
@@ -148,22 +147,3 @@ def _write_one(out_dir: Path, plan: shards.ShardPlan) -> dict:
     stats = shards.write_shard(out_dir, plan, _worker["source"], on_sample=tick)
     _worker["ticks"].put(seen[0] % 16)
     return stats
-
-
-def class_grid(shard_dir: Path, manifest: dict, per_class: int = 10) -> Image.Image:
-    """A grid with one row per class (up to 20 classes) of the first train images, for MLflow."""
-    classes = list(range(min(manifest["num_classes"], 20)))
-    rows: dict[int, list[Image.Image]] = {c: [] for c in classes}
-    for sample in wds.WebDataset(shards.shard_urls(shard_dir, "train"), shardshuffle=False,
-                                 empty_check=False):
-        c = int(sample["cls"])
-        if c in rows and len(rows[c]) < per_class:
-            raw = sample.get("png") or sample.get("jpg")
-            rows[c].append(Image.open(io.BytesIO(raw)).convert("RGB").resize((64, 64)))
-        if all(len(v) == per_class for v in rows.values()):
-            break
-    grid = Image.new("RGB", (64 * per_class, 64 * len(classes)))
-    for r, c in enumerate(classes):
-        for i, im in enumerate(rows[c]):
-            grid.paste(im, (64 * i, 64 * r))
-    return grid

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from omegaconf import DictConfig
@@ -33,7 +32,6 @@ from pipeline.stages import StageContext
 from pipeline.training.distributed import detect
 
 SPLIT = "samples"
-GRID_CLASSES = 20  # classes shown in the MLflow grid (ImageNet has 1000)
 
 
 def plan(cfg: DictConfig, num_classes: int) -> list[list[tuple[int, int]]]:
@@ -103,7 +101,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         if not (out_dir / shards.MANIFEST).exists() or shards.read_manifest(out_dir) != manifest:
             atomic.write_json(out_dir / shards.MANIFEST, manifest)
         ctx.run.log_artifact(out_dir / shards.MANIFEST)
-        ctx.run.log_image(_grid(out_dir, names, int(cfg.sample.grid_per_class)), "samples_per_class.png")
+        ctx.run.log_image(grids.class_grid([str(shards.tar_path(out_dir, n)) for n in names],
+                                           int(cfg.sample.grid_per_class)), "samples_per_class.png")
         summary["samples"] = manifest["splits"][SPLIT]["count"]
     ctx.run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=ctx.run.attempt)
     ctx.log.info("sample: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
@@ -172,16 +171,3 @@ def _manifest(out_dir: Path, names: list[str], vq_meta: dict, top_meta: dict, ho
             "class_ids": list(top_meta["class_names"]), "resolution": int(vq_meta["resolution"]),
             "seed": how["seed"], "shard_size": int(cfg.sample.shard_size), "sampling": how,
             "splits": {SPLIT: entry}}
-
-
-def _grid(out_dir: Path, names: list[str], per_class: int) -> Image.Image:
-    """One row per class (the first classes), the first ``per_class`` samples of each."""
-    rows: dict[int, list[torch.Tensor]] = {}
-    for s in wds.WebDataset([str(shards.tar_path(out_dir, n)) for n in names], shardshuffle=False,
-                            empty_check=False):
-        c = int(s["cls"])
-        if (c in rows or len(rows) < GRID_CLASSES) and len(rows.setdefault(c, [])) < per_class:
-            img = np.array(Image.open(io.BytesIO(s["png"])).convert("RGB"))
-            rows[c].append(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)
-    height = next(iter(rows.values()))[0].shape[-1]
-    return grids.grid([torch.stack(v) for _, v in sorted(rows.items())], max(1, 128 // height))

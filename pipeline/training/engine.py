@@ -158,6 +158,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
 
     every = max(1, int(t.ckpt_every))
     window: dict[str, float] = {}
+    results: dict[str, float] = {}  # the latest validation: part of the stage's summary
     n_window, wait, t_window = 0, 0.0, time.perf_counter()
     with _StopFlag() as stop, tqdm(total=max_steps, initial=step, desc=task.kind, unit="step",
                                    disable=info.rank != 0, mininterval=2.0) as bar:
@@ -214,7 +215,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
     digest = _check_replicas(engine)
     ctx.log.info("weights and buffers identical on all %d rank(s): sha256 %s", info.world_size, digest)
     out = _export(cfg, ctx, task, engine, info.rank)
-    return {"steps": step, "samples_seen": samples, "model": str(out), "outputs": str(ctx.stage_dir)}
+    return {**results, "steps": step, "samples_seen": samples, "model": str(out), "outputs": str(ctx.stage_dir)}
 
 
 def _peak_memory() -> str:

@@ -1,0 +1,68 @@
+"""The README's first command in miniature: `submit stage=all` on the local executor runs every
+stage of the embedded default, ends with the summary table, and a second call redoes nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+from conftest import submit
+
+from pipeline.stages import BUILT
+
+# the default chain, only shorter: every stage runs, on the same data and presets
+SMALL = ["train.max_steps=40", "train.warmup_steps=5", "train.eval_every=40", "train.ckpt_every=40",
+         "train.log_every=10", "train.eval_samples=64", "deepspeed.micro_batch=32", "sample.per_class=6",
+         "sample.batch_size=60"]
+
+
+def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
+    proc = submit("stage=all", *SMALL, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp = tmp_path / "runs" / "digits"
+    out = proc.stdout[proc.stdout.index("stage=all finished"):]
+
+    # every stage: a summary row with its wall time, key metric and outputs, and a done.json
+    metric = {
+        "prepare": r"1797 images, 0 skipped",
+        "train_vqvae": r"val PSNR \d+\.\d dB",
+        "encode": r"1797 code maps",
+        "train_top_prior": r"val \d\.\d{3} bits/code",
+        "train_bottom_prior": r"val \d\.\d{3} bits/code",
+        "sample": r"60 samples",
+        "evaluate": r"FID [\d.e+-]+ \(\d+\.\d\dx real\), CAS 0\.\d{3} \(\d+\.\d\dx real\)",
+    }
+    assert set(metric) == set(BUILT)
+    for stage, pattern in metric.items():
+        assert re.search(rf"^\s+{stage}\s+(\d+ min )?\d+ s\s+{pattern}\s+{re.escape(str(exp / stage))}$", out, re.M), out
+        assert (exp / stage / "done.json").exists() and (exp / stage / "config.yaml").exists()
+    assert re.search(r"^\s+total\s+(\d+ min )?\d+ s$", out, re.M), out
+    assert f"report:  {exp / 'evaluate' / 'report.md'}" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in out
+
+    # each stage's outputs and its MLflow run with the metrics the README names
+    for stage in ("train_vqvae", "train_top_prior", "train_bottom_prior"):
+        assert (exp / stage / "model.pt").stat().st_size > 0
+    assert json.loads((exp / "encode" / "shards" / "codes.json").read_text())["splits"]["train"]["count"] > 1000
+    results = json.loads((exp / "evaluate" / "results.json").read_text())["results"]
+    for key in ("recon/psnr", "recon/usage_top", "recon/usage_bottom", "fid", "real_train/fid", "fid/vs_real_train",
+                "cas/top1", "real/top1", "cas/vs_real"):
+        assert key in results and results[key] == results[key], key  # present and not NaN
+    assert 0 < results["recon/usage_top"] <= 1 and 0 < results["recon/usage_bottom"] <= 1
+    assert abs(results["fid/vs_real_train"] - results["fid"] / results["real_train/fid"]) < 1e-9
+    db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
+    runs = dict(db.execute("select name, status from runs").fetchall())
+    assert {runs[s] for s in BUILT} == {"FINISHED"}, runs
+    logged = {k for (k,) in db.execute("select distinct key from metrics")}
+    assert {"val_psnr", "val_bits_per_code", "fid", "cas/top1", "recon/usage_bottom"} <= logged, logged
+    db.close()
+
+    # again: nothing is redone, the table reads the stages' recorded metrics
+    again = submit("stage=all", *SMALL, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage, pattern in metric.items():
+        assert re.search(rf"^\s+{stage}\s+done before\s+{pattern}\s", again.stdout, re.M), again.stdout
+    db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
+    assert db.execute("select count(*) from runs").fetchone()[0] == len(runs)
+    db.close()
