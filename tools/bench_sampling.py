@@ -4,20 +4,24 @@
 
     python tools/bench_sampling.py                                   # all three model sizes
     python tools/bench_sampling.py --models tiny_digits --batch 16
+    python tools/bench_sampling.py --device cuda                     # on a GPU
 
 Models: the ``tiny_digits`` and ``paper_imagenet256`` presets' priors, and ``reference``: our
 priors at the reference port's default size (256 channels, 4 blocks x 4 residual layers = 16
 layers, attention on the top, 3 conditioning blocks on the bottom). Random weights: the cost does
 not depend on them.
 
-How each number is obtained (printed in the ``how`` column):
-- naive: its cost per position does not depend on the prefix (the whole map goes through the
-  prior every time), so one position is timed ``--repeats`` times and multiplied by H*W; measured
-  in full where ``--full-naive`` is given.
-- cached: the per-position cost grows only through attention's key/value length, so positions are
-  timed in windows at several prefix lengths (start, 1/3, 2/3, end of the map) and the cost is
-  integrated over all positions (``sampled``), or the whole map is decoded (``full``) when
-  ``--full-cached`` is given.
+Columns (every sampler draws one position at a time in raster order, ``--batch`` samples at once):
+- ``naive, prefix``: the reference port's sampler, which at row i re-runs the prior on rows 0..i.
+  Too slow to run in full on a CPU, so one forward on r rows is timed at several prefix lengths r
+  and the per-position cost is integrated over the whole map (W positions per row).
+- ``naive, full map``: ``sample.method=naive`` (the exactness reference of the tests): one forward
+  of the whole map per position, timed once and multiplied by H*W.
+- ``cached``: ``sample.method=cached``. A row's cost (its vertical rows + W positions) changes
+  only through attention's key/value length, so whole rows are timed at several row indices and
+  integrated over all rows; the caches are allocated up front, so a row's cost does not depend on
+  the rows before it having been decoded. ``--full-cached`` decodes the whole map instead.
+- ``speed-up``: naive (prefix) / cached — the comparison with the reference port's sampler.
 """
 
 from __future__ import annotations
@@ -46,59 +50,67 @@ def model_cfg(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml"))
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+def _seconds(fn, device: torch.device, repeats: int = 1) -> float:
+    """Mean seconds of ``fn``; a warm-up call first unless one call is long enough to swamp it."""
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    first = once()
+    if first > 5.0:
+        return first
+    return sum(once() for _ in range(repeats)) / repeats
+
+
+def _integrate(points: list[tuple[int, float]], xs: range) -> float:
+    """Sum over ``xs`` of a piecewise-linear interpolation of (x, cost) ``points``."""
+    total = 0.0
+    for x in xs:
+        k = max(0, min(len(points) - 2, sum(1 for p in points if p[0] <= x) - 1))
+        (x0, c0), (x1, c1) = points[k], points[k + 1]
+        total += c0 + (c1 - c0) * (x - x0) / (x1 - x0)
+    return total
+
+
+def _marks(h: int, first: int) -> list[int]:
+    return sorted({first, h // 3, 2 * h // 3, h - 1 + first})
 
 
 @torch.no_grad()
-def bench(prior, kind: str, batch: int, size: tuple[int, int], args) -> dict[str, float | str]:
-    classes = torch.zeros(batch, dtype=torch.long)
-    codes = torch.randint(0, prior.num_codes, (batch, *size))
+def bench(prior, kind: str, batch: int, size: tuple[int, int], device: torch.device, args) -> dict:
+    h, w = size
+    classes = torch.zeros(batch, dtype=torch.long, device=device)
+    codes = torch.randint(0, prior.num_codes, (batch, h, w), device=device)
     if kind == "top":
-        forward = lambda: prior(codes, classes)  # noqa: E731
+        forward = lambda r: prior(codes[:, :r], classes)  # noqa: E731
         cond = prior.conditions(classes)
     else:
-        top = torch.randint(0, prior.num_top_codes, (batch, size[0] // 2, size[1] // 2))
-        features = prior.condition(top, size)
-        forward = lambda: prior(codes, top, classes, features=features)  # noqa: E731
+        top = torch.randint(0, prior.num_top_codes, (batch, h // 2, w // 2), device=device)
+        features = prior.condition(top, size)  # once per batch, like both samplers
+        forward = lambda r: prior(codes[:, :r], top, classes, features=features[:, :, :r])  # noqa: E731
         cond = prior.conditions(features, classes)
-    n = size[0] * size[1]
-    naive = _time(forward, args.repeats) * n
+    # naive: a forward on r rows at a few prefix lengths r; position (i, j) costs forward(i + 1)
+    per_rows = [(r, _seconds(lambda: forward(r), device, args.repeats)) for r in _marks(h, 1)]
+    naive_prefix = w * _integrate(per_rows, range(1, h + 1))
+    naive_full = h * w * per_rows[-1][1]
     state = IncrementalStack(prior.stack, cond, batch, size)
+
+    def row(i: int) -> None:
+        for j in range(w):
+            state.logits(i, j)
+            state.set(i, j, codes[:, i, j])
     if args.full_cached:
-        t0 = time.perf_counter()
-        for i in range(size[0]):
-            for j in range(size[1]):
-                state.logits(i, j)
-                state.set(i, j, codes[:, i, j])
-        return {"naive_s": naive, "cached_s": time.perf_counter() - t0, "how": "naive x H*W, cached full"}
-    # Walk the map in raster order (the caches must fill), timing windows of `window` positions
-    # at four prefix lengths; integrate the per-position cost piecewise-linearly.
-    marks = [0, n // 3, 2 * n // 3, n - args.window]
-    costs, pos = [], 0
-    for mark in marks:
-        while pos < mark:
-            i, j = divmod(pos, size[1])
-            state.logits(i, j)
-            state.set(i, j, codes[:, i, j])
-            pos += 1
-        t0 = time.perf_counter()
-        for _ in range(args.window):
-            i, j = divmod(pos, size[1])
-            state.logits(i, j)
-            state.set(i, j, codes[:, i, j])
-            pos += 1
-        costs.append((mark + args.window / 2, (time.perf_counter() - t0) / args.window))
-    total = 0.0
-    for p in range(n):  # piecewise-linear interpolation of the per-position cost
-        k = max(0, min(len(costs) - 2, sum(1 for c in costs if c[0] <= p) - 1))
-        (p0, c0), (p1, c1) = costs[k], costs[k + 1]
-        total += c0 + (c1 - c0) * (p - p0) / (p1 - p0)
-    return {"naive_s": naive, "cached_s": total, "how": f"naive x H*W, cached sampled ({len(marks)} windows)"}
+        cached = _seconds(lambda: [row(i) for i in range(h)], device)
+        how = f"prefix at rows {[r for r, _ in per_rows]}, cached full map"
+    else:
+        rows = [(i, _seconds(lambda: row(i), device, args.repeats)) for i in _marks(h, 0)]
+        cached = _integrate(rows, range(h))
+        how = f"prefix at rows {[r for r, _ in per_rows]}, cached rows {[i for i, _ in rows]}"
+    return {"naive_prefix": naive_prefix, "naive_full": naive_full, "cached": cached, "how": how}
 
 
 def main() -> None:
@@ -106,24 +118,28 @@ def main() -> None:
     ap.add_argument("--models", default="tiny_digits,reference,paper_imagenet256")
     ap.add_argument("--batch", type=int, default=8, help="samples decoded together")
     ap.add_argument("--top", type=int, default=32, help="top map side (bottom is twice)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed full forwards per naive estimate")
-    ap.add_argument("--window", type=int, default=16, help="positions per timed cached window")
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (one if a call takes > 5 s)")
     ap.add_argument("--full-cached", action="store_true", help="decode the whole map with the cached sampler")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# {platform.machine()} {platform.processor() or ''} CPU, {args.threads} threads, torch {torch.__version__}, "
-          f"batch {args.batch}")
-    print("| model | prior | map | naive s/batch | cached s/batch | cached s/sample | speed-up | how |")
-    print("|---|---|---|---|---|---|---|---|")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU, {args.threads} threads"
+    print(f"# {where}, torch {torch.__version__}, batch {args.batch}, fp32")
+    print("| model | prior | map | naive, prefix s/batch | naive, full map s/batch | cached s/batch "
+          "| cached s/sample | speed-up | how |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         cfg = model_cfg(name)
         for kind, side in (("top", args.top), ("bottom", 2 * args.top)):
             torch.manual_seed(0)
-            prior = build(f"{kind}_prior", cfg, num_classes=1000).eval()
-            r = bench(prior, kind, args.batch, (side, side), args)
-            print(f"| {name} | {kind} | {side}² | {r['naive_s']:.1f} | {r['cached_s']:.2f} | "
-                  f"{r['cached_s'] / args.batch:.3f} | {r['naive_s'] / r['cached_s']:.0f}x | {r['how']} |", flush=True)
+            prior = build(f"{kind}_prior", cfg, num_classes=1000).eval().to(device)
+            r = bench(prior, kind, args.batch, (side, side), device, args)
+            print(f"| {name} | {kind} | {side}² | {r['naive_prefix']:.1f} | {r['naive_full']:.1f} | "
+                  f"{r['cached']:.2f} | {r['cached'] / args.batch:.3f} | {r['naive_prefix'] / r['cached']:.0f}x | "
+                  f"{r['how']} |", flush=True)
 
 
 if __name__ == "__main__":
