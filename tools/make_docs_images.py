@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -28,12 +26,8 @@ from pipeline.data import grids, shards
 
 def _images(urls: list[str]) -> dict[str, tuple[int, torch.Tensor]]:
     """key -> (class, image in [-1, 1]) of image shards."""
-    out = {}
-    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        raw = s.get("png") or s.get("jpg") or s.get("jpeg")
-        img = np.array(Image.open(io.BytesIO(raw)).convert("RGB"))
-        out[s["__key__"]] = (int(s["cls"]), torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)
-    return out
+    return {s["__key__"]: (int(s["cls"]), grids.decode(s))
+            for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
 
 
 def reconstruction_grid(exp_dir: Path, per_class: int) -> Image.Image:

@@ -27,6 +27,17 @@ def grid(rows: list[torch.Tensor], scale: int = 1) -> Image.Image:
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
+def decode(sample: dict, size: int | None = None) -> torch.Tensor | None:
+    """The image of a shard sample as (3, H, W) in [-1, 1], resized to ``size``² if given; None
+    when the sample has no image."""
+    raw = sample.get("png") or sample.get("jpg") or sample.get("jpeg")
+    if raw is None:
+        return None
+    img = Image.open(io.BytesIO(raw)).convert("RGB")
+    img = img.resize((size, size), Image.BICUBIC) if size else img
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+
+
 def shard_rows(urls: list[str], per_row: int, max_rows: int = GRID_CLASSES, classes: int | None = None,
                size: int | None = None) -> dict[int, list[torch.Tensor]]:
     """The first ``per_row`` images of each of the first ``max_rows`` classes of image shards, by
@@ -36,11 +47,10 @@ def shard_rows(urls: list[str], per_row: int, max_rows: int = GRID_CLASSES, clas
     wanted = min(classes, max_rows) if classes else None
     for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         c = int(s["cls"])
-        image = s.get("png") or s.get("jpg") or s.get("jpeg")
-        if image is not None and (c in rows or len(rows) < max_rows) and len(rows.setdefault(c, [])) < per_row:
-            img = Image.open(io.BytesIO(image)).convert("RGB")
-            img = img.resize((size, size), Image.BICUBIC) if size else img
-            rows[c].append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1)
+        if (c in rows or len(rows) < max_rows) and len(rows.setdefault(c, [])) < per_row:
+            image = decode(s, size)
+            if image is not None:
+                rows[c].append(image)
         if wanted and len(rows) == wanted and all(len(v) == per_row for v in rows.values()):
             break
     return rows
