@@ -17,6 +17,9 @@ weight reshaped once to (k * C, 2C).
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +36,23 @@ def _window_weight(conv: torch.nn.Conv2d) -> torch.Tensor:
     return w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
 
 
-def _linear(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 1x1 conv as F.linear's (weight, bias)."""
-    return conv.weight[:, :, 0, 0], conv.bias
+def _pointwise(modules: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A 1x1 conv, GELU or Sequential of them as the same function on (B, C) vectors. Derived from
+    the modules (not their indices), so a change to the model that this cannot follow is refused."""
+    fns = []
+    for m in modules if isinstance(modules, torch.nn.Sequential) else [modules]:
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1):
+            fns.append(partial(F.linear, weight=m.weight[:, :, 0, 0], bias=m.bias))
+        elif isinstance(m, torch.nn.GELU):
+            fns.append(partial(F.gelu, approximate=m.approximate))
+        else:
+            raise TypeError(f"incremental decoding has no per-position form of {type(m).__name__}")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for fn in fns:
+            x = fn(x)
+        return x
+    return run
 
 
 def _row(cond: torch.Tensor, i: int) -> torch.Tensor:
@@ -73,10 +90,10 @@ class IncrementalStack:
         # Weights reshaped once for per-position matmuls.
         self.w_in = _window_weight(stack.input.h)
         self.w_h = [_window_weight(layer.h_conv) for layer in stack.layers]
-        self.out = [_linear(layer.h_out) for layer in stack.layers]
-        self.ffn = [(_linear(layer.ffn[0]), _linear(layer.ffn[2])) for layer in stack.layers]
-        self.out_blocks = [(_linear(b[1]), _linear(b[3])) for b in stack.output.blocks]
-        self.logit_w = _linear(stack.output.logits[1])
+        self.h_out = [_pointwise(layer.h_out) for layer in stack.layers]
+        self.ffn = [_pointwise(layer.ffn) for layer in stack.layers]
+        self.out_blocks = [_pointwise(block) for block in stack.output.blocks]
+        self.to_logits = _pointwise(stack.output.logits)
 
     def set(self, i: int, j: int, codes: torch.Tensor) -> None:
         e = self.stack.embedding(codes)
@@ -112,14 +129,13 @@ class IncrementalStack:
         for n in range(len(s.layers)):
             self.h_row[n][:, self.pad + j] = h
             pre_h = torch.addmm(self.row_bias[n][:, j], self.h_row[n][:, j:j + k].flatten(1), self.w_h[n])
-            h = h + F.linear(gate(pre_h), *self.out[n])
-            (w1, b1), (w2, b2) = self.ffn[n]
-            h = h + F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+            h = h + self.h_out[n](gate(pre_h))
+            h = h + self.ffn[n](h)
             if n in self.kv:
                 h = self._attend(n, h, i * self.W + j, i, j)
-        for (w1, b1), (w2, b2) in self.out_blocks:
-            h = h + F.linear(F.gelu(F.linear(F.gelu(h), w1, b1)), w2, b2)
-        return F.linear(F.gelu(h), *self.logit_w)
+        for block in self.out_blocks:
+            h = h + block(h)
+        return self.to_logits(h)
 
     def _attend(self, n: int, h: torch.Tensor, pos: int, i: int, j: int) -> torch.Tensor:
         a: CausalSelfAttention = self.stack.attention[str(n)]
