@@ -51,6 +51,7 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     report = (out / "report.md").read_text()
     assert "| CAS top-1 (trained on samples, tested on real val) |" in report and "0.5483" in report
     assert "different dataset" in report
+    assert "| accept_0.1/fid (classifier-based rejection, 10 samples) |" in report
     first = evaluated["stdout"] + evaluated["stderr"]
     assert "computing" in first and "reference features" in first
 
