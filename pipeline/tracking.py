@@ -8,6 +8,7 @@ MLflow; every other rank gets a tracker whose methods do nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -243,8 +244,4 @@ class PrefixedRun:
 
 
 def _has_psutil() -> bool:
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("psutil") is not None

@@ -70,6 +70,9 @@ def test_learns_logs_and_exports(run_root, tmp_path):
         assert _history(client, run, key), key
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("val_reconstructions" in p for p in images), images
+    # tracking.system_metrics (default true): MLflow's monitor samples the job's CPU and memory
+    assert _history(client, run, "system/cpu_utilization_percentage")
+    assert _history(client, run, "system/system_memory_usage_megabytes")
 
     blob = torch.load(run_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)
     assert blob["kind"] == "vqvae" and blob["resolution"] == 32 and blob["num_classes"] == 10
