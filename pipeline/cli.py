@@ -40,7 +40,7 @@ def help_text() -> str:
     lines += ["", "top-level keys:"]
     lines += [f"  {k:<20}default {v}" for k, v in primary.items() if k != "defaults"]
     lines += ["", "examples:", textwrap.indent(textwrap.dedent("""\
-        submit stage=all                                       # every stage of the embedded default, here (~12 min)
+        submit stage=all                                       # every stage of the embedded default, here (8-13 min on 2 cores)
         submit stage=prepare                                   # embedded digits -> shards, local
         submit stage=prepare data=folder data.source=/data/flowers
         submit stage=prepare data=imagenet data.source=/datasets/ILSVRC2012 prepare.workers=16
