@@ -26,7 +26,7 @@ from pipeline.tracking import StageRun
 NAMES = ["recon/mse", "recon/psnr", "recon/fid", "fid", "isc", "kid", "precision", "recall", "cas/top1",
          "cas/top5", "real/top1", "real/top5", "accept_1.0/fid", "accept_0.5/fid", "accept_0.1/fid",
          "accept_0.5/precision", "accept_0.5/recall", "accept_0.5/isc", "recon/usage_top", "recon/usage_bottom",
-         "real_train/fid", "fid/vs_real_train", "cas/vs_real"]
+         "real_train/fid", "fid/vs_real_train", "cas/vs_real", "accept_0.1/real_train_fid", "accept_0.5/fid_vs_real_train"]
 
 
 def _val(root, limit=None):
@@ -48,10 +48,16 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert results["cas/vs_real"] == pytest.approx(results["cas/top1"] / results["real/top1"])
     assert results["accept_0.5/kept"] == 50 and results["accept_0.1/kept"] == 10
     assert results["accept_0.5/confidence"] > results["accept_1.0/confidence"]
+    # each rate's real baseline uses as many real images as it kept: fewer images, larger FID
+    assert results["accept_1.0/real_train_fid"] == results["real_train/fid"]
+    assert results["accept_0.1/real_train_fid"] > results["accept_0.5/real_train_fid"] > results["real_train/fid"]
+    assert results["accept_0.1/fid_vs_real_train"] == pytest.approx(
+        results["accept_0.1/fid"] / results["accept_0.1/real_train_fid"])
     report = (out / "report.md").read_text()
     assert "| CAS top-1 (trained on samples, tested on real val) |" in report and "0.5483" in report
     assert "different dataset" in report
     assert "| accept_0.1/fid (classifier-based rejection, 10 samples) |" in report
+    assert "| accept_0.1/fid_vs_real_train (classifier-based rejection, 10 samples) |" in report
     first = evaluated["stdout"] + evaluated["stderr"]
     assert "computing" in first and "reference features" in first
 

@@ -40,7 +40,7 @@ def rows(results: dict[str, float], accept: list[str]) -> list[tuple[str, str, s
     for name in accept:
         # FID and KID move with the number of images: the count is part of the row, not a footnote
         kept = f", {int(results[f'{name}/kept'])} samples" if f"{name}/kept" in results else ""
-        for m in ("fid", "isc", "precision", "recall"):
+        for m in ("fid", "real_train_fid", "fid_vs_real_train", "isc", "precision", "recall"):
             if f"{name}/{m}" in results:
                 out.append((f"{name}/{m} (classifier-based rejection{kept})", f"{results[f'{name}/{m}']:.4g}", ""))
     return out
