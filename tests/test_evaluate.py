@@ -18,7 +18,7 @@ from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
 from pipeline.evaluation import fidelity
 from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, train_or_reuse
-from pipeline.evaluation.rejection import accepted
+from pipeline.evaluation.rejection import accepted, class_matched
 from pipeline.models import load_exported
 from pipeline.stages import StageContext
 from pipeline.tracking import StageRun
@@ -109,6 +109,14 @@ def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):
     for c in range(10):  # within a class, every kept sample scores at least as high as every dropped one
         k, d = [i for i in keep if samples.labels[i] == c], [i for i in dropped if samples.labels[i] == c]
         assert scores[k].min() >= scores[d].max()
+
+
+def test_real_baseline_matches_the_class_counts_and_reports_a_short_class():
+    pool = np.array([0, 1, 0, 2, 1, 0, 2])
+    idx, short = class_matched(pool, np.array([2, 0, 0, 1, 0, 0, 3]))
+    assert idx == [0, 1, 2, 3, 5]  # the first of each class in pool order: 0s at 0, 2, 5; a 1; a 2
+    assert np.bincount(pool[idx]).tolist() == [3, 1, 1]
+    assert short == {0: 1, 3: 1}  # four 0s asked for, three in the pool; no 3 at all
 
 
 def test_cas_on_correct_labels_beats_cas_on_random_labels(evaluated, tmp_path):

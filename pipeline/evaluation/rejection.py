@@ -1,5 +1,6 @@
 """Classifier-based rejection sampling (VQ-VAE-2 paper, section 3.3): keep, in every class, the
-samples the real-data classifier finds most likely to be of their intended class."""
+samples the real-data classifier finds most likely to be of their intended class; and the real
+images a kept set is fairly compared with (same count per class)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,17 @@ def accepted(labels: np.ndarray, scores: np.ndarray, rate: float) -> list[int]:
 def rate_name(rate: float) -> str:
     """``accept_<rate>`` as it appears in metric names: accept_1.0, accept_0.5, accept_0.1."""
     return f"accept_{float(rate)}"
+
+
+def class_matched(pool: np.ndarray, labels: np.ndarray) -> tuple[list[int], dict[int, int]]:
+    """Indices into ``pool`` (labels of real images) with as many of each class as ``labels`` has,
+    the first ones of each class in pool order; and, per class the pool has too few of, how many
+    were missing (those classes get all the pool has)."""
+    keep: list[int] = []
+    short: dict[int, int] = {}
+    for c, n in zip(*np.unique(labels, return_counts=True)):
+        idx = np.flatnonzero(pool == c)[:n]
+        keep += idx.tolist()
+        if len(idx) < n:
+            short[int(c)] = int(n - len(idx))
+    return sorted(keep), short

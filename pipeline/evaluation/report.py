@@ -17,7 +17,7 @@ ROWS: list[tuple[str, str]] = [
     ("recon/usage_bottom", "codebook usage, bottom"),
     ("recon/fid", "reconstruction FID (recon vs real val)"),
     ("fid", "FID (samples vs real val)"),
-    ("real_train/fid", "FID (as many real train images vs real val)"),
+    ("real_train/fid", "FID (real train images, same count per class, vs real val)"),
     ("fid/vs_real_train", "FID ratio: samples / real train"),
     ("isc", "Inception Score (of the extractor's logits)"),
     ("kid", "KID"),

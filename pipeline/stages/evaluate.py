@@ -4,9 +4,10 @@
    FID features of ``eval.features=classifier`` and the scores of rejection sampling;
 2. reconstructions of the real val split: MSE, PSNR, codebook usage per level, reconstruction FID;
 3. samples vs real val: FID, IS, KID, precision, recall (torch-fidelity, shard datasets), and the
-   FID of as many real train images vs real val: the floor a perfect model would reach;
+   FID of real train images with the samples' count per class vs real val: the floor a perfect model
+   would reach;
 4. classifier-based rejection: the same metrics for the samples kept at each ``eval.accept_rates``,
-   each FID beside that of as many real train images (FID depends on the image count);
+   each FID beside that of real train images with the kept count per class (FID depends on both);
 5. Classification Accuracy Score: the same classifier recipe trained on the samples only, tested on
    the real val split;
 6. a report beside the paper's numbers (report.md / report.html) and every number in results.json.
@@ -31,7 +32,7 @@ from pipeline.data.shard_images import ShardImages
 from pipeline.evaluation import fidelity, report
 from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, manifest_digest, train_or_reuse
 from pipeline.evaluation.reconstruction import reconstruct
-from pipeline.evaluation.rejection import accepted, rate_name
+from pipeline.evaluation.rejection import accepted, class_matched, rate_name
 from pipeline.models import load_exported
 from pipeline.stages import StageContext
 from pipeline.training.distributed import detect
@@ -76,19 +77,29 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
 
     results.update(fidelity.metrics(samples, **common))
-    # FID shrinks with more images: each real baseline uses as many train images as the samples it is set beside
-    train_urls = shards.shard_urls(real_dir, "train")
-    real_fid = {len(samples): fidelity.metrics(ShardImages(train_urls, res, crop, limit=len(samples)), **common)["fid"]}
-    results["real_train/fid"] = real_fid[len(samples)]
+    # FID moves with the image count and the class mix: each real baseline is real train images with
+    # the same count per class as the samples it is set beside
+    train = ShardImages(shards.shard_urls(real_dir, "train"), res, crop)
+    real_fid: dict[tuple, float] = {}
+
+    def real_train_fid(labels: np.ndarray) -> float:
+        counts = tuple(zip(*np.unique(labels, return_counts=True)))
+        if counts not in real_fid:
+            idx, short = class_matched(train.labels, labels)
+            if short:
+                ctx.log.warning("real train baseline: too few train images of classes %s (missing %s); "
+                                "the baseline has %d images for %d samples", list(short), list(short.values()),
+                                len(idx), len(labels))
+            real_fid[counts] = fidelity.metrics(train.subset(idx), **common)["fid"]
+        return real_fid[counts]
+    results["real_train/fid"] = real_train_fid(samples.labels)
     results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
     scores = confidences(real_clf, samples, int(e.batch_size))
     for rate in sorted({float(r) for r in e.accept_rates}, reverse=True):
         name, keep = rate_name(rate), accepted(samples.labels, scores, rate)
         kept = {m: results[m] for m in SAMPLE_METRICS} if len(keep) == len(samples) else \
             fidelity.metrics(samples.subset(keep), **common)
-        if len(keep) not in real_fid:
-            real_fid[len(keep)] = fidelity.metrics(ShardImages(train_urls, res, crop, limit=len(keep)), **common)["fid"]
-        kept["real_train_fid"] = real_fid[len(keep)]
+        kept["real_train_fid"] = real_train_fid(samples.labels[keep])
         kept["fid_vs_real_train"] = kept["fid"] / max(kept["real_train_fid"], 1e-12)
         results.update({f"{name}/{m}": v for m, v in kept.items()})
         results[f"{name}/kept"] = float(len(keep))
