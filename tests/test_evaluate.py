@@ -94,6 +94,10 @@ def test_real_halves_score_better_than_noise_through_the_same_path(evaluated, tm
     assert real["fid"] < fake["fid"] / 3
     assert real["precision"] > 0.6 and real["recall"] > 0.6
     assert fake["precision"] < 0.1 and fake["recall"] < 0.1
+    # 60 images of 10 classes form one IS split: the score is not capped by tiny splits (6 images each
+    # in 10 splits would bound it by 6)
+    assert fidelity.isc_splits(60) == 1 and fidelity.isc_splits(500) == 10 and fidelity.isc_splits(10) == 1
+    assert fidelity.metrics(val.subset(list(range(60))), **common)["isc"] > 6.5
 
 
 def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):

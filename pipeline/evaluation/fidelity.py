@@ -23,6 +23,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 CLASSIFIER = "vqvae2-classifier"
 INCEPTION = "inception-v3-compat"
+ISC_SPLIT_MIN = 50
 # Features each extractor computes (FID/KID/PR layer first, then IS logits).
 FEATURES = {CLASSIFIER: ("penultimate", "logits"), INCEPTION: ("2048", "logits_unbiased")}
 
@@ -95,6 +96,13 @@ def cache_files(ext: Extractor, reference_name: str, cache_root: Path) -> list[P
     return [cache_root / f"{prefix}{f}.pt" for f in FEATURES[ext.name]]
 
 
+def isc_splits(n: int) -> int:
+    """Inception Score splits for n images: up to 10, of at least ISC_SPLIT_MIN images each. A split's
+    IS is at most its image count (the exp of an entropy over that many images), so small splits
+    would cap the score of a small set (10 splits of 5 kept samples: IS <= 5 whatever the samples)."""
+    return max(1, min(10, n // ISC_SPLIT_MIN))
+
+
 def metrics(samples: Dataset, reference: Dataset, ext: Extractor, *, reference_name: str, cache_root: Path,
             batch_size: int = 64, kid_subset_size: int = 1000, prc_neighborhood: int = 3, seed: int = 0,
             log: logging.Logger | None = None) -> dict[str, float]:
@@ -115,7 +123,7 @@ def metrics(samples: Dataset, reference: Dataset, ext: Extractor, *, reference_n
         input1=samples, input2=reference, input2_cache_name=f"{reference_name}-{ext.digest}", cache=True,
         cache_root=str(cache_root), cuda=torch.cuda.is_available(), batch_size=batch_size,
         feature_extractor=ext.name, feature_extractor_weights_path=str(ext.weights),
-        isc=True, fid=True, kid=True, prc=True, isc_splits=min(10, len(samples)),
+        isc=True, fid=True, kid=True, prc=True, isc_splits=isc_splits(len(samples)),
         kid_subset_size=min(kid_subset_size, n), prc_neighborhood=prc_neighborhood, rng_seed=seed,
         save_cpu_ram=not torch.cuda.is_available(), verbose=False)  # loader workers only beside a GPU
     return {"fid": float(out["frechet_inception_distance"]), "isc": float(out["inception_score_mean"]),
