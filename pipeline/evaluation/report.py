@@ -38,7 +38,7 @@ NOTE = ("Paper column: VQ-VAE-2 on ImageNet 256x256 (CAS with a ResNet-50). This
 def rows(results: dict[str, float], accept: list[str]) -> list[tuple[str, str, str]]:
     out = [(label, f"{results[key]:.4g}", PAPER.get(key, "")) for key, label in ROWS if key in results]
     for name in accept:
-        # FID and KID move with the number of images: the count is part of the row, not a footnote
+        # FID and IS move with the number of images: the count is part of the row, not a footnote
         kept = f", {int(results[f'{name}/kept'])} samples" if f"{name}/kept" in results else ""
         for m in ("fid", "real_train_fid", "fid_vs_real_train", "isc", "precision", "recall"):
             if f"{name}/{m}" in results:
