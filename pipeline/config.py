@@ -133,7 +133,8 @@ def _nearest_existing(path: Path) -> Path:
 def validate(cfg: DictConfig) -> None:
     """Check everything a job needs before anything is created; raise ConfigError otherwise."""
     for key in _missing_keys(cfg):
-        raise ConfigError(key, "required value is missing", f"pass {key}=<value>")
+        hint = "/path/to/the/dataset" if key == "data.source" else "<value>"
+        raise ConfigError(key, "required value is missing", f"pass {key}={hint}")
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:

@@ -41,7 +41,7 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=prepare", "data=nope"], ["data=nope", "digits, folder"]),
     (["stage=prepare", "dta.resolution=3"], ["dta.resolution", "no such config key"]),
     (["stage=prepare", "data.resolutio=3"], ["data.resolutio", "no such config key"]),
-    (["stage=prepare", "data=folder"], ["data.source", "missing"]),
+    (["stage=prepare", "data=folder"], ["data.source", "missing", "data.source=/path/to/the/dataset"]),
     (["stage=prepare", "data=folder", "data.source=/does/not/exist"], ["data.source=/does/not/exist", "does not exist"]),
     (["stage=prepare", "data.source=/tmp"], ["data.source=/tmp", "data=digits"]),
     (["stage=prepare", "cluster=nope"], ["cluster=nope", "local, slurm"]),
