@@ -174,6 +174,9 @@ def validate(cfg: DictConfig) -> None:
     if int(cfg.prepare.workers) < 1:
         raise ConfigError(f"prepare.workers={cfg.prepare.workers}", "must be at least 1",
                           "pass prepare.workers=<processes>")
+    if float(cfg.tracking.system_metrics_interval) <= 0:
+        raise ConfigError(f"tracking.system_metrics_interval={cfg.tracking.system_metrics_interval}",
+                          "must be > 0 seconds", "pass e.g. tracking.system_metrics_interval=10")
     if "sample" in cfg:
         _check_sampling(cfg)
     if "eval" in cfg:

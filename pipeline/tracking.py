@@ -102,6 +102,8 @@ class StageRun:
         record = self._read_record()
         run = self._find_run(record.get("run_id")) if record.get("tracking_uri") == self.uri else None
         system_metrics = bool(self.cfg.tracking.system_metrics) and _has_psutil()
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(float(self.cfg.tracking.system_metrics_interval))
         if run is not None:
             self.attempt = int(record.get("attempts", 1))
             mlflow.start_run(run_id=run.info.run_id, log_system_metrics=system_metrics)

@@ -45,6 +45,7 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=prepare", "data=folder", "data.source=/does/not/exist"], ["data.source=/does/not/exist", "does not exist"]),
     (["stage=prepare", "data.source=/tmp"], ["data.source=/tmp", "data=digits"]),
     (["stage=prepare", "cluster=nope"], ["cluster=nope", "local, slurm"]),
+    (["stage=prepare", "tracking.system_metrics_interval=0"], ["tracking.system_metrics_interval=0", "> 0"]),
     (["stage=evaluate"], ["stage=evaluate", "dataset.json", "submit stage=prepare"]),
     (["stage=evaluate", "eval.features=inception"], ["eval.inception_weights=None", "fetch_inception_weights"]),
     (["stage=evaluate", "eval.accept_rates=[0.5,2]"], ["eval.accept_rates", "(0, 1]"]),
