@@ -1,11 +1,12 @@
 """Atomic file writes: write to a temporary name in the same directory, fsync, rename.
 
 A reader (or a restarted job) therefore sees either the old complete file or the new complete
-file, never a half-written one.
+file, never a half-written one. ``file_digest`` names a written file by its content.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -50,3 +51,12 @@ def remove_stale_temps(path: Path) -> int:
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content: the same wherever the file is copied or moved."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

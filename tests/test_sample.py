@@ -61,8 +61,16 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
     again = submit("stage=sample", f"run_root={experiment}", *ARGS, cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and "0 of 4 shards of this task to write" in again.stdout
 
+    # a run_root moved elsewhere, its models' mtimes changed by the copy, still counts as finished
+    moved = experiment.rename(tmp_path / "moved")
+    for stage in ("train_vqvae", "train_top_prior", "train_bottom_prior"):
+        (moved / "digits" / stage / "model.pt").touch()
+    again = submit("stage=sample", f"run_root={moved}", *ARGS, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and "0 of 4 shards of this task to write" in again.stdout, again.stderr[-3000:]
+    out = moved / "digits" / "sample" / "shards"
+
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    changed = submit("stage=sample", f"run_root={experiment}", *ARGS, "sample.temperature=0.5", cwd=tmp_path)
+    changed = submit("stage=sample", f"run_root={moved}", *ARGS, "sample.temperature=0.5", cwd=tmp_path)
     assert changed.returncode == 1 and "other sampling settings" in changed.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
 

@@ -9,7 +9,6 @@ digest, so later evaluations of the same data reuse them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from pipeline import atomic
 
 CLASSIFIER = "vqvae2-classifier"
 INCEPTION = "inception-v3-compat"
@@ -71,14 +72,6 @@ def _register() -> None:
         register_feature_extractor(CLASSIFIER, ClassifierFeatures)
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class Extractor:
     name: str       # torch-fidelity feature extractor name
@@ -88,7 +81,7 @@ class Extractor:
 
 def extractor(name: str, weights: Path) -> Extractor:
     _register()
-    return Extractor(name, Path(weights), file_digest(Path(weights))[:16])
+    return Extractor(name, Path(weights), atomic.file_digest(Path(weights))[:16])
 
 
 def cache_files(ext: Extractor, reference_name: str, cache_root: Path) -> list[Path]:

@@ -64,8 +64,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                          "priors after `submit stage=encode` with this VQ-VAE")
     shard_plan = plan(cfg, num_classes)
     how = settings(cfg)
-    stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (stage_dir(cfg, n) / "model.pt" for n in models)]
-    digest = hashlib.sha256(json.dumps([how, shard_plan, stamps]).encode()).hexdigest()[:16]
+    # the models by content, not path or mtime: a run_root moved or copied elsewhere still resumes
+    weights = [atomic.file_digest(stage_dir(cfg, n) / "model.pt") for n in models]
+    digest = hashlib.sha256(json.dumps([how, shard_plan, weights]).encode()).hexdigest()[:16]
     out_dir = ctx.stage_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{SPLIT}-{i:06d}" for i in range(len(shard_plan))]
