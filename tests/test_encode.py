@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -11,11 +12,12 @@ import torch
 import webdataset as wds
 
 from conftest import copy_stages, submit
+from pipeline import atomic
 from pipeline.config import compose
 from pipeline.data import codes
 from pipeline.data.streams import ordered_batches
 from pipeline.models import load_exported
-from pipeline.stages import StageContext, encode
+from pipeline.stages import StageContext, encode, missing_inputs, vqvae_model
 from pipeline.tracking import StageRun
 
 
@@ -101,4 +103,33 @@ def test_hflip_adds_mirrored_train_codes_and_a_changed_setting_is_refused(experi
     before = {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()}
     refused = submit("stage=encode", f"run_root={experiment}", "encode.hflip=false", cwd=tmp_path)
     assert refused.returncode == 1 and "encode.hflip" in refused.stderr and "hflip=True" in refused.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()} == before  # nothing rewritten
+
+
+def test_a_named_vqvae_is_recorded_and_used_downstream_and_another_is_refused(experiment, tmp_path):
+    own = experiment / "digits" / "train_vqvae"
+    named = tmp_path / "elsewhere" / "model.pt"  # e.g. a VQ-VAE trained in another experiment
+    named.parent.mkdir()
+    shutil.move(own / "model.pt", named)
+    shutil.rmtree(own)
+    proc = submit("stage=encode", f"run_root={experiment}", f"encode.vqvae={named}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    code_dir = experiment / "digits" / "encode" / "shards"
+    manifest, sha = codes.read_manifest(code_dir), atomic.file_digest(named)
+    assert manifest["vqvae_external"] == str(named.resolve()) and manifest["vqvae_sha256"] == sha
+    assert all(json.loads(p.read_text())["vqvae_sha256"] == sha for p in code_dir.glob("*_stats.json"))
+    # later stages (whose configs have no encode.vqvae) find it through codes.json
+    for stage in ("train_top_prior", "sample", "evaluate"):
+        assert vqvae_model(compose([f"stage={stage}", f"run_root={experiment}"])) == named.resolve(), stage
+    missing = missing_inputs(compose(["stage=sample", f"run_root={experiment}"]), "sample")
+    assert [s for s, _ in missing] == ["train_top_prior", "train_bottom_prior"], missing
+
+    other = tmp_path / "other.pt"
+    blob = torch.load(named, weights_only=True)
+    first = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][first] += 0.01
+    torch.save(blob, other)
+    before = {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()}
+    refused = submit("stage=encode", f"run_root={experiment}", f"encode.vqvae={other}", cwd=tmp_path)
+    assert refused.returncode == 1 and "encode.vqvae" in refused.stderr and "another VQ-VAE" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()} == before  # nothing rewritten

@@ -15,9 +15,12 @@ import webdataset as wds
 from mlflow.tracking import MlflowClient
 
 from conftest import PRIOR_ARGS, copy_stages, submit
+from pipeline import atomic
+from pipeline.config import compose
 from pipeline.data import codes
 from pipeline.models import load_exported
 from pipeline.models.sampling import sample_bottom, sample_top
+from pipeline.stages.train_priors import PriorTask
 from test_train_vqvae import _history, _popen, _wait_for_checkpoint
 
 FAST = PRIOR_ARGS[:5]  # without the step counts
@@ -64,6 +67,7 @@ def test_prior_learns_more_than_code_frequencies_logs_samples_and_exports(priors
 
     model, meta = load_exported(experiment / "digits" / stage / "model.pt")
     assert meta["num_codes"] == k and meta["num_classes"] == 10 and len(meta["class_names"]) == 10
+    assert meta["vqvae_sha256"] == atomic.file_digest(experiment / "digits" / "train_vqvae" / "model.pt")
     g = torch.Generator().manual_seed(0)
     classes = torch.arange(3)
     if stage == "train_top_prior":
@@ -94,3 +98,9 @@ def test_top_prior_sigkill_then_rerun_resumes_the_same_run(experiment, tmp_path)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     steps = [s for s, _ in _history(client, resumed, "loss")]
     assert len(steps) == len(set(steps)) and max(steps) == killed_at + 30, steps
+
+
+def test_a_codebook_size_other_than_the_codes_is_refused(encoded):
+    cfg = compose(["stage=train_top_prior", f"run_root={encoded}", "model.vqvae.codebook_size_top=16"])
+    with pytest.raises(ValueError, match=r"model.vqvae.codebook_size_top=16, .* codebook_size_top=32"):
+        PriorTask(cfg, "top_prior")

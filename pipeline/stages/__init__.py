@@ -46,9 +46,26 @@ def missing_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Path]]:
     from pipeline.config import stage_dir
 
     needs = [(s, stage_dir(cfg, s) / rel) for s, rel in NEEDS.get(stage, ())]
-    if stage == "encode" and cfg.encode.get("vqvae"):  # an explicitly named model replaces train_vqvae's
-        needs = [needs[0], ("train_vqvae", Path(str(cfg.encode.vqvae)))]
+    if stage in ("encode", "sample", "evaluate"):  # an explicitly named model replaces train_vqvae's
+        needs = [(s, vqvae_model(cfg) if s == "train_vqvae" else p) for s, p in needs]
     return [(s, p) for s, p in needs if not p.exists()]
+
+
+def vqvae_model(cfg: DictConfig) -> Path:
+    """The VQ-VAE whose codes this experiment's priors learn and whose decoder draws their samples:
+    ``encode.vqvae`` when it is set, else the one `encode` recorded in codes.json as named
+    explicitly, else this experiment's train_vqvae/model.pt (not recorded as a path, so a moved
+    run_root keeps working)."""
+    import json
+
+    from pipeline.config import stage_dir
+    from pipeline.data import codes
+
+    if cfg.get("encode") is not None and cfg.encode.get("vqvae"):
+        return Path(str(cfg.encode.vqvae)).expanduser().resolve()
+    manifest = stage_dir(cfg, "encode") / "shards" / codes.MANIFEST
+    external = json.loads(manifest.read_text()).get("vqvae_external") if manifest.exists() else None
+    return Path(external) if external else stage_dir(cfg, "train_vqvae") / "model.pt"
 
 
 @dataclass

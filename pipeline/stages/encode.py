@@ -22,7 +22,7 @@ from pipeline.config import stage_dir
 from pipeline.data import codes, shards
 from pipeline.data.streams import ordered_batches
 from pipeline.models import load_exported
-from pipeline.stages import StageContext
+from pipeline.stages import StageContext, vqvae_model
 from pipeline.training.distributed import detect
 
 
@@ -33,10 +33,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     out_dir = ctx.stage_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     device = detect().device
-    vqvae_path = Path(str(cfg.encode.vqvae or stage_dir(cfg, "train_vqvae") / "model.pt"))
+    vqvae_path = vqvae_model(cfg)
     if not vqvae_path.exists():
         raise FileNotFoundError(f"{vqvae_path}: no VQ-VAE model; run `submit stage=train_vqvae` first "
                                 "or pass encode.vqvae=/path/to/model.pt")
+    vqvae_sha256 = atomic.file_digest(vqvae_path)
     model, meta = load_exported(vqvae_path, device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
@@ -46,7 +47,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     work = [(split, s) for split, entry in images["splits"].items() for s in entry["shards"]]
     mine = work[ctx.task::ctx.tasks]
     flips = {split: bool(cfg.encode.hflip) and split == "train" for split in images["splits"]}
-    _check_settings(out_dir, mine, flips)
+    _check_settings(out_dir, mine, flips, vqvae_path, vqvae_sha256)
     todo = [(split, s) for split, s in mine if not _complete(out_dir, s["name"])]
     ctx.log.info("encode with %s (K top %d, bottom %d) on %s: %d of %d shards of this task to write",
                  vqvae_path, k_top, k_bottom, device, len(todo), len(mine))
@@ -62,7 +63,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                                      workers=int(cfg.encode.workers)):
             split, s = todo[i]
             encoded += sum(1 for r in rows if not r[4])
-            _write_shard(out_dir, s["name"], split, rows, s["count"], k_top, k_bottom, flips[split])
+            _write_shard(out_dir, s["name"], split, rows, s["count"], k_top, k_bottom, flips[split], vqvae_sha256)
             bar.update(s["count"])
     seconds = time.time() - t0
     ips = encoded / seconds if todo else 0.0
@@ -70,7 +71,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "images_encoded": encoded,
                                "images_per_s": round(ips, 1), "seconds": round(time.time() - start, 2)}
     if complete:
-        manifest = _manifest(out_dir, images, meta, vqvae_path, work)
+        external = vqvae_path if vqvae_path != stage_dir(cfg, "train_vqvae") / "model.pt" else None
+        manifest = _manifest(out_dir, images, meta, vqvae_path, vqvae_sha256, external, work)
         codes.write_manifest(out_dir, manifest)
         ctx.run.log_artifact(out_dir / codes.MANIFEST)
         summary["skipped"] = sum(e["skipped"] for e in manifest["splits"].values())
@@ -87,13 +89,20 @@ def _complete(out_dir: Path, name: str) -> bool:
 Row = tuple[str, int, np.ndarray, np.ndarray, bool]  # key, label, top codes, bottom codes, flipped
 
 
-def _check_settings(out_dir: Path, mine: list, flips: dict[str, bool]) -> None:
-    """Completed shards are reused, never rewritten: refuse to mix them with a different encode.hflip."""
+def _check_settings(out_dir: Path, mine: list, flips: dict[str, bool], vqvae_path: Path, vqvae_sha256: str) -> None:
+    """Completed shards are reused, never rewritten: refuse to mix them with codes of another VQ-VAE
+    or a different encode.hflip."""
     import json
 
     for split, s in mine:
         if _complete(out_dir, s["name"]):
-            done = json.loads((out_dir / s["name"].replace(".tar", "_stats.json")).read_text())["hflip"]
+            stats = json.loads((out_dir / s["name"].replace(".tar", "_stats.json")).read_text())
+            if stats.get("vqvae_sha256", vqvae_sha256) != vqvae_sha256:  # shards before 2026-11-25 lack it
+                raise ValueError(f"encode.vqvae: {out_dir / s['name']} holds codes of another VQ-VAE (sha256 "
+                                 f"{stats['vqvae_sha256'][:16]}) than {vqvae_path} ({vqvae_sha256[:16]}) -- "
+                                 "pass the same encode.vqvae, or use another experiment= (finished shards "
+                                 "are never overwritten)")
+            done = stats["hflip"]
             if done != flips[split]:
                 raise ValueError(f"encode.hflip: {out_dir / s['name']} was written with hflip={done}, this run "
                                  f"asks for {flips[split]} -- keep encode.hflip={str(done).lower()}, or use "
@@ -126,7 +135,7 @@ def encode_shards(model: torch.nn.Module, urls: list[str], flips: list[bool], *,
 
 
 def _write_shard(out_dir: Path, name: str, split: str, rows: list, expected: int, k_top: int, k_bottom: int,
-                 hflip: bool) -> None:
+                 hflip: bool, vqvae_sha256: str) -> None:
     tar = out_dir / name
     atomic.remove_stale_temps(tar)
     tmp = atomic.temp_name(tar)
@@ -144,10 +153,11 @@ def _write_shard(out_dir: Path, name: str, split: str, rows: list, expected: int
         raise RuntimeError(f"{name}: encoded {originals} images but the image manifest lists {expected}")
     atomic.write_json(out_dir / name.replace(".tar", "_stats.json"), {
         "name": name, "split": split, "count": len(rows), "images": originals, "skipped": expected - originals,
-        "hflip": hflip, "bytes": tar.stat().st_size})
+        "hflip": hflip, "vqvae_sha256": vqvae_sha256, "bytes": tar.stat().st_size})
 
 
-def _manifest(out_dir: Path, images: dict, meta: dict, vqvae_path: Path, work: list) -> dict[str, Any]:
+def _manifest(out_dir: Path, images: dict, meta: dict, vqvae_path: Path, vqvae_sha256: str, external: Path | None,
+              work: list) -> dict[str, Any]:
     import json
 
     splits: dict[str, Any] = {}
@@ -164,7 +174,8 @@ def _manifest(out_dir: Path, images: dict, meta: dict, vqvae_path: Path, work: l
         entry["shards"].append({"name": s["name"], "count": st["count"]})
     vq = meta["model_config"]["vqvae"]
     res = int(meta["resolution"])
-    return {"format": codes.FORMAT, "vqvae": str(vqvae_path), "resolution": res,
+    return {"format": codes.FORMAT, "vqvae": str(vqvae_path), "vqvae_sha256": vqvae_sha256,
+            "vqvae_external": str(external) if external else None, "resolution": res,
             "top_size": res // 8, "bottom_size": res // 4,
             "codebook_size_top": int(vq["codebook_size_top"]), "codebook_size_bottom": int(vq["codebook_size_bottom"]),
             "num_classes": images["num_classes"], "class_names": images["class_names"], "splits": splits}

@@ -34,7 +34,7 @@ from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences
 from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.rejection import accepted, class_matched, rate_name
 from pipeline.models import load_exported
-from pipeline.stages import StageContext
+from pipeline.stages import StageContext, vqvae_model
 from pipeline.training.distributed import detect
 
 SAMPLE_METRICS = ("fid", "isc", "kid", "precision", "recall")
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                   seed=int(cfg.seed), log=ctx.log,
                   reference_name=f"{cfg.data.name}-val-{manifest_digest(real_manifest)}-{res}{crop}-n{len(val)}")
 
-    vqvae, _ = load_exported(stage_dir(cfg, "train_vqvae") / "model.pt", device)
+    vqvae, _ = load_exported(vqvae_model(cfg), device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log)
     results.update({f"recon/{k}": v for k, v in recon.items()})
     results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]

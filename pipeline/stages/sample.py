@@ -28,7 +28,7 @@ from pipeline.config import stage_dir
 from pipeline.data import grids, shards
 from pipeline.models import load_exported
 from pipeline.models.sampling import sample_bottom, sample_top
-from pipeline.stages import StageContext
+from pipeline.stages import StageContext, vqvae_model
 from pipeline.training.distributed import detect
 
 SPLIT = "samples"
@@ -54,19 +54,25 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     start = time.time()
     device = detect().device
-    models = {name: load_exported(stage_dir(cfg, name) / "model.pt", device)
-              for name in ("train_vqvae", "train_top_prior", "train_bottom_prior")}
+    paths = {"train_vqvae": vqvae_model(cfg), "train_top_prior": stage_dir(cfg, "train_top_prior") / "model.pt",
+             "train_bottom_prior": stage_dir(cfg, "train_bottom_prior") / "model.pt"}
+    # the models by content, not path or mtime: a run_root moved or copied elsewhere still resumes
+    weights = {name: atomic.file_digest(p) for name, p in paths.items()}
+    models = {name: load_exported(p, device) for name, p in paths.items()}
     vqvae, vq_meta = models["train_vqvae"]
     (top_prior, top_meta), (bottom_prior, bottom_meta) = models["train_top_prior"], models["train_bottom_prior"]
     num_classes = int(top_meta["num_classes"])
     if int(bottom_meta["num_classes"]) != num_classes or int(vq_meta["num_classes"]) != num_classes:
         raise ValueError("the VQ-VAE and the two priors were trained on different class sets; retrain the "
                          "priors after `submit stage=encode` with this VQ-VAE")
+    for name, meta in (("train_top_prior", top_meta), ("train_bottom_prior", bottom_meta)):
+        if meta.get("vqvae_sha256") not in (None, weights["train_vqvae"]):
+            raise ValueError(f"{paths[name]} learned the codes of another VQ-VAE (sha256 {meta['vqvae_sha256'][:16]}) "
+                             f"than {paths['train_vqvae']} ({weights['train_vqvae'][:16]}), which would decode its "
+                             "samples -- retrain the priors after `submit stage=encode` with this VQ-VAE")
     shard_plan = plan(cfg, num_classes)
     how = settings(cfg)
-    # the models by content, not path or mtime: a run_root moved or copied elsewhere still resumes
-    weights = [atomic.file_digest(stage_dir(cfg, n) / "model.pt") for n in models]
-    digest = hashlib.sha256(json.dumps([how, shard_plan, weights]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([how, shard_plan, list(weights.values())]).encode()).hexdigest()[:16]
     out_dir = ctx.stage_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{SPLIT}-{i:06d}" for i in range(len(shard_plan))]

@@ -24,7 +24,7 @@ from pipeline.data import codes, grids
 from pipeline.data.streams import TrainLoader
 from pipeline.models import build, load_exported
 from pipeline.models.sampling import sample_bottom, sample_top
-from pipeline.stages import StageContext
+from pipeline.stages import StageContext, vqvae_model
 from pipeline.training import distributed, engine
 
 
@@ -36,6 +36,11 @@ class PriorTask:
         self.code_dir = stage_dir(cfg, "encode") / "shards"
         self.manifest = codes.read_manifest(self.code_dir)
         self.num_classes = int(self.manifest["num_classes"])
+        for key in ("codebook_size_top", "codebook_size_bottom"):
+            if int(self.manifest[key]) != int(cfg.model.vqvae[key]):  # the codes come from encode's VQ-VAE
+                raise ValueError(f"model.vqvae.{key}={cfg.model.vqvae[key]}, but the codes in {self.code_dir} "
+                                 f"come from a VQ-VAE with {key}={self.manifest[key]} -- pass "
+                                 f"model.vqvae.{key}={self.manifest[key]} (or the model preset it was trained with)")
 
     def build_model(self) -> nn.Module:
         return build(self.kind, self.cfg.model, num_classes=self.num_classes)
@@ -82,7 +87,7 @@ class PriorTask:
         return {"val_bits_per_code": float(sums[0] / sums[2]) / math.log(2), "val_accuracy": float(sums[1] / sums[2])}
 
     def _log_grid(self, model: nn.Module, real: tuple, step: int, ctx: StageContext) -> None:
-        vqvae_path = stage_dir(self.cfg, "train_vqvae") / "model.pt"
+        vqvae_path = vqvae_model(self.cfg)
         if not vqvae_path.exists():
             return
         vqvae, _ = load_exported(vqvae_path, self.device)
@@ -113,7 +118,8 @@ class PriorTask:
         m = self.manifest
         return {"num_classes": self.num_classes, "class_names": list(m["class_names"]),
                 "num_codes": int(m["codebook_size_top" if self.kind == "top_prior" else "codebook_size_bottom"]),
-                "top_size": int(m["top_size"]), "bottom_size": int(m["bottom_size"])}
+                "top_size": int(m["top_size"]), "bottom_size": int(m["bottom_size"]),
+                "vqvae_sha256": m.get("vqvae_sha256")}  # sample checks its decoder is this VQ-VAE
 
 
 def run_top(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
