@@ -9,6 +9,7 @@ import sqlite3
 
 from conftest import submit
 
+from pipeline.launch import chain
 from pipeline.stages import BUILT
 
 # the default chain, only shorter: every stage runs, on the same data and presets
@@ -66,3 +67,12 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
     assert db.execute("select count(*) from runs").fetchone()[0] == len(runs)
     db.close()
+
+
+def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):
+    named = tmp_path / "vqvae.pt"
+    named.write_bytes(b"")  # only its existence is checked before the chain starts
+    cfgs = chain.compose_all([f"run_root={tmp_path / 'runs'}", f"encode.vqvae={named}"])
+    todo, done, skip = chain.stages_to_run(cfgs)
+    assert skip == ["train_vqvae"] and done == [] and todo[:2] == ["prepare", "encode"], todo
+    assert "train_vqvae" in chain.stages_to_run(chain.compose_all([f"run_root={tmp_path / 'runs'}"]))[0]

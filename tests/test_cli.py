@@ -54,6 +54,7 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=sample", "sample.top_p=1.5"], ["sample.top_p=1.5", "(0, 1]"]),
     (["stage=encode"], ["stage=encode", "dataset.json", "missing", "submit stage=prepare"]),
     (["stage=train_top_prior"], ["stage=train_top_prior", "codes.json", "submit stage=encode"]),
+    (["stage=all", "encode.vqvae=/no/model.pt"], ["encode.vqvae=/no/model.pt", "no such file"]),
     (["stage=train_vqvae", "deepspeed.zero_stage=x"], ["deepspeed.zero_stage=x", "expected int"]),
     (["stage=all", "train.max_stepz=3"], ["train.max_stepz", "no such config key"]),
     (["data=digits"], ["stage", "no stage given"]),

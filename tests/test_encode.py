@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -123,6 +124,8 @@ def test_a_named_vqvae_is_recorded_and_used_downstream_and_another_is_refused(ex
         assert vqvae_model(compose([f"stage={stage}", f"run_root={experiment}"])) == named.resolve(), stage
     missing = missing_inputs(compose(["stage=sample", f"run_root={experiment}"]), "sample")
     assert [s for s, _ in missing] == ["train_top_prior", "train_bottom_prior"], missing
+    status = submit("status", f"run_root={experiment}", cwd=tmp_path)
+    assert re.search(r"^train_vqvae\s+not needed", status.stdout, re.M), status.stdout
 
     other = tmp_path / "other.pt"
     blob = torch.load(named, weights_only=True)

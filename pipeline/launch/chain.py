@@ -45,11 +45,14 @@ def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
     return cfgs
 
 
-def stages_to_run(cfg: DictConfig) -> tuple[list[str], list[str]]:
-    """(to run, already done) in pipeline order."""
+def stages_to_run(cfgs: dict[str, DictConfig]) -> tuple[list[str], list[str], list[str]]:
+    """(to run, already done, not needed) in pipeline order. A VQ-VAE named with ``encode.vqvae``
+    replaces this experiment's: train_vqvae is then not needed (every later stage uses that one)."""
+    cfg = next(iter(cfgs.values()))
     chain = [s for s in ORDER if s in BUILT]
     done = [s for s in chain if (stage_dir(cfg, s) / DONE).exists()]
-    return [s for s in chain if s not in done], done
+    skip = ["train_vqvae"] if "encode" in cfgs and cfgs["encode"].encode.vqvae and "train_vqvae" not in done else []
+    return [s for s in chain if s not in done and s not in skip], done, skip
 
 
 # The number that says whether each stage worked, from its summary (done.json).
@@ -76,9 +79,11 @@ def key_metric(cfg: DictConfig, stage: str) -> str:
 
 def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     cfg = next(iter(cfgs.values()))
-    todo, done = stages_to_run(cfg)
+    todo, done, skip = stages_to_run(cfgs)
     rows = [{"stage": s, "status": "already done", "seconds": None, "outputs": str(stage_dir(cfg, s))}
             for s in done]
+    rows += [{"stage": s, "status": "not needed", "seconds": None, "outputs": f"encode.vqvae={cfgs['encode'].encode.vqvae}"}
+             for s in skip]
     for stage in todo:
         start = time.time()
         result = StageJob(cfgs[stage], stage)()
@@ -94,7 +99,8 @@ def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
     width = max([len(r["metric"]) for r in rows] + [10])
     lines = [f"  {'stage':<20}{'wall time':>10}  {'key metric':<{width}}  outputs"]
     for r in rows:
-        wall = "done before" if r["seconds"] is None else _duration(r["seconds"])
+        wall = (r["status"] if r["status"] == "not needed" else "done before") if r["seconds"] is None \
+            else _duration(r["seconds"])
         lines.append(f"  {r['stage']:<20}{wall:>10}  {r['metric']:<{width}}  {r['outputs']}")
     lines.append(f"  {'total':<20}{_duration(total_seconds):>10}")
     return "\n".join(lines)
@@ -108,8 +114,9 @@ def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     """Queue every stage to run at once, each depending on the jobs that produce its inputs (so the
     two priors run side by side after encode)."""
     cfg = next(iter(cfgs.values()))
-    todo, done = stages_to_run(cfg)
+    todo, done, skip = stages_to_run(cfgs)
     rows = [{"stage": s, "status": "already done", "job": ""} for s in done]
+    rows += [{"stage": s, "status": "not needed (encode.vqvae)", "job": ""} for s in skip]
     queued: dict[str, str] = {}
     for stage in todo:
         after = sorted({queued[p] for p, _ in NEEDS.get(stage, ()) if p in queued}, key=int)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from pipeline import atomic
 from pipeline.config import stage_dir
-from pipeline.stages import ORDER
+from pipeline.stages import ORDER, vqvae_model
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
 
@@ -75,6 +75,8 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
     elif run_status:
         row["status"] = {"FAILED": "failed", "KILLED": "stopped", "RUNNING": "running or crashed",
                          "FINISHED": "incomplete"}.get(run_status, run_status.lower())
+    elif stage == "train_vqvae" and vqvae_model(cfg) != sdir / "model.pt":
+        row["status"] = "not needed"  # encode used a VQ-VAE named with encode.vqvae
     return row
 
 
