@@ -123,6 +123,17 @@ def test_real_baseline_matches_the_class_counts_and_reports_a_short_class():
     assert short == {0: 1, 3: 1}  # four 0s asked for, three in the pool; no 3 at all
 
 
+def test_max_real_takes_every_class_evenly_from_class_sorted_shards(tmp_path):
+    # val written class by class (ImageNet's val folders): the first n would be the first classes only
+    labels = [0] * 6 + [1] * 6 + [2] * 6
+    images = np.stack([np.full((8, 8, 3), 10 * i, np.uint8) for i in range(len(labels))])
+    shard = write_image_shard(tmp_path / "val-000000.tar", images, labels)
+    val = ShardImages([str(shard)], 8, "none", limit=7)
+    assert sorted(val.labels.tolist()) == [0, 0, 0, 1, 1, 2, 2]
+    assert [int(val[i][0, 0, 0]) for i in range(len(val))] == [0, 10, 20, 60, 70, 120, 130]  # the first of each
+    assert len(ShardImages([str(shard)], 8, "none", limit=100)) == 18
+
+
 def test_cas_on_correct_labels_beats_cas_on_random_labels(evaluated, tmp_path):
     root = evaluated["root"]
     cfg = compose(["stage=evaluate", f"run_root={tmp_path / 'runs'}", *EVAL_ARGS, "train.max_steps=100"])

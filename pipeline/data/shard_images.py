@@ -57,12 +57,27 @@ def index_tars(urls: list[str]) -> tuple[list[Entry], int]:
     return entries, bad
 
 
+def balanced_first(labels: list[int], n: int) -> list[int]:
+    """Indices of ``n`` samples, as many of each class as possible (counts differ by at most one):
+    the first of every class, then the second of every class, ...; returned in their original order."""
+    seen: dict[int, int] = {}
+    rank = []
+    for i, label in enumerate(labels):
+        rank.append((seen.get(label, 0), i))
+        seen[label] = seen.get(label, 0) + 1
+    return sorted(i for _, i in sorted(rank)[:n])
+
+
 class ShardImages(Dataset):
     """uint8 tensors (3, H, W) — torch-fidelity's input format — over the samples of ``urls``."""
 
     def __init__(self, urls: list[str], resolution: int, crop: str = "center", limit: int | None = None):
+        """``limit``: at most that many samples, spread evenly over the classes (shards written
+        class by class, like ImageNet's val folders, would otherwise give only the first classes)."""
         entries, self.skipped = index_tars(urls)
-        self.entries = entries[:limit] if limit else entries
+        if limit:
+            entries = [entries[i] for i in balanced_first([e.label for e in entries], int(limit))]
+        self.entries = entries
         self.resolution, self.crop = resolution, crop
 
     def __len__(self) -> int:

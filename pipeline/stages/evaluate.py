@@ -69,7 +69,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     common = dict(reference=val, ext=ext, cache_root=Path(str(e.cache_root)), batch_size=int(e.batch_size),
                   kid_subset_size=int(e.kid_subset_size), prc_neighborhood=int(e.prc_neighborhood),
                   seed=int(cfg.seed), log=ctx.log,
-                  reference_name=f"{cfg.data.name}-val-{manifest_digest(real_manifest)}-{res}{crop}-n{len(val)}")
+                  reference_name=f"{cfg.data.name}-val-{manifest_digest(real_manifest)}-{res}{crop}-n{len(val)}"
+                                 + ("-even" if e.max_real else ""))  # max_real: a class-balanced subset
 
     vqvae, _ = load_exported(vqvae_model(cfg), device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log)
