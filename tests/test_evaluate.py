@@ -18,6 +18,7 @@ from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
 from pipeline.evaluation import fidelity
 from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, train_or_reuse
+from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.rejection import accepted, class_matched
 from pipeline.models import load_exported
 from pipeline.stages import StageContext
@@ -74,6 +75,7 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert "reusing the cache" in log and "computing" not in log
     assert "classifier_real: reusing the trained classifier" in log
     assert "classifier_samples: reusing the trained classifier" in log
+    assert "reconstructed" not in log  # the reconstruction shards are kept
     rerun = json.loads((out / "results.json").read_text())["results"]
     assert rerun["fid"] == pytest.approx(results["fid"]) and rerun["cas/top1"] == results["cas/top1"]
 
@@ -121,6 +123,25 @@ def test_real_baseline_matches_the_class_counts_and_reports_a_short_class():
     assert idx == [0, 1, 2, 3, 5]  # the first of each class in pool order: 0s at 0, 2, 5; a 1; a 2
     assert np.bincount(pool[idx]).tolist() == [3, 1, 1]
     assert short == {0: 1, 3: 1}  # four 0s asked for, three in the pool; no 3 at all
+
+
+def test_reconstructions_are_reused_only_for_the_same_images_and_vqvae(evaluated, tmp_path, caplog):
+    root = evaluated["root"]
+    vqvae, _ = load_exported(root / "digits" / "train_vqvae" / "model.pt")
+    log = logging.getLogger("test.recon")
+
+    def run(images, model_id):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="test.recon"):
+            metrics, _ = reconstruct(vqvae, images, tmp_path / "recon", 8, log, model_id=model_id)
+        return metrics, sum("reconstructed" in r.getMessage() for r in caplog.records)
+
+    first, written = run(_val(root, limit=20), "a")
+    assert written >= 1 and first["psnr"] > 10
+    again, written = run(_val(root, limit=20), "a")
+    assert written == 0 and again == first
+    assert run(_val(root, limit=20), "b")[1] >= 1  # another VQ-VAE
+    assert run(_val(root, limit=30), "b")[1] >= 1  # other images from the same shards
 
 
 def test_max_real_takes_every_class_evenly_from_class_sorted_shards(tmp_path):

@@ -1,13 +1,16 @@
 """VQ-VAE reconstructions of the real val split: MSE / PSNR, and the reconstructions themselves as
 image shards (one per val shard, written atomically with a marker) so reconstruction FID reads
-them like any other image set, and a requeued job keeps the shards it finished. Codebook usage is
-the share of each level's codes that at least one val image uses (counts kept in the markers)."""
+them like any other image set, and a requeued job keeps the shards it finished. A marker names its
+source shard, its images and the VQ-VAE: another val subset or another model is reconstructed anew.
+Codebook usage is the share of each level's codes that at least one val image uses (counts kept in
+the markers)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +23,9 @@ from pipeline.data.shard_images import ShardImages, write_image_shard
 
 @torch.no_grad()
 def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: int,
-                log: logging.Logger) -> tuple[dict[str, float], list[str]]:
+                log: logging.Logger, model_id: str) -> tuple[dict[str, float], list[str]]:
     """({"mse", "psnr"} in [-1, 1] pixel units, "usage_top", "usage_bottom"; the reconstruction
-    shard paths), shard by shard of ``val``."""
+    shard paths), shard by shard of ``val``. ``model_id`` names the VQ-VAE (its file's digest)."""
     device = next(vqvae.parameters()).device
     sizes = {"top": vqvae.quant_t.K, "bottom": vqvae.quant_b.K}
     by_tar: dict[str, list[int]] = {}
@@ -33,7 +36,9 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
     for n, (tar, indices) in enumerate(by_tar.items()):
         out = out_dir / f"recon-{n:06d}.tar"
         marker = out_dir / f"recon-{n:06d}_stats.json"
-        source = {"tar": tar, "count": len(indices)}
+        keys = "\n".join(val.entries[i].key for i in indices)
+        source = {"shard": Path(tar).name, "count": len(indices), "vqvae": model_id,
+                  "keys": hashlib.sha256(keys.encode()).hexdigest()[:16]}  # not the path: a moved run_root reuses
         stats = json.loads(marker.read_text()) if marker.exists() and out.exists() else {}
         if stats.get("source") != source or "codes_top" not in stats:
             part = val.subset(indices)

@@ -73,7 +73,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                                  + ("-even" if e.max_real else ""))  # max_real: a class-balanced subset
 
     vqvae, _ = load_exported(vqvae_model(cfg), device)
-    recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log)
+    recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log,
+                                    model_id=atomic.file_digest(vqvae_model(cfg))[:16])
     results.update({f"recon/{k}": v for k, v in recon.items()})
     results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
 
