@@ -45,6 +45,17 @@ def run_root(prepared: Path, tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
+def save_changed_model(src: Path, dst: Path) -> Path:
+    """``src`` (a model.pt) with one weight changed, saved as ``dst``: another model of the same shape."""
+    import torch
+
+    blob = torch.load(src, weights_only=True)
+    first = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][first] += 0.01
+    torch.save(blob, dst)
+    return dst
+
+
 def copy_stages(src_root: Path, dst_root: Path, *stages: str) -> Path:
     """A new run_root holding copies of these finished stages of experiment 'digits'."""
     for stage in stages:

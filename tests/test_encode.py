@@ -12,7 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import copy_stages, submit
+from conftest import copy_stages, save_changed_model, submit
 from pipeline import atomic
 from pipeline.config import compose
 from pipeline.data import codes
@@ -127,11 +127,7 @@ def test_a_named_vqvae_is_recorded_and_used_downstream_and_another_is_refused(ex
     status = submit("status", f"run_root={experiment}", cwd=tmp_path)
     assert re.search(r"^train_vqvae\s+not needed", status.stdout, re.M), status.stdout
 
-    other = tmp_path / "other.pt"
-    blob = torch.load(named, weights_only=True)
-    first = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
-    blob["state_dict"][first] += 0.01
-    torch.save(blob, other)
+    other = save_changed_model(named, tmp_path / "other.pt")
     before = {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()}
     refused = submit("stage=encode", f"run_root={experiment}", f"encode.vqvae={other}", cwd=tmp_path)
     assert refused.returncode == 1 and "encode.vqvae" in refused.stderr and "another VQ-VAE" in refused.stderr

@@ -9,13 +9,12 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import PRIOR_STAGES as STAGES
-from conftest import copy_stages, submit
+from conftest import copy_stages, save_changed_model, submit
 from pipeline.config import compose
 from pipeline.data import shards
 from pipeline.stages import StageContext, sample
@@ -97,10 +96,7 @@ def test_array_tasks_draw_the_same_samples_as_one_job(experiment, priors, tmp_pa
 
 def test_a_vqvae_other_than_the_one_the_priors_learned_is_refused(experiment, tmp_path):
     path = experiment / "digits" / "train_vqvae" / "model.pt"
-    blob = torch.load(path, weights_only=True)
-    first = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
-    blob["state_dict"][first] += 0.01  # a retrained or swapped VQ-VAE: its codes mean something else
-    torch.save(blob, path)
+    save_changed_model(path, path)  # a retrained or swapped VQ-VAE: its codes mean something else
     proc = submit("stage=sample", f"run_root={experiment}", *ARGS, cwd=tmp_path)
     assert proc.returncode == 1 and "another VQ-VAE" in proc.stderr, proc.stderr[-3000:]
     assert not list((experiment / "digits" / "sample").glob("shards/*.tar"))

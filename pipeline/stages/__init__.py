@@ -45,9 +45,8 @@ def missing_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Path]]:
     """(producing stage, path) for each input of ``stage`` that is not on disk."""
     from pipeline.config import stage_dir
 
-    needs = [(s, stage_dir(cfg, s) / rel) for s, rel in NEEDS.get(stage, ())]
-    if stage in ("encode", "sample", "evaluate"):  # an explicitly named model replaces train_vqvae's
-        needs = [(s, vqvae_model(cfg) if s == "train_vqvae" else p) for s, p in needs]
+    needs = [(s, vqvae_model(cfg) if (s, rel) == ("train_vqvae", "model.pt") else stage_dir(cfg, s) / rel)
+             for s, rel in NEEDS.get(stage, ())]  # a VQ-VAE named with encode.vqvae replaces train_vqvae's
     return [(s, p) for s, p in needs if not p.exists()]
 
 

@@ -72,9 +72,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                   reference_name=f"{cfg.data.name}-val-{manifest_digest(real_manifest)}-{res}{crop}-n{len(val)}"
                                  + ("-even" if e.max_real else ""))  # max_real: a class-balanced subset
 
-    vqvae, _ = load_exported(vqvae_model(cfg), device)
+    vqvae_path = vqvae_model(cfg)
+    vqvae, _ = load_exported(vqvae_path, device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log,
-                                    model_id=atomic.file_digest(vqvae_model(cfg))[:16])
+                                    model_id=atomic.file_digest(vqvae_path)[:16])
     results.update({f"recon/{k}": v for k, v in recon.items()})
     results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
 

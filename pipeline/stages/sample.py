@@ -57,7 +57,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     paths = {"train_vqvae": vqvae_model(cfg), "train_top_prior": stage_dir(cfg, "train_top_prior") / "model.pt",
              "train_bottom_prior": stage_dir(cfg, "train_bottom_prior") / "model.pt"}
     # the models by content, not path or mtime: a run_root moved or copied elsewhere still resumes
-    weights = {name: atomic.file_digest(p) for name, p in paths.items()}
+    digests = {name: atomic.file_digest(p) for name, p in paths.items()}
     models = {name: load_exported(p, device) for name, p in paths.items()}
     vqvae, vq_meta = models["train_vqvae"]
     (top_prior, top_meta), (bottom_prior, bottom_meta) = models["train_top_prior"], models["train_bottom_prior"]
@@ -66,13 +66,13 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         raise ValueError("the VQ-VAE and the two priors were trained on different class sets; retrain the "
                          "priors after `submit stage=encode` with this VQ-VAE")
     for name, meta in (("train_top_prior", top_meta), ("train_bottom_prior", bottom_meta)):
-        if meta.get("vqvae_sha256") not in (None, weights["train_vqvae"]):
+        if meta.get("vqvae_sha256") not in (None, digests["train_vqvae"]):
             raise ValueError(f"{paths[name]} learned the codes of another VQ-VAE (sha256 {meta['vqvae_sha256'][:16]}) "
-                             f"than {paths['train_vqvae']} ({weights['train_vqvae'][:16]}), which would decode its "
+                             f"than {paths['train_vqvae']} ({digests['train_vqvae'][:16]}), which would decode its "
                              "samples -- retrain the priors after `submit stage=encode` with this VQ-VAE")
     shard_plan = plan(cfg, num_classes)
     how = settings(cfg)
-    digest = hashlib.sha256(json.dumps([how, shard_plan, list(weights.values())]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([how, shard_plan, list(digests.values())]).encode()).hexdigest()[:16]
     out_dir = ctx.stage_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{SPLIT}-{i:06d}" for i in range(len(shard_plan))]
