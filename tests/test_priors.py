@@ -104,3 +104,41 @@ def test_a_codebook_size_other_than_the_codes_is_refused(encoded):
     cfg = compose(["stage=train_top_prior", f"run_root={encoded}", "model.vqvae.codebook_size_top=16"])
     with pytest.raises(ValueError, match=r"model.vqvae.codebook_size_top=16, .* codebook_size_top=32"):
         PriorTask(cfg, "top_prior")
+
+
+def test_validation_takes_a_class_balanced_val_subset_read_as_the_stream_reads_it(encoded, tmp_path):
+    cfg = compose(["stage=train_top_prior", f"run_root={encoded}", "train.eval_samples=20",
+                   "train.sample_grid=false", "deepspeed.micro_batch=8"])
+    task = PriorTask(cfg, "top_prior")
+    model = task.build_model().eval()
+    with torch.no_grad():
+        metrics = task.evaluate(model, 0, None)
+    assert np.bincount(task.val.labels, minlength=10).tolist() == [2] * 10  # not the first 20 val maps
+    urls = codes.shard_urls(encoded / "digits" / "encode" / "shards", "val")
+    stream = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    maps = [task.val[i] for i in range(len(task.val))]
+    for (top, bottom, cls), entry in zip(maps, task.val.entries):
+        ref_top, ref_bottom, ref_cls = codes.CodeSample()(stream[entry.key], None)
+        assert torch.equal(top, torch.from_numpy(ref_top)) and torch.equal(bottom, torch.from_numpy(ref_bottom))
+        assert int(cls) == ref_cls
+    top, cls = torch.stack([m[0] for m in maps]), torch.stack([m[2] for m in maps])
+    with torch.no_grad():
+        bits = float(torch.nn.functional.cross_entropy(model(top, cls), top)) / math.log(2)
+    assert metrics["val_bits_per_code"] == pytest.approx(bits, rel=1e-5)
+
+    # a sample without both maps or with an unreadable class is left out and counted
+    shard = tmp_path / "val-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i, cls in enumerate([0, 0, 1, 1, 2, 2]):
+            sample = {"__key__": f"k{i}", "top.npy": codes.npy_bytes(np.full((2, 2), i, np.uint8)),
+                      "bottom.npy": codes.npy_bytes(np.full((4, 4), i, np.uint8)), "cls": str(cls)}
+            if i == 3:
+                del sample["bottom.npy"]
+            if i == 5:
+                sample["cls"] = "x"
+            sink.write(sample)
+    maps = codes.CodeMaps([str(shard)])
+    assert maps.skipped == 2 and [e.key for e in maps.entries] == ["k0", "k1", "k2", "k4"]
+    assert maps[3][1].dtype == torch.int64 and maps[3][1].tolist() == [[4] * 4] * 4 and int(maps[3][2]) == 2
+    assert [e.key for e in codes.CodeMaps([str(shard)], limit=3).entries] == ["k0", "k2", "k4"]
+    assert [e.key for e in maps.shard_for_rank(1, 2).entries] == ["k1", "k4"]

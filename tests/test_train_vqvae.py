@@ -12,12 +12,18 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from mlflow.tracking import MlflowClient
 
 from conftest import SUBMIT, submit
+from pipeline.config import compose
+from pipeline.data.shard_images import write_image_shard
+from pipeline.data.streams import ordered_batches
 from pipeline.models import VQVAE2
+from pipeline.stages.train_vqvae import VQVAETask
 
 FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=10", "train.log_every=10",
         "train.eval_samples=64"]
@@ -177,3 +183,22 @@ def test_two_ranks_agree_and_a_different_world_size_is_refused(run_root, tmp_pat
     ok = submit(*_args(run_root, "train.max_steps=40", "resume_weights_only=true"), cwd=tmp_path, timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "weights only" in ok.stdout
+
+
+def test_validation_takes_a_class_balanced_val_subset_decoded_as_the_stream_decodes_it(run_root, tmp_path):
+    cfg = compose(["stage=train_vqvae", f"run_root={run_root}", "train.eval_samples=30", "deepspeed.micro_batch=8"])
+    task = VQVAETask(cfg, None)
+    x = torch.cat(list(task._val_batches()))
+    assert np.bincount(task.val.labels, minlength=10).tolist() == [3] * 10  # not the first 30 val images
+    crop = "none" if cfg.data.augment == "none" else "center"
+    stream = {key: image for b in ordered_batches(task.val_urls, batch_size=64, resolution=int(cfg.data.resolution),
+                                                  augment=crop, num_workers=0) if "image" in b
+              for key, image in zip(b["key"], b["image"])}
+    assert x.shape[0] == 30 and all(torch.equal(x[i], stream[e.key]) for i, e in enumerate(task.val.entries))
+
+    # an image that does not decode is left out of the subset, as the training stream leaves it out
+    good = write_image_shard(tmp_path / "val-000000.tar", np.zeros((3, 32, 32, 3), np.uint8), [0, 1, 2])
+    with wds.TarWriter(str(tmp_path / "val-000001.tar")) as sink:
+        sink.write({"__key__": "bad", "png": b"not an image", "cls": 1})
+    task.val, task.val_urls = None, [str(good), str(tmp_path / "val-000001.tar")]
+    assert len(torch.cat(list(task._val_batches()))) == 3 and "bad" not in [e.key for e in task.val.entries]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import atomic
+from pipeline.data.shard_images import IndexedShards
 
 MANIFEST = "codes.json"
 FORMAT = "vqvae2-pipeline/code-shards-v1"
@@ -46,6 +47,19 @@ class CodeSample:
     @staticmethod
     def finish(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return batch
+
+
+class CodeMaps(IndexedShards):
+    """Random access to the samples of code shards: (top codes, bottom codes, label) as int64
+    tensors, the same as ``CodeSample`` gives the stream; ``limit``: a class-balanced subset."""
+
+    def __init__(self, urls: list[str], limit: int | None = None):
+        super().__init__(urls, limit, exts=("top.npy", "bottom.npy"), need_all=True)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        e = self.entries[i]
+        top, bottom = (torch.from_numpy(load_npy(e.read(ext)).astype(np.int64)) for ext in ("top.npy", "bottom.npy"))
+        return top, bottom, torch.tensor(e.label)
 
 
 def read_manifest(code_dir: Path) -> dict[str, Any]:

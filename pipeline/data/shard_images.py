@@ -1,12 +1,14 @@
-"""Random access to the images of tar shards, for metrics that need a map-style dataset
-(torch-fidelity's inputs, per-class subsets for rejection sampling) — no image-folder dumps.
+"""Random access to the samples of tar shards, for work that needs a map-style dataset or a fixed
+subset (torch-fidelity's inputs, per-class subsets for rejection sampling, the class-balanced val
+subsets that training validates on) — no image-folder dumps.
 
-The index holds, per sample, the tar file and the byte range of its image member (found once by
-reading the tar headers); ``dataset[i]`` seeks there, decodes, and crops to ``resolution``².
+The index holds, per sample, its tar file, its class and the byte range of each member (found once
+by reading the tar headers); ``dataset[i]`` seeks to the members it needs.
 """
 
 from __future__ import annotations
 
+import copy
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +22,25 @@ from pipeline.data.transforms import load_crop
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an index of ImageNet's train split has 1.28M of them
 class Entry:
     key: str
     label: int
     tar: str
-    offset: int
-    size: int
+    members: tuple[tuple[str, int, int], ...]  # (extension, offset, size) of the members kept
+
+    def read(self, ext: str) -> bytes:
+        offset, size = next((o, n) for e, o, n in self.members if e == ext)
+        with open(self.tar, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
 
 
-def index_tars(urls: list[str]) -> tuple[list[Entry], int]:
-    """Entries of every sample with an image and a class, in shard order; and how many samples
-    were left out because a member is missing or unreadable."""
+def index_tars(urls: list[str], exts: tuple[str, ...] = IMAGE_EXTS, need_all: bool = False
+               ) -> tuple[list[Entry], int]:
+    """Entries of every sample with a class and its members with extension in ``exts`` (any one
+    of them, or all with ``need_all``), in shard order; and how many samples were left out because
+    a member is missing or unreadable."""
     entries: list[Entry] = []
     bad = 0
     for url in urls:
@@ -41,17 +50,19 @@ def index_tars(urls: list[str]) -> tuple[list[Entry], int]:
                 if not member.isfile() or "." not in member.name:
                     continue
                 key, ext = member.name.split(".", 1)
-                slot = found.setdefault(key, {})
-                if ext in IMAGE_EXTS:
-                    slot["image"] = (member.offset_data, member.size)
-                elif ext == "cls":
+                slot = found.setdefault(key, {"members": []})
+                if ext == "cls":
                     try:
                         slot["label"] = int(tar.extractfile(member).read().decode().strip())
                     except ValueError:
                         slot["label"] = None
+                elif ext in exts:
+                    # exts' own string, not one more per sample
+                    slot["members"].append((exts[exts.index(ext)], member.offset_data, member.size))
         for key, slot in found.items():
-            if "image" in slot and slot.get("label") is not None:
-                entries.append(Entry(key, slot["label"], url, *slot["image"]))
+            found_exts = {m[0] for m in slot["members"]}
+            if slot.get("label") is not None and (found_exts == set(exts) if need_all else found_exts):
+                entries.append(Entry(key, slot["label"], url, tuple(slot["members"])))
             else:
                 bad += 1
     return entries, bad
@@ -68,39 +79,62 @@ def balanced_first(labels: list[int], n: int) -> list[int]:
     return sorted(i for _, i in sorted(rank)[:n])
 
 
-class ShardImages(Dataset):
-    """uint8 tensors (3, H, W) — torch-fidelity's input format — over the samples of ``urls``."""
+class IndexedShards(Dataset):
+    """The indexed samples of ``urls``; subclasses say which members a sample needs and decode them."""
 
-    def __init__(self, urls: list[str], resolution: int, crop: str = "center", limit: int | None = None):
+    def __init__(self, urls: list[str], limit: int | None = None, exts: tuple[str, ...] = IMAGE_EXTS,
+                 need_all: bool = False):
         """``limit``: at most that many samples, spread evenly over the classes (shards written
-        class by class, like ImageNet's val folders, would otherwise give only the first classes)."""
-        entries, self.skipped = index_tars(urls)
+        class by class, like ImageNet's val folders, would otherwise give only the first classes).
+        ``exts``, ``need_all``: the members a sample needs, as for ``index_tars``."""
+        entries, self.skipped = index_tars(urls, exts, need_all)
         if limit:
             entries = [entries[i] for i in balanced_first([e.label for e in entries], int(limit))]
         self.entries = entries
-        self.resolution, self.crop = resolution, crop
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        e = self.entries[i]
-        with open(e.tar, "rb") as f:
-            f.seek(e.offset)
-            raw = f.read(e.size)
-        img = load_crop(raw, self.resolution, self.crop, False)
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
     @property
     def labels(self) -> np.ndarray:
         return np.array([e.label for e in self.entries], dtype=np.int64)
 
-    def subset(self, indices: list[int]) -> "ShardImages":
+    def subset(self, indices: list[int] | range) -> "IndexedShards":
         """A dataset of the given samples (same decoding), in the given order."""
-        view = ShardImages.__new__(ShardImages)
+        view = copy.copy(self)
         view.entries = [self.entries[i] for i in indices]
-        view.resolution, view.crop, view.skipped = self.resolution, self.crop, 0
+        view.skipped = 0
         return view
+
+    def readable(self) -> tuple["IndexedShards", int]:
+        """The samples that decode (each is decoded once: for small fixed subsets), and how many do
+        not — a corrupt file in a val subset is left out, as the training stream leaves it out."""
+        good = []
+        for i in range(len(self)):
+            try:
+                self[i]
+                good.append(i)
+            except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError; npy raises ValueError
+                pass
+        return self.subset(good), len(self) - len(good)
+
+    def shard_for_rank(self, rank: int, world_size: int) -> "IndexedShards":
+        """Every ``world_size``-th sample from ``rank`` on: the ranks split the set without overlap."""
+        return self.subset(range(rank, len(self), world_size))
+
+
+class ShardImages(IndexedShards):
+    """uint8 tensors (3, H, W) — torch-fidelity's input format — over the samples of ``urls``."""
+
+    def __init__(self, urls: list[str], resolution: int, crop: str = "center", limit: int | None = None):
+        super().__init__(urls, limit)
+        self.resolution, self.crop = resolution, crop
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        e = self.entries[i]
+        raw = e.read(e.members[0][0])
+        img = load_crop(raw, self.resolution, self.crop, False)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
 def write_image_shard(path: Path, images: np.ndarray, labels: list[int], keys: list[str] | None = None) -> Path:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.data.shard_images import ShardImages
+from pipeline.data.shard_images import ShardImages, balanced_first
 from pipeline.data.streams import TrainLoader
 from pipeline.models import build, load_exported
 from pipeline.stages import StageContext
@@ -65,6 +65,7 @@ class ClassifierTask:
     def __init__(self, cfg: DictConfig, train_urls: list[str], val: ShardImages, num_classes: int,
                  class_names: list[str], trained_on: str):
         self.cfg, self.train_urls, self.val = cfg, train_urls, val
+        self.val_subset: ShardImages | None = None
         self.num_classes, self.class_names, self.trained_on = num_classes, class_names, trained_on
         self.dist = distributed.detect()
 
@@ -88,8 +89,10 @@ class ClassifierTask:
         return loss, {"loss": loss.detach(), "accuracy": (logits.argmax(1) == y).float().mean()}
 
     def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]:
-        limit = int(self.cfg.train.eval_samples)
-        top1, top5 = accuracy(model, self.val.subset(list(range(min(limit, len(self.val))))))
+        if self.val_subset is None:  # class-balanced: val shards may be written class by class
+            limit = int(self.cfg.train.eval_samples)
+            self.val_subset = self.val.subset(balanced_first(self.val.labels.tolist(), limit))
+        top1, top5 = accuracy(model, self.val_subset)
         return {"val_top1": top1, "val_top5": top5}
 
     def export_meta(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ decoded originals.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pipeline.config import stage_dir
 from pipeline.data import codes, grids
@@ -26,6 +28,8 @@ from pipeline.models import build, load_exported
 from pipeline.models.sampling import sample_bottom, sample_top
 from pipeline.stages import StageContext, vqvae_model
 from pipeline.training import distributed, engine
+
+log = logging.getLogger(__name__)
 
 
 class PriorTask:
@@ -36,6 +40,7 @@ class PriorTask:
         self.code_dir = stage_dir(cfg, "encode") / "shards"
         self.manifest = codes.read_manifest(self.code_dir)
         self.num_classes = int(self.manifest["num_classes"])
+        self.val: codes.CodeMaps | None = None
         for key in ("codebook_size_top", "codebook_size_bottom"):
             if int(self.manifest[key]) != int(cfg.model.vqvae[key]):  # the codes come from encode's VQ-VAE
                 raise ValueError(f"model.vqvae.{key}={cfg.model.vqvae[key]}, but the codes in {self.code_dir} "
@@ -67,12 +72,14 @@ class PriorTask:
     def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]:
         sums = torch.zeros(3, dtype=torch.float64)  # nll nats, correct, codes
         first = None
-        left = math.ceil(int(self.cfg.train.eval_samples) / self.dist.world_size)
-        urls = codes.shard_urls(self.code_dir, "val")[self.dist.rank::self.dist.world_size]
-        loader = TrainLoader(urls or codes.shard_urls(self.code_dir, "val"), batch_size=int(self.cfg.deepspeed.micro_batch),
-                             steps=max(1, math.ceil(left / int(self.cfg.deepspeed.micro_batch))), seed=0,
-                             num_workers=0, shuffle_buffer=1, sample=codes.CodeSample())
-        for top, bottom, cls in loader:  # seed 0: the same val subset at every eval
+        if self.val is None:  # the same class-balanced val subset at every eval, split over the ranks
+            self.val, bad = codes.CodeMaps(codes.shard_urls(self.code_dir, "val"),
+                                           int(self.cfg.train.eval_samples)).readable()
+            if bad:
+                log.warning("%d val code map(s) of the validation subset do not load; validating on %d", bad,
+                            len(self.val))
+        part = self.val.shard_for_rank(self.dist.rank, self.dist.world_size)
+        for top, bottom, cls in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch)):
             logits, target = self._logits(model, top.to(self.device), bottom.to(self.device), cls.to(self.device))
             logits = logits.float()
             sums += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),

@@ -1,11 +1,13 @@
 """`train_vqvae`: the hierarchical VQ-VAE-2 on the image shards, with the shared engine.
 
 Loss = MSE reconstruction + commitment (+ codebook loss in learned mode). Every eval: val MSE and
-PSNR on the first ``train.eval_samples`` val images, and a grid of originals over reconstructions.
+PSNR on ``train.eval_samples`` val images (class-balanced, the same every time), and a grid of
+originals over reconstructions.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterator
 
@@ -13,13 +15,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pipeline.config import stage_dir
 from pipeline.data import grids, shards
-from pipeline.data.streams import TrainLoader, ordered_batches
+from pipeline.data.shard_images import ShardImages
+from pipeline.data.streams import TrainLoader
 from pipeline.models import build
 from pipeline.stages import StageContext
 from pipeline.training import distributed, engine
+
+log = logging.getLogger(__name__)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -36,6 +42,7 @@ class VQVAETask:
         self.manifest = shards.read_manifest(self.shard_dir)
         self.train_urls = shards.shard_urls(self.shard_dir, "train")
         self.val_urls = shards.shard_urls(self.shard_dir, "val")
+        self.val: ShardImages | None = None
         self.device = self.dist.device
 
     def build_model(self) -> nn.Module:
@@ -55,18 +62,16 @@ class VQVAETask:
         return terms["loss"], terms
 
     def _val_batches(self) -> Iterator[torch.Tensor]:
-        d = self.cfg.data
-        crop = "none" if d.augment == "none" else "center"
-        left = math.ceil(int(self.cfg.train.eval_samples) / self.dist.world_size)
-        for b in ordered_batches(self.val_urls, batch_size=int(self.cfg.deepspeed.micro_batch),
-                                 resolution=int(d.resolution), augment=crop, rank=self.dist.rank,
-                                 world_size=self.dist.world_size, num_workers=0):
-            if "image" not in b:
-                continue
-            yield b["image"][:left]
-            left -= len(b["image"])
-            if left <= 0:
-                return
+        if self.val is None:  # the same class-balanced val subset at every eval, split over the ranks
+            d = self.cfg.data
+            self.val, bad = ShardImages(self.val_urls, int(d.resolution), "none" if d.augment == "none" else "center",
+                                        limit=int(self.cfg.train.eval_samples)).readable()
+            if bad:
+                log.warning("%d val image(s) of the validation subset do not decode; validating on %d", bad,
+                            len(self.val))
+        part = self.val.shard_for_rank(self.dist.rank, self.dist.world_size)
+        for x in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch)):
+            yield x.float().div_(127.5).sub_(1.0)
 
     def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]:
         sq_err = torch.zeros(2, dtype=torch.float64)  # (sum of squared errors, pixel values)
