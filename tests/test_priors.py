@@ -111,8 +111,10 @@ def test_validation_takes_a_class_balanced_val_subset_read_as_the_stream_reads_i
                    "train.sample_grid=false", "deepspeed.micro_batch=8"])
     task = PriorTask(cfg, "top_prior")
     model = task.build_model().eval()
+    rng = torch.get_rng_state()
     with torch.no_grad():
         metrics = task.evaluate(model, 0, None)
+    assert torch.equal(rng, torch.get_rng_state())  # validating leaves training's randomness alone
     assert np.bincount(task.val.labels, minlength=10).tolist() == [2] * 10  # not the first 20 val maps
     urls = codes.shard_urls(encoded / "digits" / "encode" / "shards", "val")
     stream = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}

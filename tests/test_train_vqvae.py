@@ -188,7 +188,9 @@ def test_two_ranks_agree_and_a_different_world_size_is_refused(run_root, tmp_pat
 def test_validation_takes_a_class_balanced_val_subset_decoded_as_the_stream_decodes_it(run_root, tmp_path):
     cfg = compose(["stage=train_vqvae", f"run_root={run_root}", "train.eval_samples=30", "deepspeed.micro_batch=8"])
     task = VQVAETask(cfg, None)
+    rng = torch.get_rng_state()
     x = torch.cat(list(task._val_batches()))
+    assert torch.equal(rng, torch.get_rng_state())  # validating leaves training's randomness alone
     assert np.bincount(task.val.labels, minlength=10).tolist() == [3] * 10  # not the first 30 val images
     crop = "none" if cfg.data.augment == "none" else "center"
     stream = {key: image for b in ordered_batches(task.val_urls, batch_size=64, resolution=int(cfg.data.resolution),

@@ -113,10 +113,11 @@ class _TrainShards(IterableDataset):
                 rows = []
 
 
-def _private_generator() -> torch.Generator:
+def private_generator() -> torch.Generator:
     """For DataLoader's per-iterator worker base seed, which it otherwise draws from the global RNG:
     a resumed run opens its stream mid-segment (one more iterator than the uninterrupted run), so
     the global RNG behind dropout and codebook restarts would drift and resume would not be exact.
+    Validation loaders use it too: how often a run validates must not change what it trains.
     The datasets here seed their own RNGs, so the value is irrelevant."""
     return torch.Generator().manual_seed(0)
 
@@ -146,7 +147,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(self._dataset, batch_size=None, num_workers=self._num_workers,
-                            pin_memory=torch.cuda.is_available(), generator=_private_generator(),
+                            pin_memory=torch.cuda.is_available(), generator=private_generator(),
                             prefetch_factor=4 if self._num_workers else None,
                             persistent_workers=False)
         per_worker: dict[int, int] = {}
@@ -199,7 +200,7 @@ def ordered_batches(urls: list[str], *, batch_size: int, resolution: int, augmen
     and after each shard ``{"shard_done": index}``, so a consumer can close per-shard outputs."""
     dataset = _OrderedShards(urls, batch_size=batch_size, resolution=resolution, augment=augment,
                              rank=rank, world_size=world_size)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=_private_generator(),
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=private_generator(),
                         prefetch_factor=4 if num_workers else None)
     per_worker: dict[int, int] = {}
     for batch in loader:

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.data.shard_images import ShardImages, balanced_first
-from pipeline.data.streams import TrainLoader
+from pipeline.data.streams import TrainLoader, private_generator
 from pipeline.models import build, load_exported
 from pipeline.stages import StageContext
 from pipeline.tracking import PrefixedRun
@@ -30,7 +30,8 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 def _images(dataset: ShardImages, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     labels = torch.from_numpy(dataset.labels)
-    for i, x in enumerate(DataLoader(dataset, batch_size=batch_size, num_workers=0)):
+    for i, x in enumerate(DataLoader(dataset, batch_size=batch_size, num_workers=0,
+                                        generator=private_generator())):
         yield x.float().div_(127.5).sub_(1.0), labels[i * batch_size:i * batch_size + len(x)]
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import stage_dir
 from pipeline.data import codes, grids
-from pipeline.data.streams import TrainLoader
+from pipeline.data.streams import TrainLoader, private_generator
 from pipeline.models import build, load_exported
 from pipeline.models.sampling import sample_bottom, sample_top
 from pipeline.stages import StageContext, vqvae_model
@@ -79,7 +79,8 @@ class PriorTask:
                 log.warning("%d val code map(s) of the validation subset do not load; validating on %d", bad,
                             len(self.val))
         part = self.val.shard_for_rank(self.dist.rank, self.dist.world_size)
-        for top, bottom, cls in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch)):
+        for top, bottom, cls in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch),
+                                           generator=private_generator()):
             logits, target = self._logits(model, top.to(self.device), bottom.to(self.device), cls.to(self.device))
             logits = logits.float()
             sums += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import stage_dir
 from pipeline.data import grids, shards
 from pipeline.data.shard_images import ShardImages
-from pipeline.data.streams import TrainLoader
+from pipeline.data.streams import TrainLoader, private_generator
 from pipeline.models import build
 from pipeline.stages import StageContext
 from pipeline.training import distributed, engine
@@ -70,7 +70,7 @@ class VQVAETask:
                 log.warning("%d val image(s) of the validation subset do not decode; validating on %d", bad,
                             len(self.val))
         part = self.val.shard_for_rank(self.dist.rank, self.dist.world_size)
-        for x in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch)):
+        for x in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch), generator=private_generator()):
             yield x.float().div_(127.5).sub_(1.0)
 
     def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]:
