@@ -109,14 +109,15 @@ class IndexedShards(Dataset):
     def readable(self) -> tuple["IndexedShards", int]:
         """The samples that decode (each is decoded once: for small fixed subsets), and how many do
         not — a corrupt file in a val subset is left out, as the training stream leaves it out."""
-        good = []
-        for i in range(len(self)):
-            try:
-                self[i]
-                good.append(i)
-            except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError; npy raises ValueError
-                pass
+        good = [i for i in range(len(self)) if self._decodes(i)]
         return self.subset(good), len(self) - len(good)
+
+    def _decodes(self, i: int) -> bool:
+        try:
+            self[i]
+        except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError; npy raises ValueError
+            return False
+        return True
 
     def shard_for_rank(self, rank: int, world_size: int) -> "IndexedShards":
         """Every ``world_size``-th sample from ``rank`` on: the ranks split the set without overlap."""
