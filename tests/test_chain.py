@@ -76,3 +76,19 @@ def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):
     todo, done, skip = chain.stages_to_run(cfgs)
     assert skip == ["train_vqvae"] and done == [] and todo[:2] == ["prepare", "encode"], todo
     assert "train_vqvae" in chain.stages_to_run(chain.compose_all([f"run_root={tmp_path / 'runs'}"]))[0]
+
+
+def test_summary_table_columns_stay_aligned_whatever_the_wall_time_reads():
+    rows = [{"stage": "prepare", "status": "done", "seconds": None, "metric": "1797 images", "outputs": "/a"},
+            {"stage": "train_vqvae", "status": "not needed", "seconds": None, "metric": "-", "outputs": "/b"},
+            {"stage": "encode", "status": "done", "seconds": 3.2, "metric": "1797 code maps", "outputs": "/c"},
+            {"stage": "train_top_prior", "status": "done", "seconds": 3725.0, "metric": "val 0.5 bits/code",
+             "outputs": "/d"}]
+    lines = chain.summary_table(rows, 3728.2).splitlines()
+    assert "done before" in lines[1] and "not needed" in lines[2] and "62 min 05 s" in lines[4]
+    # the wall-time column ends, and the metric column starts, at the same place on every line
+    starts = {line.index(word) for line, word in zip(lines, ["key metric", "1797 images", "-", "1797 code", "val 0.5"])}
+    assert len(starts) == 1, lines
+    ends = {line.index(w) + len(w) for line, w in zip(lines, ["wall time", "done before", "not needed", "3 s",
+                                                              "62 min 05 s", "62 min 08 s"])}
+    assert len(ends) == 1, lines

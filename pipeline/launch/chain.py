@@ -96,13 +96,16 @@ def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
 
 def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
     """The lines `stage=all` ends with: stage, wall time, key metric, outputs."""
+    walls = [(r["status"] if r["status"] == "not needed" else "done before") if r["seconds"] is None
+             else _duration(r["seconds"]) for r in rows]
+    total = _duration(total_seconds)
+    # Right-aligned, so the column is as wide as its longest entry ("done before" is 11).
+    wall_width = max(len(w) for w in walls + [total, "wall time"])
     width = max([len(r["metric"]) for r in rows] + [10])
-    lines = [f"  {'stage':<20}{'wall time':>10}  {'key metric':<{width}}  outputs"]
-    for r in rows:
-        wall = (r["status"] if r["status"] == "not needed" else "done before") if r["seconds"] is None \
-            else _duration(r["seconds"])
-        lines.append(f"  {r['stage']:<20}{wall:>10}  {r['metric']:<{width}}  {r['outputs']}")
-    lines.append(f"  {'total':<20}{_duration(total_seconds):>10}")
+    lines = [f"  {'stage':<20}{'wall time':>{wall_width}}  {'key metric':<{width}}  outputs"]
+    for r, wall in zip(rows, walls):
+        lines.append(f"  {r['stage']:<20}{wall:>{wall_width}}  {r['metric']:<{width}}  {r['outputs']}")
+    lines.append(f"  {'total':<20}{total:>{wall_width}}")
     return "\n".join(lines)
 
 
