@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipeline.config import config_dir
-from pipeline.models import BottomPrior, TopPrior, build, parameter_count
+from pipeline.models import BottomPrior, TopPrior, build, load_exported, load_exported_digest, parameter_count
 from pipeline.models.sampling import filter_logits, sample_bottom, sample_top
 
 TINY = OmegaConf.load(config_dir() / "model" / "tiny_digits.yaml")
@@ -191,3 +192,17 @@ def test_presets_build_with_their_parameter_counts():
     assert 1e6 < counts["vqvae"] < 5e6 and counts["top_prior"] > 1e8
     tiny = parameter_count(build("top_prior", TINY, num_classes=10))
     assert tiny < 3e6
+
+
+def test_an_exported_model_loads_with_the_digest_of_the_file_it_came_from(tmp_path):
+    model = build("top_prior", TINY, num_classes=10)
+    path = tmp_path / "model.pt"
+    torch.save({"kind": "top_prior", "state_dict": model.state_dict(), "num_classes": 10,
+                "model_config": OmegaConf.to_container(TINY, resolve=True)}, path)
+    loaded, meta, sha = load_exported_digest(path)
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest() and meta["num_classes"] == 10
+    plain, _ = load_exported(path)
+    for (name, a), b in zip(loaded.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, model.state_dict()[name]), name
+    path.write_bytes(path.read_bytes() + b"x")  # another file: another digest
+    assert load_exported_digest(path)[2] != sha

@@ -70,8 +70,9 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
     out = moved / "digits" / "sample" / "shards"
 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    changed = submit("stage=sample", f"run_root={moved}", *ARGS, "sample.temperature=0.5", cwd=tmp_path)
-    assert changed.returncode == 1 and "other sampling settings" in changed.stderr
+    for setting in ("sample.temperature=0.5", "sample.batch_size=8"):  # a batch size changes the draws too
+        changed = submit("stage=sample", f"run_root={moved}", *ARGS, setting, cwd=tmp_path)
+        assert changed.returncode == 1 and "other sampling settings" in changed.stderr, setting
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
 
 

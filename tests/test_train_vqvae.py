@@ -77,9 +77,11 @@ def test_learns_logs_and_exports(run_root, tmp_path):
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("val_reconstructions" in p for p in images), images
     # tracking.system_metrics (default true): MLflow's monitor samples the job's CPU and memory
-    # every tracking.system_metrics_interval seconds (1 here: many samples in a ~30 s stage)
+    # every tracking.system_metrics_interval seconds (1 here): about one sample per second of the run,
+    # whatever this machine's speed (a quarter of that leaves room for the monitor's start-up)
     cpu = _history(client, run, "system/cpu_utilization_percentage")
-    assert len(cpu) >= 8, cpu
+    seconds = (run.info.end_time - run.info.start_time) / 1000
+    assert len(cpu) >= max(3, seconds / 4), (seconds, cpu)
     assert _history(client, run, "system/system_memory_usage_megabytes")
 
     blob = torch.load(run_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)

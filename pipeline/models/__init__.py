@@ -16,7 +16,8 @@ from pipeline.models.priors import BottomPrior, TopPrior
 from pipeline.models.quantizer import VectorQuantizer
 from pipeline.models.vqvae import VQVAE2
 
-__all__ = ["VQVAE2", "Classifier", "TopPrior", "BottomPrior", "VectorQuantizer", "build", "load_exported", "parameter_count"]
+__all__ = ["VQVAE2", "Classifier", "TopPrior", "BottomPrior", "VectorQuantizer", "build", "load_exported",
+           "load_exported_digest", "parameter_count"]
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -55,6 +56,24 @@ def load_exported(path: Any, device: Any = "cpu") -> tuple[nn.Module, dict[str, 
     import torch
 
     blob = torch.load(path, map_location=device, weights_only=True)
+    return _from_blob(blob, device)
+
+
+def load_exported_digest(path: Any, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any], str]:
+    """``load_exported`` plus the sha256 of the file, from one read: the digest names exactly the
+    weights loaded, even if the file is replaced in between."""
+    import hashlib
+    import io
+    from pathlib import Path
+
+    import torch
+
+    data = Path(path).read_bytes()
+    model, meta = _from_blob(torch.load(io.BytesIO(data), map_location=device, weights_only=True), device)
+    return model, meta, hashlib.sha256(data).hexdigest()
+
+
+def _from_blob(blob: dict[str, Any], device: Any) -> tuple[nn.Module, dict[str, Any]]:
     model = build(blob["kind"], blob["model_config"], num_classes=blob.get("num_classes"))
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}

@@ -21,7 +21,7 @@ from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.data import codes, shards
 from pipeline.data.streams import ordered_batches
-from pipeline.models import load_exported
+from pipeline.models import load_exported_digest
 from pipeline.stages import StageContext, vqvae_model
 from pipeline.training.distributed import detect
 
@@ -37,8 +37,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     if not vqvae_path.exists():
         raise FileNotFoundError(f"{vqvae_path}: no VQ-VAE model; run `submit stage=train_vqvae` first "
                                 "or pass encode.vqvae=/path/to/model.pt")
-    vqvae_sha256 = atomic.file_digest(vqvae_path)
-    model, meta = load_exported(vqvae_path, device)
+    model, meta, vqvae_sha256 = load_exported_digest(vqvae_path, device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     vq = meta["model_config"]["vqvae"]

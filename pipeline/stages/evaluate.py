@@ -33,7 +33,7 @@ from pipeline.evaluation import fidelity, report
 from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, manifest_digest, train_or_reuse
 from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.rejection import accepted, class_matched, rate_name
-from pipeline.models import load_exported
+from pipeline.models import load_exported, load_exported_digest
 from pipeline.stages import StageContext, vqvae_model
 from pipeline.training.distributed import detect
 
@@ -73,9 +73,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                                  + ("-even" if e.max_real else ""))  # max_real: a class-balanced subset
 
     vqvae_path = vqvae_model(cfg)
-    vqvae, _ = load_exported(vqvae_path, device)
+    vqvae, _, vqvae_sha256 = load_exported_digest(vqvae_path, device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log,
-                                    model_id=atomic.file_digest(vqvae_path)[:16])
+                                    model_id=vqvae_sha256[:16])
     results.update({f"recon/{k}": v for k, v in recon.items()})
     results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
 

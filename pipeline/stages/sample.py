@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.data import grids, shards
-from pipeline.models import load_exported
+from pipeline.models import load_exported_digest
 from pipeline.models.sampling import sample_bottom, sample_top
 from pipeline.stages import StageContext, vqvae_model
 from pipeline.training.distributed import detect
@@ -47,8 +47,10 @@ def plan(cfg: DictConfig, num_classes: int) -> list[list[tuple[int, int]]]:
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
     s = cfg.sample
+    # batch_size is here because a shard's batches draw one after another from the shard's generator:
+    # other batches, other samples, so a resumed shard set must keep it
     return {"seed": int(cfg.seed), "temperature": float(s.temperature), "top_k": int(s.top_k),
-            "top_p": float(s.top_p)}
+            "top_p": float(s.top_p), "batch_size": int(s.batch_size)}
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
@@ -57,8 +59,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     paths = {"train_vqvae": vqvae_model(cfg), "train_top_prior": stage_dir(cfg, "train_top_prior") / "model.pt",
              "train_bottom_prior": stage_dir(cfg, "train_bottom_prior") / "model.pt"}
     # the models by content, not path or mtime: a run_root moved or copied elsewhere still resumes
-    digests = {name: atomic.file_digest(p) for name, p in paths.items()}
-    models = {name: load_exported(p, device) for name, p in paths.items()}
+    loaded = {name: load_exported_digest(p, device) for name, p in paths.items()}
+    digests = {name: sha for name, (_, _, sha) in loaded.items()}
+    models = {name: (model, meta) for name, (model, meta, _) in loaded.items()}
     vqvae, vq_meta = models["train_vqvae"]
     (top_prior, top_meta), (bottom_prior, bottom_meta) = models["train_top_prior"], models["train_bottom_prior"]
     num_classes = int(top_meta["num_classes"])
