@@ -81,7 +81,8 @@ class GatedLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Conv2d(hidden, res_channels, 1), nn.GELU(), nn.Conv2d(res_channels, hidden, 1))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, v: torch.Tensor, h: torch.Tensor, cond_v: torch.Tensor, cond_h: torch.Tensor):
+    def forward(self, v: torch.Tensor, h: torch.Tensor, cond_v: torch.Tensor, cond_h: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         pre_v = self.v_conv(v)
         v = v + gate(pre_v + cond_v)
         pre_h = self.h_conv(h) + self.v_to_h(pre_v)  # pre_v at row i only knows rows < i

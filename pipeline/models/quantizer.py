@@ -94,7 +94,7 @@ class VectorQuantizer(nn.Module):
         return F.embedding(codes, self.embed).permute(0, 3, 1, 2).contiguous()  # codebook dtype
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor):
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         device_type, in_dtype = z.device.type, z.dtype
         with torch.autocast(device_type, enabled=False):  # distances and statistics in fp32
             z = z.float()
