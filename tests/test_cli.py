@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import logging
+
 import pytest
 import yaml
 
 from conftest import submit
+from tqdm import tqdm
+
+from pipeline.launch.jobs import ConsoleHandler
 
 STAGES = ["prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior", "sample",
           "evaluate", "all"]
@@ -79,3 +85,21 @@ def test_unwritable_run_root_is_refused(tmp_path):
     assert proc.returncode == 2
     assert f"run_root={blocker / 'runs'}" in proc.stderr and "not a directory" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("handler", [ConsoleHandler, logging.StreamHandler])
+def test_console_log_lines_start_on_their_own_line_under_a_progress_bar(handler):
+    out = io.StringIO()  # a terminal: the progress bar and the log lines share it
+    log = logging.getLogger(f"test_console_{handler.__name__}")
+    log.propagate = False
+    log.addHandler(handler(out))
+    log.setLevel(logging.INFO)
+    with tqdm(total=10, file=out, mininterval=0, desc="steps") as bar:
+        bar.update(3)
+        log.info("step 3: val 0.5")
+        bar.update(3)
+    text = out.getvalue()
+    before = text[text.index("step 3: val") - 1]
+    # the bar's line is cleared (carriage return) first, and redrawn after the log line
+    assert (before in "\r\n") == (handler is ConsoleHandler), repr(text)
+    assert "steps:  60%" in text[text.index("step 3: val"):]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.config import stage_dir
@@ -23,6 +24,17 @@ log = logging.getLogger("pipeline")
 DONE = "done.json"  # written into the stage dir when a stage finished completely
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm: on a terminal a log line would otherwise land on the end of the progress
+    bar's line (bars are on stderr, logs on stdout); tqdm.write clears the bars, writes, redraws them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging(log_file: Path) -> logging.Handler:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handler = logging.FileHandler(log_file)
@@ -30,7 +42,7 @@ def _setup_logging(log_file: Path) -> logging.Handler:
     root = logging.getLogger()
     root.addHandler(handler)
     if not any(getattr(h, "_pipeline_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stdout)
+        console = ConsoleHandler(sys.stdout)
         console.setFormatter(fmt)
         console._pipeline_console = True  # type: ignore[attr-defined]
         root.addHandler(console)
