@@ -70,10 +70,22 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
     out = moved / "digits" / "sample" / "shards"
 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    for setting in ("sample.temperature=0.5", "sample.batch_size=8"):  # a batch size changes the draws too
+    # refused, naming what differs (a batch size changes the draws too)
+    for setting, named in (("sample.temperature=0.5", "sample.temperature 0.8 there, 0.5 now"),
+                           ("sample.batch_size=8", "sample.batch_size 16 there, 8 now"),
+                           ("sample.per_class=5", "another plan of which samples go where")):
         changed = submit("stage=sample", f"run_root={moved}", *ARGS, setting, cwd=tmp_path)
         assert changed.returncode == 1 and "other sampling settings" in changed.stderr, setting
+        assert named in changed.stderr and changed.stderr.count(" there, ") == named.count(" there, "), changed.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
+
+    # shards of a version that recorded no settings (nor the batch size): refused, saying how to redraw
+    stats_file = out / "samples-000000_stats.json"
+    stats = json.loads(stats_file.read_text())
+    del stats["made_with"]
+    stats_file.write_text(json.dumps({**stats, "plan": "0123456789abcdef"}))
+    old = submit("stage=sample", f"run_root={moved}", *ARGS, cwd=tmp_path)
+    assert old.returncode == 1 and f"move {out.parent} away to draw again" in old.stderr, old.stderr[-2000:]
 
 
 def test_array_tasks_draw_the_same_samples_as_one_job(experiment, priors, tmp_path):

@@ -76,11 +76,14 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     shard_plan = plan(cfg, num_classes)
     how = settings(cfg)
     digest = hashlib.sha256(json.dumps([how, shard_plan, list(digests.values())]).encode()).hexdigest()[:16]
+    # what the digest covers, readable: a refused resume can say which setting differs
+    made_with = {"sampling": how, "models": {k: v[:16] for k, v in digests.items()},
+                 "plan": hashlib.sha256(json.dumps(shard_plan).encode()).hexdigest()[:16]}
     out_dir = ctx.stage_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{SPLIT}-{i:06d}" for i in range(len(shard_plan))]
     mine = list(range(len(shard_plan)))[ctx.task::ctx.tasks]
-    todo = [i for i in mine if _completed(out_dir, names[i], digest) is None]
+    todo = [i for i in mine if _completed(out_dir, names[i], digest, made_with) is None]
     ctx.log.info("sampling %d classes x %d per class (temperature %g, top-k %d, top-p %g) on %s: %d of %d "
                  "shards of this task to write", len({c for s in shard_plan for c, _ in s}),
                  int(cfg.sample.per_class), how["temperature"], how["top_k"], how["top_p"], device,
@@ -99,10 +102,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                                str(cfg.sample.method))
                 rows += [(c, k, img) for (c, k), img in zip(items, images)]
                 bar.update(len(items))
-            _write_shard(out_dir, names[i], rows, digest, how)
+            _write_shard(out_dir, names[i], rows, digest, made_with)
             drawn += len(rows)
     seconds = time.time() - t0
-    complete = all(_completed(out_dir, n, digest) is not None for n in names)
+    complete = all(_completed(out_dir, n, digest, made_with) is not None for n in names)
     summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "samples_drawn": drawn,
                                "samples_per_s": round(drawn / seconds, 2) if drawn else 0.0,
                                "seconds": round(time.time() - start, 2)}
@@ -137,18 +140,33 @@ def _draw(vqvae, top_prior, bottom_prior, classes: torch.Tensor, sizes, g: torch
     return out
 
 
-def _completed(out_dir: Path, name: str, digest: str) -> dict | None:
+def _completed(out_dir: Path, name: str, digest: str, made_with: dict) -> dict | None:
     sp, tp = shards.stats_path(out_dir, name), shards.tar_path(out_dir, name)
     if not sp.exists() or not tp.exists():
         return None
     stats = json.loads(sp.read_text())
     if stats["plan"] != digest:
-        raise ValueError(f"{sp}: written with other sampling settings (seed, sample.*, or other models); "
-                         "pass the same settings, or another experiment= (finished shards are never overwritten)")
+        if "made_with" not in stats:
+            raise ValueError(f"{sp}: written with other sampling settings, by an earlier version that did not "
+                             f"record them (nor sample.batch_size); move {out_dir.parent} away to draw again, or "
+                             "pass another experiment= (finished shards are never overwritten)")
+        raise ValueError(f"{sp}: written with other sampling settings or models: "
+                         f"{_differences(stats['made_with'], made_with)}; pass the same settings, or another "
+                         "experiment= (finished shards are never overwritten)")
     return stats if tp.stat().st_size == stats["bytes"] else None
 
 
-def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], digest: str, how: dict) -> None:
+def _differences(then: dict, now: dict) -> str:
+    out = [f"{k if k == 'seed' else 'sample.' + k} {then['sampling'].get(k)} there, {v} now"
+           for k, v in now["sampling"].items() if then["sampling"].get(k) != v]
+    out += [f"{k} model.pt sha256 {then['models'].get(k)} there, {v} now"
+            for k, v in now["models"].items() if then["models"].get(k) != v]
+    if then["plan"] != now["plan"]:
+        out.append("another plan of which samples go where (sample.per_class, sample.classes, sample.shard_size)")
+    return "; ".join(out)
+
+
+def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], digest: str, made_with: dict) -> None:
     tar = shards.tar_path(out_dir, name)
     atomic.remove_stale_temps(tar)
     tmp = atomic.temp_name(tar)
@@ -156,7 +174,7 @@ def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], d
         sink = wds.TarWriter(stream)
         for c, k, png in rows:
             sink.write({"__key__": f"c{c:05d}_{k:06d}", "png": png, "cls": c,
-                        "json": {"class": c, "index": k, **how}})
+                        "json": {"class": c, "index": k, **made_with["sampling"]}})
         sink.close()
     atomic.commit(tmp, tar)
     counts: dict[str, int] = {}
@@ -164,7 +182,8 @@ def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], d
         counts[str(c)] = counts.get(str(c), 0) + 1
     atomic.write_json(shards.stats_path(out_dir, name), {
         "name": name, "tar": tar.name, "split": SPLIT, "plan": digest, "count": len(rows), "skipped": [],
-        "class_counts": counts, "bytes": tar.stat().st_size})
+        "class_counts": counts, "bytes": tar.stat().st_size,
+        "made_with": made_with})
 
 
 def _manifest(out_dir: Path, names: list[str], vq_meta: dict, top_meta: dict, how: dict, cfg: DictConfig) -> dict:
