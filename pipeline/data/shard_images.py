@@ -9,15 +9,19 @@ by reading the tar headers); ``dataset[i]`` seeks to the members it needs.
 from __future__ import annotations
 
 import copy
+import logging
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.streams import private_generator
 from pipeline.data.transforms import load_crop
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 
@@ -87,10 +91,9 @@ class IndexedShards(Dataset):
         """``limit``: at most that many samples, spread evenly over the classes (shards written
         class by class, like ImageNet's val folders, would otherwise give only the first classes).
         ``exts``, ``need_all``: the members a sample needs, as for ``index_tars``."""
-        entries, self.skipped = index_tars(urls, exts, need_all)
+        self.entries, self.skipped = index_tars(urls, exts, need_all)
         if limit:
-            entries = [entries[i] for i in balanced_first([e.label for e in entries], int(limit))]
-        self.entries = entries
+            self.entries = self.balanced(int(limit)).entries
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -106,11 +109,18 @@ class IndexedShards(Dataset):
         view.skipped = 0
         return view
 
-    def readable(self) -> tuple["IndexedShards", int]:
-        """The samples that decode (each is decoded once: for small fixed subsets), and how many do
-        not — a corrupt file in a val subset is left out, as the training stream leaves it out."""
+    def balanced(self, n: int) -> "IndexedShards":
+        """At most ``n`` samples, spread evenly over the classes (``balanced_first``)."""
+        return self.subset(balanced_first([e.label for e in self.entries], n))
+
+    def readable(self) -> "IndexedShards":
+        """The samples that decode (each is decoded once: for small fixed subsets); a corrupt file in
+        a val subset is left out with a warning, as the training stream leaves it out."""
         good = [i for i in range(len(self)) if self._decodes(i)]
-        return self.subset(good), len(self) - len(good)
+        if len(good) < len(self):
+            log.warning("%d of %d samples of a fixed subset (%s) do not decode: left out", len(self) - len(good),
+                        len(self), type(self).__name__)
+        return self.subset(good)
 
     def _decodes(self, i: int) -> bool:
         try:
@@ -122,6 +132,11 @@ class IndexedShards(Dataset):
     def shard_for_rank(self, rank: int, world_size: int) -> "IndexedShards":
         """Every ``world_size``-th sample from ``rank`` on: the ranks split the set without overlap."""
         return self.subset(range(rank, len(self), world_size))
+
+    def batches_for_rank(self, batch_size: int, rank: int, world_size: int) -> DataLoader:
+        """This rank's share (``shard_for_rank``), in order, batched; the loader's seed comes from a
+        private generator, so validating leaves the global RNG (dropout, restarts) alone."""
+        return DataLoader(self.shard_for_rank(rank, world_size), batch_size=batch_size, generator=private_generator())
 
 
 class ShardImages(IndexedShards):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.data.shard_images import ShardImages, balanced_first
+from pipeline.data.shard_images import ShardImages
 from pipeline.data.streams import TrainLoader, private_generator
 from pipeline.models import build, load_exported
 from pipeline.stages import StageContext
@@ -92,7 +92,7 @@ class ClassifierTask:
     def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]:
         if self.val_subset is None:  # class-balanced: val shards may be written class by class
             limit = int(self.cfg.train.eval_samples)
-            self.val_subset = self.val.subset(balanced_first(self.val.labels.tolist(), limit))
+            self.val_subset = self.val.balanced(limit)
         top1, top5 = accuracy(model, self.val_subset)
         return {"val_top1": top1, "val_top5": top5}
 

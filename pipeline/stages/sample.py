@@ -75,15 +75,13 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                              "samples -- retrain the priors after `submit stage=encode` with this VQ-VAE")
     shard_plan = plan(cfg, num_classes)
     how = settings(cfg)
-    digest = hashlib.sha256(json.dumps([how, shard_plan, list(digests.values())]).encode()).hexdigest()[:16]
-    # what the digest covers, readable: a refused resume can say which setting differs
-    made_with = {"sampling": how, "models": {k: v[:16] for k, v in digests.items()},
-                 "plan": hashlib.sha256(json.dumps(shard_plan).encode()).hexdigest()[:16]}
+    # what a shard depends on (its stats keep it, and its digest as "plan", like prepare's shards)
+    made_with = {"sampling": how, "models": {k: v[:16] for k, v in digests.items()}, "plan": _sha(shard_plan)}
     out_dir = ctx.stage_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{SPLIT}-{i:06d}" for i in range(len(shard_plan))]
     mine = list(range(len(shard_plan)))[ctx.task::ctx.tasks]
-    todo = [i for i in mine if _completed(out_dir, names[i], digest, made_with) is None]
+    todo = [i for i in mine if _completed(out_dir, names[i], made_with) is None]
     ctx.log.info("sampling %d classes x %d per class (temperature %g, top-k %d, top-p %g) on %s: %d of %d "
                  "shards of this task to write", len({c for s in shard_plan for c, _ in s}),
                  int(cfg.sample.per_class), how["temperature"], how["top_k"], how["top_p"], device,
@@ -102,10 +100,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                                str(cfg.sample.method))
                 rows += [(c, k, img) for (c, k), img in zip(items, images)]
                 bar.update(len(items))
-            _write_shard(out_dir, names[i], rows, digest, made_with)
+            _write_shard(out_dir, names[i], rows, made_with)
             drawn += len(rows)
     seconds = time.time() - t0
-    complete = all(_completed(out_dir, n, digest, made_with) is not None for n in names)
+    complete = all(_completed(out_dir, n, made_with) is not None for n in names)
     summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "samples_drawn": drawn,
                                "samples_per_s": round(drawn / seconds, 2) if drawn else 0.0,
                                "seconds": round(time.time() - start, 2)}
@@ -140,12 +138,12 @@ def _draw(vqvae, top_prior, bottom_prior, classes: torch.Tensor, sizes, g: torch
     return out
 
 
-def _completed(out_dir: Path, name: str, digest: str, made_with: dict) -> dict | None:
+def _completed(out_dir: Path, name: str, made_with: dict) -> dict | None:
     sp, tp = shards.stats_path(out_dir, name), shards.tar_path(out_dir, name)
     if not sp.exists() or not tp.exists():
         return None
     stats = json.loads(sp.read_text())
-    if stats["plan"] != digest:
+    if stats["plan"] != _sha(made_with):
         if "made_with" not in stats:
             raise ValueError(f"{sp}: written with other sampling settings, by an earlier version that did not "
                              f"record them (nor sample.batch_size); move {out_dir.parent} away to draw again, or "
@@ -154,6 +152,10 @@ def _completed(out_dir: Path, name: str, digest: str, made_with: dict) -> dict |
                          f"{_differences(stats['made_with'], made_with)}; pass the same settings, or another "
                          "experiment= (finished shards are never overwritten)")
     return stats if tp.stat().st_size == stats["bytes"] else None
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _differences(then: dict, now: dict) -> str:
@@ -166,7 +168,7 @@ def _differences(then: dict, now: dict) -> str:
     return "; ".join(out)
 
 
-def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], digest: str, made_with: dict) -> None:
+def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], made_with: dict) -> None:
     tar = shards.tar_path(out_dir, name)
     atomic.remove_stale_temps(tar)
     tmp = atomic.temp_name(tar)
@@ -181,9 +183,8 @@ def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], d
     for c, _, _ in rows:
         counts[str(c)] = counts.get(str(c), 0) + 1
     atomic.write_json(shards.stats_path(out_dir, name), {
-        "name": name, "tar": tar.name, "split": SPLIT, "plan": digest, "count": len(rows), "skipped": [],
-        "class_counts": counts, "bytes": tar.stat().st_size,
-        "made_with": made_with})
+        "name": name, "tar": tar.name, "split": SPLIT, "plan": _sha(made_with), "count": len(rows),
+        "skipped": [], "class_counts": counts, "bytes": tar.stat().st_size, "made_with": made_with})
 
 
 def _manifest(out_dir: Path, names: list[str], vq_meta: dict, top_meta: dict, how: dict, cfg: DictConfig) -> dict:

@@ -10,7 +10,6 @@ decoded originals.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -19,17 +18,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
 from pipeline.config import stage_dir
 from pipeline.data import codes, grids
-from pipeline.data.streams import TrainLoader, private_generator
+from pipeline.data.streams import TrainLoader
 from pipeline.models import build, load_exported
 from pipeline.models.sampling import sample_bottom, sample_top
 from pipeline.stages import StageContext, vqvae_model
 from pipeline.training import distributed, engine
-
-log = logging.getLogger(__name__)
 
 
 class PriorTask:
@@ -73,14 +69,10 @@ class PriorTask:
         sums = torch.zeros(3, dtype=torch.float64)  # nll nats, correct, codes
         first = None
         if self.val is None:  # the same class-balanced val subset at every eval, split over the ranks
-            self.val, bad = codes.CodeMaps(codes.shard_urls(self.code_dir, "val"),
-                                           int(self.cfg.train.eval_samples)).readable()
-            if bad:
-                log.warning("%d val code map(s) of the validation subset do not load; validating on %d", bad,
-                            len(self.val))
-        part = self.val.shard_for_rank(self.dist.rank, self.dist.world_size)
-        for top, bottom, cls in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch),
-                                           generator=private_generator()):
+            val_urls = codes.shard_urls(self.code_dir, "val")
+            self.val = codes.CodeMaps(val_urls, int(self.cfg.train.eval_samples)).readable()
+        for top, bottom, cls in self.val.batches_for_rank(int(self.cfg.deepspeed.micro_batch), self.dist.rank,
+                                                          self.dist.world_size):
             logits, target = self._logits(model, top.to(self.device), bottom.to(self.device), cls.to(self.device))
             logits = logits.float()
             sums += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),

@@ -7,7 +7,6 @@ originals over reconstructions.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Iterator
 
@@ -15,17 +14,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
 from pipeline.config import stage_dir
 from pipeline.data import grids, shards
 from pipeline.data.shard_images import ShardImages
-from pipeline.data.streams import TrainLoader, private_generator
+from pipeline.data.streams import TrainLoader
 from pipeline.models import build
 from pipeline.stages import StageContext
 from pipeline.training import distributed, engine
-
-log = logging.getLogger(__name__)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -64,13 +60,9 @@ class VQVAETask:
     def _val_batches(self) -> Iterator[torch.Tensor]:
         if self.val is None:  # the same class-balanced val subset at every eval, split over the ranks
             d = self.cfg.data
-            self.val, bad = ShardImages(self.val_urls, int(d.resolution), "none" if d.augment == "none" else "center",
-                                        limit=int(self.cfg.train.eval_samples)).readable()
-            if bad:
-                log.warning("%d val image(s) of the validation subset do not decode; validating on %d", bad,
-                            len(self.val))
-        part = self.val.shard_for_rank(self.dist.rank, self.dist.world_size)
-        for x in DataLoader(part, batch_size=int(self.cfg.deepspeed.micro_batch), generator=private_generator()):
+            self.val = ShardImages(self.val_urls, int(d.resolution), "none" if d.augment == "none" else "center",
+                                   limit=int(self.cfg.train.eval_samples)).readable()
+        for x in self.val.batches_for_rank(int(self.cfg.deepspeed.micro_batch), self.dist.rank, self.dist.world_size):
             yield x.float().div_(127.5).sub_(1.0)
 
     def evaluate(self, model: nn.Module, step: int, ctx: StageContext) -> dict[str, float]:
