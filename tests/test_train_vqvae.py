@@ -187,7 +187,7 @@ def test_two_ranks_agree_and_a_different_world_size_is_refused(run_root, tmp_pat
     assert "weights only" in ok.stdout
 
 
-def test_validation_takes_a_class_balanced_val_subset_decoded_as_the_stream_decodes_it(run_root, tmp_path):
+def test_validation_takes_a_class_balanced_val_subset_decoded_as_the_stream_decodes_it(run_root, tmp_path, caplog):
     cfg = compose(["stage=train_vqvae", f"run_root={run_root}", "train.eval_samples=30", "deepspeed.micro_batch=8"])
     task = VQVAETask(cfg, None)
     rng = torch.get_rng_state()
@@ -206,3 +206,4 @@ def test_validation_takes_a_class_balanced_val_subset_decoded_as_the_stream_deco
         sink.write({"__key__": "bad", "png": b"not an image", "cls": 1})
     task.val, task.val_urls = None, [str(good), str(tmp_path / "val-000001.tar")]
     assert len(torch.cat(list(task._val_batches()))) == 3 and "bad" not in [e.key for e in task.val.entries]
+    assert "1 of 4 samples of a fixed subset (ShardImages) do not decode" in caplog.text
