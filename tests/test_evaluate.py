@@ -80,7 +80,7 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert rerun["fid"] == pytest.approx(results["fid"]) and rerun["cas/top1"] == results["cas/top1"]
 
 
-def test_real_halves_score_better_than_noise_through_the_same_path(evaluated, tmp_path):
+def test_real_halves_beat_noise_and_dropped_classes_lower_recall_only(evaluated, tmp_path):
     root = evaluated["root"]
     ext = fidelity.extractor(fidelity.CLASSIFIER, root / "digits" / "evaluate" / "classifier_real" / "model.pt")
     val = _val(root)
@@ -95,7 +95,15 @@ def test_real_halves_score_better_than_noise_through_the_same_path(evaluated, tm
     fake = fidelity.metrics(noise, **common)
     assert real["fid"] < fake["fid"] / 3
     assert real["precision"] > 0.6 and real["recall"] > 0.6
-    assert fake["precision"] < 0.1 and fake["recall"] < 0.1
+    # noise covers none of the real digits; its features form one tight clump, which lands inside the
+    # k-NN ball of a few outlying real digits or of none, depending on the classifier's weights (and so
+    # on the CPU's float kernels): 0.18 on one machine, under 0.1 on others. Well under real's either way
+    assert fake["recall"] < 0.1 and fake["precision"] < real["precision"] / 2
+    # half the classes (mode dropping): what is drawn is as precise as real data, but covers about half
+    low = val.subset([int(i) for i in np.flatnonzero(val.labels[:half] < 5)])
+    dropped = fidelity.metrics(low, **common)
+    assert dropped["precision"] > 0.8 and dropped["recall"] < real["recall"] * 0.7
+    assert real["fid"] < dropped["fid"] < fake["fid"]
     # 60 images of 10 classes form one IS split: the score is not capped by tiny splits (6 images each
     # in 10 splits would bound it by 6)
     assert fidelity.isc_splits(60) == 1 and fidelity.isc_splits(500) == 10 and fidelity.isc_splits(10) == 1
