@@ -80,7 +80,7 @@ def _marks(h: int, first: int) -> list[int]:
     return sorted({first, h // 3, 2 * h // 3, h - 1 + first})
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as sample_top / sample_bottom run
 def bench(prior, kind: str, batch: int, size: tuple[int, int], device: torch.device, args) -> dict:
     h, w = size
     classes = torch.zeros(batch, dtype=torch.long, device=device)
