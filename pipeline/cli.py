@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 
-from pipeline.config import GROUPS, ConfigError, compose, config_dir, group_options, to_yaml, validate
+from pipeline.config import GROUPS, ConfigError, compose, config_dir, group_options, stage_name, to_yaml, validate
 
 USAGE = "usage: submit stage=<stage> [group=option ...] [key=value ...] [--cfg job] [--help]"
 
@@ -48,6 +48,7 @@ def help_text() -> str:
         submit stage=prepare --cfg job                         # print the resolved config, run nothing
         submit stage=prepare tracking.uri=http://127.0.0.1:5000
         submit stage=all data=imagenet data.source=/datasets/ILSVRC2012 model=paper_imagenet256 cluster=slurm
+        submit stage=all sample_set=t07 sample.temperature=0.7 # samples of other settings from the same priors, evaluated
         submit status                                          # where every stage stands"""), "  "),
         "", "Every key is documented in the YAML files under " + str(config_dir())]
     return "\n".join(lines)
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"stage={stage}", "has a config file but no implementation",
                               f"stages: {', '.join(BUILT)}")
         for producer, path in missing_inputs(cfg, stage):
+            same = f" sample_set={cfg.sample_set}" if stage_name(cfg, producer) != producer else ""
             raise ConfigError(f"stage={stage}", f"needs {path}, which is missing",
-                              f"run `submit stage={producer}` first (same experiment and run_root), "
-                              "or `submit stage=all`")
+                              f"run `submit stage={producer}{same}` first (same experiment and run_root), "
+                              f"or `submit stage=all{same}`")
         executors.check_available(cfg)
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)

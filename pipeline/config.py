@@ -7,6 +7,7 @@ line, its exit codes and its error messages, and nothing is written before valid
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -180,6 +181,10 @@ def validate(cfg: DictConfig) -> None:
     if float(cfg.tracking.system_metrics_interval) <= 0:
         raise ConfigError(f"tracking.system_metrics_interval={cfg.tracking.system_metrics_interval}",
                           "must be > 0 seconds", "pass e.g. tracking.system_metrics_interval=10")
+    named = cfg.get("sample_set")
+    if named is not None and not SAMPLE_SET_NAME.fullmatch(str(named)):
+        raise ConfigError(f"sample_set={named}", "not usable in a directory name",
+                          "pass letters, digits, '.', '_' or '-' (not first), e.g. sample_set=t07, or null")
     if "sample" in cfg:
         _check_sampling(cfg)
     if "eval" in cfg:
@@ -228,9 +233,21 @@ def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value}", "unknown choice", f"pass one of: {', '.join(choices)}")
 
 
+# The stages whose outputs depend on how samples are drawn: one directory per ``sample_set``.
+SAMPLE_SET_STAGES = ("sample", "evaluate")
+SAMPLE_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def stage_name(cfg: DictConfig, stage: str) -> str:
+    """``stage``, or ``<stage>-<sample_set>`` for sample and evaluate when a sample set is named:
+    the name of the stage's directory and of its MLflow run."""
+    named = cfg.get("sample_set")
+    return f"{stage}-{named}" if named is not None and stage in SAMPLE_SET_STAGES else stage
+
+
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
     """Where a stage of this experiment keeps its outputs, logs, config and MLflow run id."""
-    return Path(cfg.run_root) / str(cfg.experiment) / stage
+    return Path(cfg.run_root) / str(cfg.experiment) / stage_name(cfg, stage)
 
 
 def to_yaml(cfg: DictConfig) -> str:

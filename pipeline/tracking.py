@@ -19,6 +19,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline import atomic  # noqa: E402
+from pipeline.config import stage_name  # noqa: E402
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
@@ -111,8 +112,11 @@ class StageRun:
             log.info("resuming MLflow run %s (execution %d of this stage)", run.info.run_id,
                      self.attempt + 1)
         else:
-            mlflow.start_run(experiment_id=experiment_id, run_name=self.stage,
-                             tags={"stage": self.stage, "experiment": str(self.cfg.experiment)},
+            name = stage_name(self.cfg, self.stage)
+            tags = {"stage": self.stage, "experiment": str(self.cfg.experiment)}
+            if name != self.stage:
+                tags["sample_set"] = str(self.cfg.sample_set)
+            mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags,
                              log_system_metrics=system_metrics)
             self._log_params(flatten(self.cfg))
         self.run_id = mlflow.active_run().info.run_id

@@ -68,6 +68,38 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     assert db.execute("select count(*) from runs").fetchone()[0] == len(runs)
     db.close()
 
+    # another set of samples from the same priors: only sample and evaluate run, into their own dirs
+    before = {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()}
+    hot = submit("stage=all", *SMALL, "sample_set=hot", "sample.temperature=1.0", cwd=tmp_path, timeout=600)
+    assert hot.returncode == 0, hot.stdout[-3000:] + hot.stderr[-3000:]
+    for stage in ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior"):
+        assert re.search(rf"^\s+{stage}\s+done before\s+{metric[stage]}\s+{re.escape(str(exp / stage))}$",
+                         hot.stdout, re.M), hot.stdout
+    for stage in ("sample", "evaluate"):
+        assert re.search(rf"^\s+{stage}\s+(\d+ min )?\d+ s\s+{metric[stage]}\s+{re.escape(str(exp / stage))}-hot$",
+                         hot.stdout, re.M), hot.stdout
+    assert {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()} == before
+    assert json.loads((exp / "sample-hot" / "shards" / "dataset.json").read_text())["sampling"]["temperature"] == 1.0
+    assert "Samples evaluated: sample-hot/ (temperature 1.0, top-k off, top-p off, seed 0)." in \
+        (exp / "evaluate-hot" / "report.md").read_text()
+    assert "Samples evaluated: sample/ (temperature 0.8," in (exp / "evaluate" / "report.md").read_text()
+    hot_results = json.loads((exp / "evaluate-hot" / "results.json").read_text())["results"]
+    db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
+    named = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                            "where t.key = 'sample_set' and r.status = 'FINISHED'").fetchall())
+    db.close()
+    assert named == {"sample-hot": "hot", "evaluate-hot": "hot"}
+
+    # `submit status` sets the two side by side; a set not drawn yet is named in the refusal's fix
+    status = submit("status", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[-2:]}
+    assert rows["(default)"][1:5] == ["0.8", "0", "1.0", "0"] and rows["hot"][1:5] == ["1.0", "0", "1.0", "0"]
+    assert rows["hot"][8:10] == [f"{hot_results['precision']:.3f}", f"{hot_results['recall']:.3f}"], status.stdout
+    cold = submit("stage=evaluate", "sample_set=cold", cwd=tmp_path)
+    assert cold.returncode == 2 and str(exp / "sample-cold" / "shards" / "dataset.json") in cold.stderr
+    assert "`submit stage=sample sample_set=cold` first" in cold.stderr, cold.stderr
+
 
 def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):
     named = tmp_path / "vqvae.pt"

@@ -19,6 +19,7 @@ from pipeline.data.shard_images import ShardImages, write_image_shard
 from pipeline.evaluation import fidelity
 from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, train_or_reuse
 from pipeline.evaluation.reconstruction import reconstruct
+from pipeline.evaluation.report import sample_sets_table
 from pipeline.evaluation.rejection import accepted, class_matched
 from pipeline.models import load_exported
 from pipeline.stages import StageContext
@@ -123,6 +124,21 @@ def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):
     for c in range(10):  # within a class, every kept sample scores at least as high as every dropped one
         k, d = [i for i in keep if samples.labels[i] == c], [i for i in dropped if samples.labels[i] == c]
         assert scores[k].min() >= scores[d].max()
+
+
+def test_sample_sets_table_reads_each_report_and_names_an_unreadable_one(evaluated, tmp_path):
+    assert sample_sets_table(tmp_path) == ""  # nothing evaluated yet: no table
+    done = evaluated["root"] / "digits" / "evaluate" / "results.json"
+    results = json.loads(done.read_text())["results"]
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "results.json").write_text(done.read_text())
+    (tmp_path / "evaluate-cut").mkdir()
+    (tmp_path / "evaluate-cut" / "results.json").write_text('{"results": {')  # e.g. a disk that filled up
+    head, default, broken = sample_sets_table(tmp_path).splitlines()
+    assert head.split()[:6] == ["sample_set", "temperature", "top_k", "top_p", "seed", "samples"]
+    assert default.split()[:9] == ["(default)", "0.8", "0", "1.0", "0", "100", f"{results['fid']:.3g}",
+                                   f"{results['fid/vs_real_train']:.2f}x", f"{results['precision']:.3f}"]
+    assert broken.startswith(f"cut: unreadable {tmp_path / 'evaluate-cut' / 'results.json'} (JSONDecodeError")
 
 
 def test_real_baseline_matches_the_class_counts_and_reports_a_short_class():

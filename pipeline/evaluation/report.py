@@ -4,6 +4,8 @@ dataset and scale: the comparison shows where the method stands, not a like-for-
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 from typing import Any
 
 # Razavi et al. 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2", ImageNet 256x256.
@@ -33,6 +35,14 @@ NOTE = ("Paper column: VQ-VAE-2 on ImageNet 256x256 (CAS with a ResNet-50). This
         "{resolution}x{resolution}, {features} features and far smaller models: a different dataset and "
         "scale, shown for orientation only. The paper gives FID, IS, precision and recall as curves over "
         "rejection rates rather than single values, so those cells are left empty.")
+SAMPLES = "Samples evaluated: {sampled}."
+
+
+def describe_samples(name: str, sampling: dict[str, Any]) -> str:
+    """Which samples a report is about: the sample directory and the settings that drew them."""
+    k, p = int(sampling.get("top_k", 0)), float(sampling.get("top_p", 1.0))
+    return (f"{name}/ (temperature {sampling.get('temperature')}, top-k {k or 'off'}, top-p "
+            f"{p if p < 1 else 'off'}, seed {sampling.get('seed')})")
 
 
 def rows(results: dict[str, float], accept: list[str]) -> list[tuple[str, str, str]]:
@@ -49,11 +59,44 @@ def rows(results: dict[str, float], accept: list[str]) -> list[tuple[str, str, s
 def markdown(results: dict[str, float], accept: list[str], facts: dict[str, Any]) -> str:
     lines = ["| metric | this run | VQ-VAE-2 paper (ImageNet 256²) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(results, accept)]
-    return "\n".join(lines) + "\n\n" + NOTE.format(**facts) + "\n"
+    return "\n".join(lines) + "\n\n" + SAMPLES.format(**facts) + "\n\n" + NOTE.format(**facts) + "\n"
 
 
 def html_table(results: dict[str, float], accept: list[str], facts: dict[str, Any]) -> str:
     body = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows(results, accept))
     return ("<html><body><table border=1 cellpadding=4><tr><th>metric</th><th>this run</th>"
-            f"<th>VQ-VAE-2 paper (ImageNet 256&sup2;)</th></tr>{body}</table><p>{html.escape(NOTE.format(**facts))}"
+            f"<th>VQ-VAE-2 paper (ImageNet 256&sup2;)</th></tr>{body}</table><p>{html.escape(SAMPLES.format(**facts))}</p>"
+            f"<p>{html.escape(NOTE.format(**facts))}"
             "</p></body></html>\n")
+
+
+def _drawn_with(evaluate_dir: Path) -> dict[str, Any]:
+    """The sampling settings in the manifest of the samples an evaluate dir read (reports written
+    before results.json recorded them)."""
+    from pipeline.data.shards import MANIFEST
+
+    manifest = evaluate_dir.parent / evaluate_dir.name.replace("evaluate", "sample", 1) / "shards" / MANIFEST
+    return json.loads(manifest.read_text()).get("sampling", {}) if manifest.exists() else {}
+
+
+def sample_sets_table(exp_dir: Path) -> str:
+    """One row per evaluated set of samples of an experiment (``evaluate/`` and every
+    ``evaluate-<sample_set>/``): how they were drawn beside what came out, so sampling settings can
+    be compared on the same priors. '' when nothing has been evaluated."""
+    head = ["sample_set", "temperature", "top_k", "top_p", "seed", "samples", "FID", "vs real", "precision",
+            "recall", "CAS", "vs real"]
+    rows, unreadable = [head], []
+    for path in sorted(Path(exp_dir).glob("evaluate*/results.json")):
+        name = path.parent.name.partition("-")[2] or "(default)"
+        try:
+            done = json.loads(path.read_text())
+            r, how = done["results"], done.get("sampling") or _drawn_with(path.parent)
+            rows.append([name, *(str(how.get(k, "?")) for k in ("temperature", "top_k", "top_p", "seed")),
+                         str(done["samples"]), f"{r['fid']:.3g}", f"{r['fid/vs_real_train']:.2f}x",
+                         f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['cas/top1']:.3f}", f"{r['cas/vs_real']:.2f}x"])
+        except (OSError, ValueError, KeyError) as e:
+            unreadable.append(f"{name}: unreadable {path} ({type(e).__name__}: {e})")
+    if len(rows) == 1 and not unreadable:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join(["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows] + unreadable)

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError, stage_dir
+from pipeline.config import ConfigError, stage_dir, stage_name
 from pipeline.launch.jobs import StageJob
 
 AVAILABLE = ("local", "slurm")
@@ -45,7 +45,7 @@ def slurm_executor(cfg: DictConfig, stage: str, array: int = 1) -> Any:
                                "exclude": c.exclude}.items() if v}
     extra.update(OmegaConf.to_container(c.extra, resolve=True) or {})
     params: dict[str, Any] = dict(
-        job_name=f"{cfg.experiment}:{stage}", nodes=1 if array > 1 else int(c.nodes),
+        job_name=f"{cfg.experiment}:{stage_name(cfg, stage)}", nodes=1 if array > 1 else int(c.nodes),
         ntasks_per_node=1 if array > 1 else (gpus or int(c.tasks_per_node)),
         cpus_per_task=int(c.cpus_per_task), mem=f"{int(c.mem_gb)}G", time=int(c.time_min),
         signal_delay_s=int(c.signal_delay_s), setup=list(c.setup), additional_parameters=extra,

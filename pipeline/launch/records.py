@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from pipeline import atomic
 from pipeline.config import stage_dir
+from pipeline.evaluation.report import sample_sets_table
 from pipeline.stages import ORDER, vqvae_model
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
@@ -85,4 +86,7 @@ def status_table(cfg: DictConfig) -> str:
     head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
     lines += [f"{r['stage']:<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}" for r in rows]
+    sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
+    if sets:
+        lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]
     return "\n".join(lines)

@@ -114,9 +114,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     results["cas/top1"], results["cas/top5"] = accuracy(cas, val, int(e.batch_size))
     results["cas/vs_real"] = results["cas/top1"] / max(results["real/top1"], 1e-12)
 
-    facts = {"data": cfg.data.name, "resolution": res, "features": ext.name}
+    facts = {"data": cfg.data.name, "resolution": res, "features": ext.name,
+             "sampled": report.describe_samples(sample_dir.parent.name, sample_manifest.get("sampling", {}))}
     accept = [rate_name(r) for r in sorted({float(r) for r in e.accept_rates}, reverse=True)]
     atomic.write_json(ctx.stage_dir / "results.json", {"results": results, **facts, "samples": len(samples),
+                                                       "sampling": sample_manifest.get("sampling", {}),
                                                        "real": len(val)})
     atomic.write_text(ctx.stage_dir / "report.md", report.markdown(results, accept, facts))
     atomic.write_text(ctx.stage_dir / "report.html", report.html_table(results, accept, facts))

@@ -138,6 +138,11 @@ def _draw(vqvae, top_prior, bottom_prior, classes: torch.Tensor, sizes, g: torch
     return out
 
 
+# Where other settings' samples go: the drawn ones stay, the priors are not trained again.
+_ELSEWHERE = ("draw these beside them with sample_set=<name> (then sample-<name>/ and evaluate-<name>/), or move "
+              "{} away to draw again (finished shards are never overwritten)")
+
+
 def _completed(out_dir: Path, name: str, made_with: dict) -> dict | None:
     sp, tp = shards.stats_path(out_dir, name), shards.tar_path(out_dir, name)
     if not sp.exists() or not tp.exists():
@@ -146,11 +151,10 @@ def _completed(out_dir: Path, name: str, made_with: dict) -> dict | None:
     if stats["plan"] != _sha(made_with):
         if "made_with" not in stats:
             raise ValueError(f"{sp}: written with other sampling settings, by an earlier version that did not "
-                             f"record them (nor sample.batch_size); move {out_dir.parent} away to draw again, or "
-                             "pass another experiment= (finished shards are never overwritten)")
+                             f"record them (nor sample.batch_size); {_ELSEWHERE.format(out_dir.parent)}")
         raise ValueError(f"{sp}: written with other sampling settings or models: "
-                         f"{_differences(stats['made_with'], made_with)}; pass the same settings, or another "
-                         "experiment= (finished shards are never overwritten)")
+                         f"{_differences(stats['made_with'], made_with)}; pass the same settings, or "
+                         f"{_ELSEWHERE.format(out_dir.parent)}")
     return stats if tp.stat().st_size == stats["bytes"] else None
 
 
