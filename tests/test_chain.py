@@ -84,6 +84,11 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
         (exp / "evaluate-hot" / "report.md").read_text()
     assert "Samples evaluated: sample/ (temperature 0.8," in (exp / "evaluate" / "report.md").read_text()
     hot_results = json.loads((exp / "evaluate-hot" / "results.json").read_text())["results"]
+    # the real-data classifier does not depend on the samples: the first set's is used, not retrained
+    first = exp / "evaluate" / "classifier_real" / "model.pt"
+    assert f"classifier_real: reusing the trained classifier {first} (same data and recipe)" in hot.stdout + hot.stderr
+    assert not (exp / "evaluate-hot" / "classifier_real").exists() and (exp / "evaluate-hot" / "classifier_samples").is_dir()
+    assert hot_results["real/top1"] == results["real/top1"]
     db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
     named = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
                             "where t.key = 'sample_set' and r.status = 'FINISHED'").fetchall())

@@ -17,7 +17,8 @@ from pipeline.config import compose
 from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
 from pipeline.evaluation import fidelity
-from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, train_or_reuse
+from pipeline.evaluation.classifier import (ClassifierTask, accuracy, confidences, manifest_digest,
+                                             same_classifier, train_or_reuse)
 from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.evaluation.rejection import accepted, class_matched
@@ -124,6 +125,25 @@ def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):
     for c in range(10):  # within a class, every kept sample scores at least as high as every dropped one
         k, d = [i for i in keep if samples.labels[i] == c], [i for i in dropped if samples.labels[i] == c]
         assert scores[k].min() >= scores[d].max()
+
+
+def test_a_finished_classifier_is_shared_only_for_the_same_data_and_recipe(evaluated, tmp_path):
+    root = evaluated["root"]
+    real_dir = root / "digits" / "prepare" / "shards"
+    model = root / "digits" / "evaluate" / "classifier_real" / "model.pt"
+
+    def task(*overrides, trained_on=f"real train {manifest_digest(shards.read_manifest(real_dir))}"):
+        cfg = compose(["stage=evaluate", f"run_root={root}", *EVAL_ARGS, *overrides])
+        return ClassifierTask(cfg, shards.shard_urls(real_dir, "train"), _val(root, 64), 10,
+                              [str(c) for c in range(10)], trained_on), int(cfg.train.max_steps)
+
+    assert same_classifier(model, *task())
+    assert same_classifier(model, *task("sample_set=hot", "eval.accept_rates=[0.2]"))  # not the training's
+    assert not same_classifier(model, *task(trained_on="real train 0123456789abcdef"))
+    for other in ("seed=1", "train.lr=1e-3", "eval.classifier_augment=center", "deepspeed.micro_batch=32"):
+        assert not same_classifier(model, *task(other)), other
+    assert not same_classifier(model, task()[0], 151)
+    assert not same_classifier(tmp_path / "model.pt", *task())
 
 
 def test_sample_sets_table_reads_each_report_and_names_an_unreadable_one(evaluated, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -69,6 +69,12 @@ class ClassifierTask:
         self.val_subset: ShardImages | None = None
         self.num_classes, self.class_names, self.trained_on = num_classes, class_names, trained_on
         self.dist = distributed.detect()
+        # everything that shapes the trained weights besides the data (over-inclusive: a key that does
+        # not matter only costs a retraining where a model could have been shared)
+        self.recipe = manifest_digest(OmegaConf.to_container(OmegaConf.create({
+            "model": cfg.model.classifier, "train": cfg.train, "deepspeed": cfg.deepspeed, "seed": cfg.seed,
+            "augment": cfg.eval.classifier_augment, "resolution": cfg.data.resolution,
+            "shuffle_buffer": cfg.data.shuffle_buffer, "world_size": self.dist.world_size}), resolve=True))
 
     def build_model(self) -> nn.Module:
         return build("classifier", self.cfg.model, num_classes=self.num_classes)
@@ -97,14 +103,31 @@ class ClassifierTask:
         return {"val_top1": top1, "val_top5": top5}
 
     def export_meta(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "class_names": self.class_names, "trained_on": self.trained_on}
+        return {"num_classes": self.num_classes, "class_names": self.class_names, "trained_on": self.trained_on,
+                "recipe": self.recipe}
 
 
-def train_or_reuse(cfg: DictConfig, ctx: StageContext, name: str, task: ClassifierTask) -> Path:
+def same_classifier(path: Path, task: ClassifierTask, max_steps: int) -> bool:
+    """Whether ``path`` is a finished classifier of ``task``: same data, same recipe, all steps."""
+    if not path.is_file():
+        return False
+    _, meta = load_exported(path)
+    return (meta.get("trained_on"), meta.get("recipe"), int(meta["step"])) == (task.trained_on, task.recipe, max_steps)
+
+
+def train_or_reuse(cfg: DictConfig, ctx: StageContext, name: str, task: ClassifierTask,
+                   elsewhere: tuple[Path, ...] = ()) -> Path:
     """Train ``task`` in ``<stage dir>/<name>/`` (resuming from its checkpoints), or reuse the
-    exported model when it is finished; a model trained on other data is refused, never replaced."""
+    exported model when it is finished; a model trained on other data is refused, never replaced.
+    Where this dir has no model yet, a finished ``<dir>/<name>/model.pt`` of the same data and recipe
+    in one of ``elsewhere`` (another sample set's evaluate dir) is used as it is, not trained again."""
     sub_dir = ctx.stage_dir / name
     path = sub_dir / "model.pt"
+    if not path.exists():
+        for other in (Path(d) / name / "model.pt" for d in elsewhere):
+            if same_classifier(other, task, int(cfg.train.max_steps)):
+                ctx.log.info("%s: reusing the trained classifier %s (same data and recipe)", name, other)
+                return other
     if path.exists():
         _, meta = load_exported(path)
         if meta.get("trained_on") != task.trained_on:

@@ -60,7 +60,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     real_task = ClassifierTask(cfg, shards.shard_urls(real_dir, "train"), val, num_classes, names,
                                f"real train {manifest_digest(real_manifest)}")
-    real_path = train_or_reuse(cfg, ctx, "classifier_real", real_task)
+    # the real-data classifier does not depend on the samples: other sample sets' evaluate dirs may
+    # hold it already (on ImageNet, a ResNet's training not redone per set)
+    others = tuple(d for d in sorted(ctx.stage_dir.parent.glob("evaluate*")) if d != ctx.stage_dir)
+    real_path = train_or_reuse(cfg, ctx, "classifier_real", real_task, elsewhere=others)
     real_clf, _ = load_exported(real_path, device)
     results["real/top1"], results["real/top5"] = accuracy(real_clf, val, int(e.batch_size))
 
