@@ -101,6 +101,8 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[-2:]}
     assert rows["(default)"][1:5] == ["0.8", "0", "1.0", "0"] and rows["hot"][1:5] == ["1.0", "0", "1.0", "0"]
     assert rows["hot"][8:10] == [f"{hot_results['precision']:.3f}", f"{hot_results['recall']:.3f}"], status.stdout
+    hot_status = submit("status", "sample_set=hot", cwd=tmp_path).stdout
+    assert re.search(r"^sample-hot\s+done\s", hot_status, re.M) and re.search(r"^evaluate-hot\s+done\s", hot_status, re.M)
     cold = submit("stage=evaluate", "sample_set=cold", cwd=tmp_path)
     assert cold.returncode == 2 and str(exp / "sample-cold" / "shards" / "dataset.json") in cold.stderr
     assert "`submit stage=sample sample_set=cold` first" in cold.stderr, cold.stderr

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline import atomic
-from pipeline.config import stage_dir
+from pipeline.config import stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.stages import ORDER, vqvae_model
 
@@ -85,7 +85,8 @@ def status_table(cfg: DictConfig) -> str:
     rows = [stage_status(cfg, s) for s in ORDER if s != "all"]
     head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
-    lines += [f"{r['stage']:<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}" for r in rows]
+    lines += [f"{stage_name(cfg, r['stage']):<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}"
+              for r in rows]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
     if sets:
         lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]
