@@ -89,6 +89,8 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     assert f"classifier_real: reusing the trained classifier {first} (same data and recipe)" in hot.stdout + hot.stderr
     assert not (exp / "evaluate-hot" / "classifier_real").exists() and (exp / "evaluate-hot" / "classifier_samples").is_dir()
     assert hot_results["real/top1"] == results["real/top1"]
+    assert "reconstructed" not in hot.stdout + hot.stderr and not (exp / "evaluate-hot" / "reconstructions").exists()
+    assert hot_results["recon/psnr"] == results["recon/psnr"]
     db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
     named = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
                             "where t.key = 'sample_set' and r.status = 'FINISHED'").fetchall())

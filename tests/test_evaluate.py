@@ -174,18 +174,25 @@ def test_reconstructions_are_reused_only_for_the_same_images_and_vqvae(evaluated
     vqvae, _ = load_exported(root / "digits" / "train_vqvae" / "model.pt")
     log = logging.getLogger("test.recon")
 
-    def run(images, model_id):
+    def run(images, model_id, out="recon", elsewhere=()):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="test.recon"):
-            metrics, _ = reconstruct(vqvae, images, tmp_path / "recon", 8, log, model_id=model_id)
-        return metrics, sum("reconstructed" in r.getMessage() for r in caplog.records)
+            metrics, urls = reconstruct(vqvae, images, tmp_path / out, 8, log, model_id=model_id, elsewhere=elsewhere)
+        return metrics, sum("reconstructed" in r.getMessage() for r in caplog.records), urls
 
-    first, written = run(_val(root, limit=20), "a")
+    first, written, urls = run(_val(root, limit=20), "a")
     assert written >= 1 and first["psnr"] > 10
-    again, written = run(_val(root, limit=20), "a")
+    again, written, _ = run(_val(root, limit=20), "a")
     assert written == 0 and again == first
+    # another sample set's evaluate: the finished shards are read where they are, nothing is written
+    shared, written, shared_urls = run(_val(root, limit=20), "a", "other", elsewhere=(tmp_path / "recon",))
+    assert written == 0 and shared == first and shared_urls == urls and not (tmp_path / "other").exists()
     assert run(_val(root, limit=20), "b")[1] >= 1  # another VQ-VAE
     assert run(_val(root, limit=30), "b")[1] >= 1  # other images from the same shards
+    # ... and not when they reconstruct other images: written here, the other dir untouched
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "recon").iterdir()}
+    assert run(_val(root, limit=20), "a", "other", elsewhere=(tmp_path / "recon",))[1] >= 1
+    assert (tmp_path / "other").is_dir() and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "recon").iterdir()} == before
 
 
 def test_max_real_takes_every_class_evenly_from_class_sorted_shards(tmp_path):

@@ -23,9 +23,11 @@ from pipeline.data.shard_images import ShardImages, write_image_shard
 
 @torch.no_grad()
 def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: int,
-                log: logging.Logger, model_id: str) -> tuple[dict[str, float], list[str]]:
+                log: logging.Logger, model_id: str, elsewhere: tuple[Path, ...] = ()) -> tuple[dict[str, float], list[str]]:
     """({"mse", "psnr"} in [-1, 1] pixel units, "usage_top", "usage_bottom"; the reconstruction
-    shard paths), shard by shard of ``val``. ``model_id`` names the VQ-VAE (its file's digest)."""
+    shard paths), shard by shard of ``val``. ``model_id`` names the VQ-VAE (its file's digest). A
+    finished shard of the same source in one of ``elsewhere`` (other reconstruction dirs: another
+    sample set's evaluate) is used where it is instead of being written again."""
     device = next(vqvae.parameters()).device
     sizes = {"top": vqvae.quant_t.K, "bottom": vqvae.quant_b.K}
     by_tar: dict[str, list[int]] = {}
@@ -34,13 +36,13 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
     sq_err, values, urls = 0.0, 0, []
     counts = {level: np.zeros(k, dtype=np.int64) for level, k in sizes.items()}
     for n, (tar, indices) in enumerate(by_tar.items()):
-        out = out_dir / f"recon-{n:06d}.tar"
-        marker = out_dir / f"recon-{n:06d}_stats.json"
+        name = f"recon-{n:06d}"
         keys = "\n".join(val.entries[i].key for i in indices)
         source = {"shard": Path(tar).name, "count": len(indices), "vqvae": model_id,
                   "keys": hashlib.sha256(keys.encode()).hexdigest()[:16]}  # not the path: a moved run_root reuses
-        stats = json.loads(marker.read_text()) if marker.exists() and out.exists() else {}
-        if stats.get("source") != source or "codes_top" not in stats:
+        out, stats = next(((Path(d) / f"{name}.tar", st) for d in (out_dir, *elsewhere)
+                           if (st := _finished(Path(d), name, source))), (out_dir / f"{name}.tar", {}))
+        if not stats:
             part = val.subset(indices)
             images, err = [], 0.0
             used = {level: np.zeros(k, dtype=np.int64) for level, k in sizes.items()}
@@ -56,7 +58,7 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
             write_image_shard(out, np.concatenate(images), list(part.labels), [e.key for e in part.entries])
             stats = {"source": source, "sq_err": err, "values": int(sum(im.size for im in images)),
                      **{f"codes_{level}": c.tolist() for level, c in used.items()}}
-            atomic.write_json(marker, stats)
+            atomic.write_json(out_dir / f"{name}_stats.json", stats)
             log.info("reconstructed %s: %d images", Path(tar).name, len(indices))
         sq_err += stats["sq_err"]
         values += stats["values"]
@@ -66,3 +68,10 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
     mse = sq_err / max(values, 1)
     return {"mse": mse, "psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
             **{f"usage_{level}": float((c > 0).mean()) for level, c in counts.items()}}, urls
+
+
+def _finished(directory: Path, name: str, source: dict) -> dict:
+    """The marker's stats when ``<directory>/<name>.tar`` is a finished reconstruction of ``source``, else {}."""
+    marker, out = directory / f"{name}_stats.json", directory / f"{name}.tar"
+    stats = json.loads(marker.read_text()) if marker.exists() and out.exists() else {}
+    return stats if stats.get("source") == source and "codes_top" in stats else {}

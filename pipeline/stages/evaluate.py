@@ -60,8 +60,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     real_task = ClassifierTask(cfg, shards.shard_urls(real_dir, "train"), val, num_classes, names,
                                f"real train {manifest_digest(real_manifest)}")
-    # the real-data classifier does not depend on the samples: other sample sets' evaluate dirs may
-    # hold it already (on ImageNet, a ResNet's training not redone per set)
+    # the real-data classifier and the reconstructions do not depend on the samples: other sample
+    # sets' evaluate dirs may hold them already (on ImageNet, a ResNet's training not redone per set)
     others = tuple(d for d in sorted(ctx.stage_dir.parent.glob("evaluate*")) if d != ctx.stage_dir)
     real_path = train_or_reuse(cfg, ctx, "classifier_real", real_task, elsewhere=others)
     real_clf, _ = load_exported(real_path, device)
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     vqvae_path = vqvae_model(cfg)
     vqvae, _, vqvae_sha256 = load_exported_digest(vqvae_path, device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log,
-                                    model_id=vqvae_sha256[:16])
+                                    model_id=vqvae_sha256[:16], elsewhere=tuple(d / "reconstructions" for d in others))
     results.update({f"recon/{k}": v for k, v in recon.items()})
     results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
 
