@@ -182,7 +182,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.system_metrics_interval={cfg.tracking.system_metrics_interval}",
                           "must be > 0 seconds", "pass e.g. tracking.system_metrics_interval=10")
     named = cfg.get("sample_set")
-    if named is not None and not SAMPLE_SET_NAME.fullmatch(str(named)):
+    if named is not None and not isinstance(named, str):  # 0.70 or 1e3 would silently become sample-0.7/, sample-1000.0/
+        raise ConfigError(f"sample_set={named}", f"read as a {type(named).__name__} value, not a name",
+                          "start it with a letter, e.g. sample_set=t07, or quote it: \"sample_set='<name>'\"")
+    if named is not None and not SAMPLE_SET_NAME.fullmatch(named):
         raise ConfigError(f"sample_set={named}", "not usable in a directory name",
                           "pass letters, digits, '.', '_' or '-' (not first), e.g. sample_set=t07, or null")
     if "sample" in cfg:

@@ -59,6 +59,7 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=sample", "sample.temperature=0"], ["sample.temperature=0", "must be > 0"]),
     (["stage=sample", "sample.top_p=1.5"], ["sample.top_p=1.5", "(0, 1]"]),
     (["stage=sample", "sample_set=a/b"], ["sample_set=a/b", "directory name", "sample_set=t07"]),
+    (["stage=sample", "sample_set=0.70"], ["sample_set=0.7", "read as a float value", "sample_set='<name>'"]),
     (["stage=encode"], ["stage=encode", "dataset.json", "missing", "submit stage=prepare"]),
     (["stage=train_top_prior"], ["stage=train_top_prior", "codes.json", "submit stage=encode"]),
     (["stage=all", "encode.vqvae=/no/model.pt"], ["encode.vqvae=/no/model.pt", "no such file"]),
