@@ -96,6 +96,11 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
                             "where t.key = 'sample_set' and r.status = 'FINISHED'").fetchall())
     db.close()
     assert named == {"sample-hot": "hot", "evaluate-hot": "hot"}
+    db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
+    drawn = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                            "where t.key = 'sampling.temperature'").fetchall())
+    db.close()
+    assert drawn == {"evaluate": "0.8", "evaluate-hot": "1.0"}  # the UI can set the sets side by side
 
     # `submit status` sets the two side by side; a set not drawn yet is named in the refusal's fix
     status = submit("status", cwd=tmp_path)

@@ -55,6 +55,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     samples = ShardImages(shards.shard_urls(sample_dir, "samples"), res, "none")
     ctx.log.info("evaluating %d samples against %d real val images (%s features)", len(samples), len(val),
                  e.features)
+    # the evaluate config has no sample.* keys: these tags let the MLflow UI set sample sets side by side
+    ctx.run.set_tags({f"sampling.{k}": v for k, v in sample_manifest.get("sampling", {}).items()})
     num_classes, names = int(real_manifest["num_classes"]), list(real_manifest["class_names"])
     results: dict[str, float] = {}
 
