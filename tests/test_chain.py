@@ -79,6 +79,7 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
         assert re.search(rf"^\s+{stage}\s+(\d+ min )?\d+ s\s+{metric[stage]}\s+{re.escape(str(exp / stage))}-hot$",
                          hot.stdout, re.M), hot.stdout
     assert {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()} == before
+    assert f"report:  {exp / 'evaluate-hot' / 'report.md'}" in hot.stdout
     assert json.loads((exp / "sample-hot" / "shards" / "dataset.json").read_text())["sampling"]["temperature"] == 1.0
     assert "Samples evaluated: sample-hot/ (temperature 1.0, top-k off, top-p off, seed 0)." in \
         (exp / "evaluate-hot" / "report.md").read_text()
