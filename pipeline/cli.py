@@ -194,7 +194,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the jobs whose "
               "outputs it reads; a failure cancels what depends on it)")
         for r in rows:
-            print(f"  {r['stage']:<20}{r['status']:<28}{r['job']}")
+            print(f"  {stage_name(cfg, r['stage']):<20}{r['status']:<28}{r['job']}")
         print(f"  watch:   submit status experiment={cfg.experiment} run_root={cfg.run_root}\n"
               f"  open:    {ui_command_for(tracking_uri(cfg))}")
         if cfg.wait:

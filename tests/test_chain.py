@@ -76,7 +76,7 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
         assert re.search(rf"^\s+{stage}\s+done before\s+{metric[stage]}\s+{re.escape(str(exp / stage))}$",
                          hot.stdout, re.M), hot.stdout
     for stage in ("sample", "evaluate"):
-        assert re.search(rf"^\s+{stage}\s+(\d+ min )?\d+ s\s+{metric[stage]}\s+{re.escape(str(exp / stage))}-hot$",
+        assert re.search(rf"^\s+{stage}-hot\s+(\d+ min )?\d+ s\s+{metric[stage]}\s+{re.escape(str(exp / stage))}-hot$",
                          hot.stdout, re.M), hot.stdout
     assert {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()} == before
     assert f"report:  {exp / 'evaluate-hot' / 'report.md'}" in hot.stdout
@@ -131,6 +131,7 @@ def test_summary_table_columns_stay_aligned_whatever_the_wall_time_reads():
             {"stage": "encode", "status": "done", "seconds": 3.2, "metric": "1797 code maps", "outputs": "/c"},
             {"stage": "train_top_prior", "status": "done", "seconds": 3725.0, "metric": "val 0.5 bits/code",
              "outputs": "/d"}]
+    rows = [{**r, "name": r["stage"]} for r in rows]
     lines = chain.summary_table(rows, 3728.2).splitlines()
     assert "done before" in lines[1] and "not needed" in lines[2] and "62 min 05 s" in lines[4]
     # the wall-time column ends, and the metric column starts, at the same place on every line

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import GROUPS, ConfigError, compose, stage_dir, validate
+from pipeline.config import GROUPS, ConfigError, compose, stage_dir, stage_name, validate
 from pipeline.launch import executors, records
 from pipeline.launch.jobs import DONE, StageJob
 from pipeline.stages import BUILT, NEEDS, ORDER
@@ -90,7 +90,7 @@ def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
         rows.append({"stage": stage, "status": "done", "seconds": time.time() - start,
                      "outputs": result["stage_dir"], "run_id": result["run_id"]})
     for r in rows:
-        r["metric"] = key_metric(cfg, r["stage"])
+        r["metric"], r["name"] = key_metric(cfg, r["stage"]), stage_name(cfg, r["stage"])
     return sorted(rows, key=lambda r: ORDER.index(r["stage"]))
 
 
@@ -104,7 +104,7 @@ def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
     width = max([len(r["metric"]) for r in rows] + [10])
     lines = [f"  {'stage':<20}{'wall time':>{wall_width}}  {'key metric':<{width}}  outputs"]
     for r, wall in zip(rows, walls):
-        lines.append(f"  {r['stage']:<20}{wall:>{wall_width}}  {r['metric']:<{width}}  {r['outputs']}")
+        lines.append(f"  {r['name']:<20}{wall:>{wall_width}}  {r['metric']:<{width}}  {r['outputs']}")
     lines.append(f"  {'total':<20}{total:>{wall_width}}")
     return "\n".join(lines)
 
