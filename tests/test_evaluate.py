@@ -160,6 +160,18 @@ def test_sample_sets_table_reads_each_report_and_names_an_unreadable_one(evaluat
                                    f"{results['fid/vs_real_train']:.2f}x", f"{results['precision']:.3f}"]
     assert broken.startswith(f"cut: unreadable {tmp_path / 'evaluate-cut' / 'results.json'} (JSONDecodeError")
 
+    # a report written before results.json recorded the settings: read from its samples' manifest
+    older = json.loads(done.read_text())
+    del older["sampling"]
+    (tmp_path / "evaluate-old").mkdir()
+    (tmp_path / "evaluate-old" / "results.json").write_text(json.dumps(older))
+    assert sample_sets_table(tmp_path).splitlines()[2].split()[:5] == ["old", "?", "?", "?", "?"]  # no samples there
+    manifest = json.loads((evaluated["root"] / "digits" / "sample" / "shards" / "dataset.json").read_text())
+    (tmp_path / "sample-old" / "shards").mkdir(parents=True)
+    (tmp_path / "sample-old" / "shards" / "dataset.json").write_text(json.dumps({**manifest, "sampling": {
+        **manifest["sampling"], "temperature": 0.6}}))
+    assert sample_sets_table(tmp_path).splitlines()[2].split()[:5] == ["old", "0.6", "0", "1.0", "0"]
+
 
 def test_real_baseline_matches_the_class_counts_and_reports_a_short_class():
     pool = np.array([0, 1, 0, 2, 1, 0, 2])

@@ -55,8 +55,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     samples = ShardImages(shards.shard_urls(sample_dir, "samples"), res, "none")
     ctx.log.info("evaluating %d samples against %d real val images (%s features)", len(samples), len(val),
                  e.features)
+    drawn_with = sample_manifest.get("sampling", {})
     # the evaluate config has no sample.* keys: these tags let the MLflow UI set sample sets side by side
-    ctx.run.set_tags({f"sampling.{k}": v for k, v in sample_manifest.get("sampling", {}).items()})
+    ctx.run.set_tags({f"sampling.{k}": v for k, v in drawn_with.items()})
     num_classes, names = int(real_manifest["num_classes"]), list(real_manifest["class_names"])
     results: dict[str, float] = {}
 
@@ -120,10 +121,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     results["cas/vs_real"] = results["cas/top1"] / max(results["real/top1"], 1e-12)
 
     facts = {"data": cfg.data.name, "resolution": res, "features": ext.name,
-             "sampled": report.describe_samples(sample_dir.parent.name, sample_manifest.get("sampling", {}))}
+             "sampled": report.describe_samples(sample_dir.parent.name, drawn_with)}
     accept = [rate_name(r) for r in sorted({float(r) for r in e.accept_rates}, reverse=True)]
     atomic.write_json(ctx.stage_dir / "results.json", {"results": results, **facts, "samples": len(samples),
-                                                       "sampling": sample_manifest.get("sampling", {}),
+                                                       "sampling": drawn_with,
                                                        "real": len(val)})
     atomic.write_text(ctx.stage_dir / "report.md", report.markdown(results, accept, facts))
     atomic.write_text(ctx.stage_dir / "report.html", report.html_table(results, accept, facts))
