@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
 from pipeline.evaluation import fidelity
 from pipeline.evaluation.classifier import (ClassifierTask, accuracy, confidences, manifest_digest,
-                                             same_classifier, train_or_reuse)
+                                             recipe_changes, same_classifier, train_or_reuse)
 from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.evaluation.rejection import accepted, class_matched
@@ -144,6 +145,38 @@ def test_a_finished_classifier_is_shared_only_for_the_same_data_and_recipe(evalu
         assert not same_classifier(model, *task(other)), other
     assert not same_classifier(model, task()[0], 151)
     assert not same_classifier(tmp_path / "model.pt", *task())
+
+
+def test_a_finished_classifier_of_another_recipe_is_kept_and_named_key_by_key(evaluated, tmp_path, caplog):
+    root = evaluated["root"]
+    real_dir = root / "digits" / "prepare" / "shards"
+    finished = root / "digits" / "evaluate" / "classifier_real" / "model.pt"
+    sdir = tmp_path / "evaluate"
+    (sdir / "classifier_real").mkdir(parents=True)
+    kept = sdir / "classifier_real" / "model.pt"
+    shutil.copy(finished, kept)
+    stamp = kept.stat().st_mtime_ns
+
+    def reuse(*overrides):
+        cfg = compose(["stage=evaluate", f"run_root={tmp_path}", *EVAL_ARGS, *overrides])
+        task = ClassifierTask(cfg, shards.shard_urls(real_dir, "train"), _val(root, 64), 10,
+                              [str(c) for c in range(10)], f"real train {manifest_digest(shards.read_manifest(real_dir))}")
+        ctx = StageContext("evaluate", sdir, StageRun(cfg, "evaluate", sdir), logging.getLogger("test"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="test"):
+            assert train_or_reuse(cfg, ctx, "classifier_real", task) == kept  # not trained again
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING], task
+
+    assert reuse()[0] == []  # the recipe it was trained with: nothing to say
+    warnings, task = reuse("train.lr=0.00123", "seed=7")
+    assert len(warnings) == 1, warnings
+    assert "train.lr 0.002 there, 0.00123 now" in warnings[0] and "seed 0 there, 7 now" in warnings[0], warnings
+    assert "train.max_steps" not in warnings[0] and f"move {sdir / 'classifier_real'} away" in warnings[0]
+    assert kept.stat().st_mtime_ns == stamp  # finished work kept as it was
+    # a model exported before the settings were recorded still says that the recipe differs
+    _, meta = load_exported(kept)
+    assert recipe_changes({"recipe": meta["recipe"]}, task) == [f"recipe {meta['recipe']} there, {task.recipe} now"]
+    assert recipe_changes({}, task) == []  # older still: nothing recorded to compare
 
 
 def test_sample_sets_table_reads_each_report_and_names_an_unreadable_one(evaluated, tmp_path):

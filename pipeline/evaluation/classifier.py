@@ -20,7 +20,7 @@ from pipeline.data.shard_images import ShardImages
 from pipeline.data.streams import TrainLoader, private_generator
 from pipeline.models import build, load_exported
 from pipeline.stages import StageContext
-from pipeline.tracking import PrefixedRun
+from pipeline.tracking import PrefixedRun, flatten
 from pipeline.training import distributed, engine
 
 
@@ -71,10 +71,13 @@ class ClassifierTask:
         self.dist = distributed.detect()
         # everything that shapes the trained weights besides the data (over-inclusive: a key that does
         # not matter only costs a retraining where a model could have been shared)
-        self.recipe = manifest_digest(OmegaConf.to_container(OmegaConf.create({
+        recipe = OmegaConf.to_container(OmegaConf.create({
             "model": cfg.model.classifier, "train": cfg.train, "deepspeed": cfg.deepspeed, "seed": cfg.seed,
             "augment": cfg.eval.classifier_augment, "resolution": cfg.data.resolution,
-            "shuffle_buffer": cfg.data.shuffle_buffer, "world_size": self.dist.world_size}), resolve=True))
+            "shuffle_buffer": cfg.data.shuffle_buffer, "world_size": self.dist.world_size}), resolve=True)
+        self.recipe = manifest_digest(recipe)
+        # kept beside the digest in model.pt, so a model of another recipe can be told apart key by key
+        self.recipe_settings = flatten(recipe)
 
     def build_model(self) -> nn.Module:
         return build("classifier", self.cfg.model, num_classes=self.num_classes)
@@ -104,7 +107,7 @@ class ClassifierTask:
 
     def export_meta(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "class_names": self.class_names, "trained_on": self.trained_on,
-                "recipe": self.recipe}
+                "recipe": self.recipe, "recipe_settings": self.recipe_settings}
 
 
 def same_classifier(path: Path, task: ClassifierTask, max_steps: int) -> bool:
@@ -113,6 +116,19 @@ def same_classifier(path: Path, task: ClassifierTask, max_steps: int) -> bool:
         return False
     _, meta = load_exported(path)
     return (meta.get("trained_on"), meta.get("recipe"), int(meta["step"])) == (task.trained_on, task.recipe, max_steps)
+
+
+def recipe_changes(meta: dict[str, Any], task: ClassifierTask) -> list[str]:
+    """How the recipe a classifier was trained with differs from ``task``'s, key by key
+    (``train.lr 0.001 there, 0.002 now``); one line when the model predates recorded settings."""
+    if meta.get("recipe", task.recipe) == task.recipe:
+        return []
+    then = meta.get("recipe_settings")
+    if then is None:
+        return [f"recipe {meta['recipe']} there, {task.recipe} now"]
+    now = task.recipe_settings
+    return [f"{k} {then.get(k, '(unset)')} there, {now.get(k, '(unset)')} now"
+            for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
 
 
 def train_or_reuse(cfg: DictConfig, ctx: StageContext, name: str, task: ClassifierTask,
@@ -135,6 +151,11 @@ def train_or_reuse(cfg: DictConfig, ctx: StageContext, name: str, task: Classifi
                              f"the inputs of evaluate changed; pass another experiment=, or move {sub_dir} away")
         if int(meta["step"]) == int(cfg.train.max_steps):
             ctx.log.info("%s: reusing the trained classifier %s", name, path)
+            changes = recipe_changes(meta, task)
+            if changes:  # finished work is kept, but the numbers must not pass for the new recipe's silently
+                ctx.log.warning("%s: %s was trained with another recipe (%s); evaluate uses it as it is. "
+                                "To train one with the current recipe, move %s away", name, path,
+                                "; ".join(changes), sub_dir)
             return path
     sub_dir.mkdir(parents=True, exist_ok=True)
     ctx.log.info("%s: training a %s classifier on %d shard(s)", name, cfg.model.classifier.arch, len(task.train_urls))
