@@ -48,7 +48,7 @@ def help_text() -> str:
         submit stage=prepare --cfg job                         # print the resolved config, run nothing
         submit stage=prepare tracking.uri=http://127.0.0.1:5000
         submit stage=all data=imagenet data.source=/datasets/ILSVRC2012 model=paper_imagenet256 cluster=slurm
-        submit stage=all sample_set=t07 sample.temperature=0.7 # samples of other settings from the same priors, evaluated
+        submit stage=all sample_set=t10 sample.temperature=1.0 # samples of other settings from the same priors, evaluated
         submit status                                          # where every stage stands"""), "  "),
         "", "Every key is documented in the YAML files under " + str(config_dir())]
     return "\n".join(lines)

@@ -83,7 +83,7 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     assert json.loads((exp / "sample-hot" / "shards" / "dataset.json").read_text())["sampling"]["temperature"] == 1.0
     assert "Samples evaluated: sample-hot/ (temperature 1.0, top-k off, top-p off, seed 0)." in \
         (exp / "evaluate-hot" / "report.md").read_text()
-    assert "Samples evaluated: sample/ (temperature 0.8," in (exp / "evaluate" / "report.md").read_text()
+    assert "Samples evaluated: sample/ (temperature 0.7," in (exp / "evaluate" / "report.md").read_text()
     hot_results = json.loads((exp / "evaluate-hot" / "results.json").read_text())["results"]
     # the real-data classifier does not depend on the samples: the first set's is used, not retrained
     first = exp / "evaluate" / "classifier_real" / "model.pt"
@@ -101,13 +101,13 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     drawn = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
                             "where t.key = 'sampling.temperature'").fetchall())
     db.close()
-    assert drawn == {"evaluate": "0.8", "evaluate-hot": "1.0"}  # the UI can set the sets side by side
+    assert drawn == {"evaluate": "0.7", "evaluate-hot": "1.0"}  # the UI can set the sets side by side
 
     # `submit status` sets the two side by side; a set not drawn yet is named in the refusal's fix
     status = submit("status", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[-2:]}
-    assert rows["(default)"][1:5] == ["0.8", "0", "1.0", "0"] and rows["hot"][1:5] == ["1.0", "0", "1.0", "0"]
+    assert rows["(default)"][1:5] == ["0.7", "0", "1.0", "0"] and rows["hot"][1:5] == ["1.0", "0", "1.0", "0"]
     assert rows["hot"][8:10] == [f"{hot_results['precision']:.3f}", f"{hot_results['recall']:.3f}"], status.stdout
     hot_status = submit("status", "sample_set=hot", cwd=tmp_path).stdout
     assert re.search(r"^sample-hot\s+done\s", hot_status, re.M) and re.search(r"^evaluate-hot\s+done\s", hot_status, re.M)

@@ -189,7 +189,7 @@ def test_sample_sets_table_reads_each_report_and_names_an_unreadable_one(evaluat
     (tmp_path / "evaluate-cut" / "results.json").write_text('{"results": {')  # e.g. a disk that filled up
     head, default, broken = sample_sets_table(tmp_path).splitlines()
     assert head.split()[:6] == ["sample_set", "temperature", "top_k", "top_p", "seed", "samples"]
-    assert default.split()[:9] == ["(default)", "0.8", "0", "1.0", "0", "100", f"{results['fid']:.3g}",
+    assert default.split()[:9] == ["(default)", "0.7", "0", "1.0", "0", "100", f"{results['fid']:.3g}",
                                    f"{results['fid/vs_real_train']:.2f}x", f"{results['precision']:.3f}"]
     assert broken.startswith(f"cut: unreadable {tmp_path / 'evaluate-cut' / 'results.json'} (JSONDecodeError")
 
