@@ -6,6 +6,7 @@ line, its exit codes and its error messages, and nothing is written before valid
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -90,10 +91,44 @@ def _explain(err: Exception, overrides: list[str]) -> ConfigError:
         key, _ = _parse_override_target(ov)
         if f"'{key}'" in str(err) or f"Key '{key.split('.')[-1]}'" in str(err):
             if "not in struct" in str(err) or "Could not override" in str(err):
-                return ConfigError(key, "no such config key",
-                                   "check the spelling against `submit stage=<name> --cfg job`")
+                return ConfigError(key, "no such config key", unknown_key_fix(key, overrides))
             return ConfigError(ov, text, "fix this override")
     return ConfigError("overrides", text, "see `submit --help` for the accepted keys")
+
+
+def _keys(overrides: list[str]) -> set[str]:
+    """Every dotted key of the config the group choices among ``overrides`` compose to."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    keys: set[str] = set()
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k in node:
+            keys.add(f"{prefix}{k}")
+            if isinstance(node._get_node(k), DictConfig):
+                walk(node[k], f"{prefix}{k}.")
+    walk(cfg, "")
+    return keys
+
+
+def unknown_key_fix(key: str, overrides: list[str]) -> str:
+    """The fix for an unknown ``key``: the likely intended key (of the chosen stage, or of any stage
+    for stage=all), else the stages whose config has it, else where to look."""
+    groups = [o for o in overrides if _parse_override_target(o)[0] in GROUPS and
+              _parse_override_target(o)[0] != "stage"]
+    chosen = [_parse_override_target(o)[1] for o in overrides if _parse_override_target(o)[0] == "stage"]
+    stages = group_options("stage")
+    searched = [s for s in stages if s != "all"] if chosen[-1:] == ["all"] else chosen[-1:]
+    here = set().union(*(_keys([*groups, f"stage={s}"]) for s in searched)) if searched else _keys(groups)
+    close = difflib.get_close_matches(key, sorted(here), n=1, cutoff=0.8)
+    if close:
+        return f"did you mean {close[0]}?"
+    others = [s for s in stages if s != "all" and s not in searched and key in _keys([*groups, f"stage={s}"])]
+    if others:
+        return f"it is a setting of stage={', stage='.join(others)}" + (f", not of stage={chosen[-1]}" if chosen else "")
+    return "check the spelling against `submit stage=<name> --cfg job`"
 
 
 def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str) -> None:

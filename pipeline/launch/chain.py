@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import GROUPS, ConfigError, compose, stage_dir, stage_name, validate
+from pipeline.config import GROUPS, ConfigError, compose, stage_dir, stage_name, unknown_key_fix, validate
 from pipeline.launch import executors, records
 from pipeline.launch.jobs import DONE, StageJob
 from pipeline.stages import BUILT, NEEDS, ORDER
@@ -40,8 +40,8 @@ def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
         validate(cfgs[stage])
     for o in rest:
         if o not in used:
-            raise ConfigError(o.partition("=")[0], "no such config key in any stage",
-                              "check the spelling against `submit stage=<name> --cfg job`")
+            key = o.partition("=")[0].lstrip("+~")
+            raise ConfigError(key, "no such config key in any stage", unknown_key_fix(key, overrides))
     return cfgs
 
 
