@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the stage failed, 2 bad command line or config (nothing
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import textwrap
 import time
@@ -118,7 +119,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstage {stage}: done\n  outputs: {result['stage_dir']}\n  log:     {result['log']}\n"
           f"  MLflow:  run {result['run_id']} at {result['tracking_uri']}\n"
           f"  open:    {ui_command_for(result['tracking_uri'])}")
+    for command in _next_commands(cfg, stage, args):
+        print(f"  next:    {command}")
+    if stage == "evaluate":
+        print(f"  report:  {result['stage_dir']}/report.md")
     return 0
+
+
+# Overrides that locate or describe the experiment every stage reads; not one stage's own settings
+# (train.*, sample.*, ...) nor its resources (cluster.*, deepspeed.micro_batch, ...).
+_SHARED_KEYS, _SHARED_PREFIXES = ("experiment", "run_root", "sample_set", *GROUPS), ("data.", "model.", "tracking.")
+
+
+def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
+    """`submit` commands for the stages this one's outputs unblock (all their inputs now exist, not
+    done yet), carrying the overrides that say which experiment they belong to."""
+    from pipeline.config import stage_dir
+    from pipeline.launch.jobs import DONE
+    from pipeline.stages import BUILT, NEEDS, ORDER, missing_inputs
+
+    keys = [a.partition("=")[0].lstrip("+~") for a in args]
+    carried = [a for a, k in zip(args, keys) if k != "stage" and (k in _SHARED_KEYS or k.startswith(_SHARED_PREFIXES))]
+    return [shlex.join(["submit", f"stage={s}", *carried]) for s in ORDER
+            if s in BUILT and stage in (p for p, _ in NEEDS.get(s, ()))
+            and not (stage_dir(cfg, s) / DONE).exists() and not missing_inputs(cfg, s)]
 
 
 def _submit_to_slurm(cfg, stage: str) -> int:

@@ -64,6 +64,7 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert "| accept_0.1/fid_vs_real_train (classifier-based rejection, 10 samples) |" in report
     first = evaluated["stdout"] + evaluated["stderr"]
     assert "computing" in first and "reference features" in first
+    assert evaluated["stdout"].rstrip().endswith(f"report:  {out / 'report.md'}") and "next:" not in evaluated["stdout"]
 
     record = json.loads((out / "mlflow_run.json").read_text())
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

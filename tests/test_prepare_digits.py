@@ -79,6 +79,8 @@ def test_stage_dir_has_config_log_and_markers(digits_run):
     assert not list(shard_dir.glob("*.tmp-*"))
     out = digits_run["proc"].stdout
     assert str(sdir) in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    # what to run next, in a form that can be pasted (the experiment's overrides carried over)
+    assert f"next:    submit stage=train_vqvae run_root={digits_run['run_root']}\n" in out, out
     assert any((sdir / "logs").glob("prepare-*.log"))
 
 

@@ -36,6 +36,8 @@ def _samples(shard_dir):
 def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experiment, tmp_path):
     proc = submit("stage=sample", f"run_root={experiment}", *ARGS, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # evaluate's inputs all exist now; sample.* is this stage's own and is not carried over
+    assert proc.stdout.rstrip().endswith(f"next:    submit stage=evaluate run_root={experiment}"), proc.stdout[-500:]
     out = experiment / "digits" / "sample" / "shards"
     manifest = shards.read_manifest(out)
     entry = manifest["splits"]["samples"]
