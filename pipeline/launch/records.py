@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -81,12 +82,23 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
     return row
 
 
-def status_table(cfg: DictConfig) -> str:
+# A stage in one of these states is (re)run by the same `submit` command: it starts or resumes.
+_TO_RUN = ("not started", "failed", "stopped", "incomplete")
+
+
+def status_table(cfg: DictConfig, carried: tuple[str, ...] = ()) -> str:
+    """The stage table, then the commands for the stages that can run now (their inputs exist;
+    not done, queued or running), with ``carried`` overrides, then the evaluated sample sets."""
+    from pipeline.stages import BUILT, missing_inputs
+
     rows = [stage_status(cfg, s) for s in ORDER if s != "all"]
     head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
     lines += [f"{stage_name(cfg, r['stage']):<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}"
               for r in rows]
+    ready = [r["stage"] for r in rows if r["stage"] in BUILT and r["status"].startswith(_TO_RUN)
+             and not missing_inputs(cfg, r["stage"])]
+    lines += [f"next: {shlex.join(['submit', f'stage={s}', *carried])}" for s in ready]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
     if sets:
         lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]
