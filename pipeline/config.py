@@ -104,12 +104,12 @@ def _keys(overrides: list[str]) -> set[str]:
         cfg = hydra_compose(config_name="config", overrides=overrides)
     keys: set[str] = set()
 
-    def walk(node: DictConfig, prefix: str) -> None:
-        for k in node:
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
             keys.add(f"{prefix}{k}")
-            if isinstance(node._get_node(k), DictConfig):
-                walk(node[k], f"{prefix}{k}.")
-    walk(cfg, "")
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+    walk(OmegaConf.to_container(cfg, resolve=False), "")  # unresolved: ??? and ${...} values are fine here
     return keys
 
 
