@@ -114,20 +114,21 @@ def _keys(overrides: list[str]) -> set[str]:
 
 
 def unknown_key_fix(key: str, overrides: list[str]) -> str:
-    """The fix for an unknown ``key``: the likely intended key (of the chosen stage, or of any stage
-    for stage=all), else the stages whose config has it, else where to look."""
+    """The fix for an unknown ``key``: the stages whose config has it, else the likely intended key
+    (of the chosen stage, or of any stage for stage=all), else where to look."""
     groups = [o for o in overrides if _parse_override_target(o)[0] in GROUPS and
               _parse_override_target(o)[0] != "stage"]
     chosen = [_parse_override_target(o)[1] for o in overrides if _parse_override_target(o)[0] == "stage"]
-    stages = group_options("stage")
-    searched = [s for s in stages if s != "all"] if chosen[-1:] == ["all"] else chosen[-1:]
-    here = set().union(*(_keys([*groups, f"stage={s}"]) for s in searched)) if searched else _keys(groups)
-    close = difflib.get_close_matches(key, sorted(here), n=1, cutoff=0.8)
+    stages = [s for s in group_options("stage") if s != "all"]
+    keys = {s: _keys([*groups, f"stage={s}"]) for s in stages}
+    owners = [s for s in stages if key in keys[s]]
+    if owners:
+        return f"it is a setting of stage={', stage='.join(owners)}" + (f", not of stage={chosen[-1]}" if chosen else "")
+    searched = stages if chosen[-1:] in (["all"], []) else chosen[-1:]
+    close = difflib.get_close_matches(key, sorted(set().union(*(keys.get(s, set()) for s in searched))), n=1,
+                                      cutoff=0.8)
     if close:
         return f"did you mean {close[0]}?"
-    others = [s for s in stages if s != "all" and s not in searched and key in _keys([*groups, f"stage={s}"])]
-    if others:
-        return f"it is a setting of stage={', stage='.join(others)}" + (f", not of stage={chosen[-1]}" if chosen else "")
     return "check the spelling against `submit stage=<name> --cfg job`"
 
 
@@ -241,6 +242,9 @@ def _check_sampling(cfg: DictConfig) -> None:
         raise ConfigError(f"sample.top_p={s.top_p}", "must be in (0, 1]", "pass e.g. sample.top_p=0.95")
     if int(s.top_k) < 0:
         raise ConfigError(f"sample.top_k={s.top_k}", "must be >= 0 (0: no top-k)", "pass e.g. sample.top_k=0")
+    if s.seed is not None and (not isinstance(s.seed, int) or isinstance(s.seed, bool)):
+        raise ConfigError(f"sample.seed={s.seed}", "must be an integer or null (null: the global seed)",
+                          "pass e.g. sample.seed=1")
     if s.classes is not None and (not OmegaConf.is_list(s.classes) or not len(s.classes)):
         raise ConfigError(f"sample.classes={s.classes}", "must be a non-empty list of class indices",
                           "pass e.g. 'sample.classes=[0,3,7]', or null for every class")

@@ -70,7 +70,9 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
 
     # another set of samples from the same priors: only sample and evaluate run, into their own dirs
     before = {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()}
-    hot = submit("stage=all", *SMALL, "sample_set=hot", "sample.temperature=1.0", cwd=tmp_path, timeout=600)
+    # another temperature and another draw (sample.seed): the evaluation keeps the global seed
+    hot = submit("stage=all", *SMALL, "sample_set=hot", "sample.temperature=1.0", "sample.seed=1", cwd=tmp_path,
+                 timeout=600)
     assert hot.returncode == 0, hot.stdout[-3000:] + hot.stderr[-3000:]
     for stage in ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior"):
         assert re.search(rf"^\s+{stage}\s+done before\s+{metric[stage]}\s+{re.escape(str(exp / stage))}$",
@@ -81,7 +83,7 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()} == before
     assert f"report:  {exp / 'evaluate-hot' / 'report.md'}" in hot.stdout
     assert json.loads((exp / "sample-hot" / "shards" / "dataset.json").read_text())["sampling"]["temperature"] == 1.0
-    assert "Samples evaluated: sample-hot/ (temperature 1.0, top-k off, top-p off, seed 0)." in \
+    assert "Samples evaluated: sample-hot/ (temperature 1.0, top-k off, top-p off, seed 1)." in \
         (exp / "evaluate-hot" / "report.md").read_text()
     assert "Samples evaluated: sample/ (temperature 0.7," in (exp / "evaluate" / "report.md").read_text()
     hot_results = json.loads((exp / "evaluate-hot" / "results.json").read_text())["results"]
@@ -108,7 +110,7 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     assert status.returncode == 0, status.stderr
     assert "next:" not in status.stdout  # every stage done: nothing to run
     rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[-2:]}
-    assert rows["(default)"][1:5] == ["0.7", "0", "1.0", "0"] and rows["hot"][1:5] == ["1.0", "0", "1.0", "0"]
+    assert rows["(default)"][1:5] == ["0.7", "0", "1.0", "0"] and rows["hot"][1:5] == ["1.0", "0", "1.0", "1"]
     assert rows["hot"][8:10] == [f"{hot_results['precision']:.3f}", f"{hot_results['recall']:.3f}"], status.stdout
     hot_status = submit("status", "sample_set=hot", cwd=tmp_path).stdout
     assert re.search(r"^sample-hot\s+done\s", hot_status, re.M) and re.search(r"^evaluate-hot\s+done\s", hot_status, re.M)

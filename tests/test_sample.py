@@ -15,8 +15,9 @@ from PIL import Image
 
 from conftest import PRIOR_STAGES as STAGES
 from conftest import copy_stages, save_changed_model, submit
-from pipeline.config import compose
+from pipeline.config import ConfigError, compose, stage_dir, validate
 from pipeline.data import shards
+from pipeline.launch.chain import compose_all
 from pipeline.stages import StageContext, sample
 from pipeline.tracking import StageRun
 
@@ -108,6 +109,25 @@ def test_array_tasks_draw_the_same_samples_as_one_job(experiment, priors, tmp_pa
     b = _samples(sdir / "shards")
     assert a.keys() == b.keys() and {int(s["cls"]) for s in a.values()} == {1, 7}
     assert all(a[k]["png"] == b[k]["png"] for k in a)  # seeded per shard: the split changes nothing
+
+
+def test_sample_seed_draws_what_the_global_seed_would_and_only_sampling_sees_it(experiment, tmp_path):
+    drawn = {}
+    for name, overrides in (("a", []), ("b", ["sample.seed=1"]), ("c", ["seed=1"])):
+        cfg = compose(["stage=sample", f"run_root={experiment}", *ARGS, "sample.classes=[1,7]", f"sample_set={name}",
+                       *overrides])
+        sdir = stage_dir(cfg, "sample")
+        sdir.mkdir(parents=True)
+        sample.run(cfg, StageContext("sample", sdir, StageRun(cfg, "sample", sdir), logging.getLogger("test")))
+        drawn[name] = {k: v["png"] for k, v in _samples(sdir / "shards").items()}
+        assert shards.read_manifest(sdir / "shards")["sampling"]["seed"] == (1 if overrides else 0)
+    assert drawn["b"] == drawn["c"]  # sample.seed=1 draws exactly what seed=1 draws
+    assert sum(drawn["a"][k] != drawn["b"][k] for k in drawn["a"]) >= len(drawn["a"]) - 1  # another draw
+    # the evaluation's seed (its classifiers, FID features) is not the samples' one
+    cfgs = compose_all(["sample.seed=1"])
+    assert cfgs["sample"].sample.seed == 1 and cfgs["sample"].seed == cfgs["evaluate"].seed == 0
+    with pytest.raises(ConfigError, match="sample.seed=x: must be an integer or null"):
+        validate(compose(["stage=sample", "sample.seed=x"]))
 
 
 def test_a_vqvae_other_than_the_one_the_priors_learned_is_refused(experiment, tmp_path):

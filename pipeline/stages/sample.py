@@ -3,7 +3,7 @@ the bottom prior given them, decoded by the VQ-VAE — written as image shards t
 like the real ones (split ``samples``).
 
 The plan (which class and sample index goes to which shard) depends only on the config, and every
-shard draws from its own generator seeded by (seed, shard index): the samples are the same however
+shard draws from its own generator seeded by (sample.seed, else seed; shard index): the samples are the same however
 the shards are split over array tasks or requeues. Array task i of n writes shards i, i+n, ...; a
 shard is written atomically with a completion marker, so a requeued task continues where it stopped.
 """
@@ -49,7 +49,7 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
     s = cfg.sample
     # batch_size is here because a shard's batches draw one after another from the shard's generator:
     # other batches, other samples, so a resumed shard set must keep it
-    return {"seed": int(cfg.seed), "temperature": float(s.temperature), "top_k": int(s.top_k),
+    return {"seed": int(cfg.seed if s.seed is None else s.seed), "temperature": float(s.temperature), "top_k": int(s.top_k),
             "top_p": float(s.top_p), "batch_size": int(s.batch_size)}
 
 
@@ -91,7 +91,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     with tqdm(total=sum(len(shard_plan[i]) for i in todo), unit="sample", desc="sample", disable=not todo,
               mininterval=2.0) as bar:
         for i in todo:
-            g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + i)
+            g = torch.Generator(device=device).manual_seed(how["seed"] * 1_000_003 + i)
             rows = []
             for b in range(0, len(shard_plan[i]), int(cfg.sample.batch_size)):
                 items = shard_plan[i][b:b + int(cfg.sample.batch_size)]
@@ -163,7 +163,7 @@ def _sha(value: Any) -> str:
 
 
 def _differences(then: dict, now: dict) -> str:
-    out = [f"{k if k == 'seed' else 'sample.' + k} {then['sampling'].get(k)} there, {v} now"
+    out = [f"{'sample.seed (else seed)' if k == 'seed' else 'sample.' + k} {then['sampling'].get(k)} there, {v} now"
            for k, v in now["sampling"].items() if then["sampling"].get(k) != v]
     out += [f"{k} model.pt sha256 {then['models'].get(k)} there, {v} now"
             for k, v in now["models"].items() if then["models"].get(k) != v]
