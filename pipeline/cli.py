@@ -131,11 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 _SHARED_KEYS, _SHARED_PREFIXES = ("experiment", "run_root", "sample_set", *GROUPS), ("data.", "model.", "tracking.")
 
 
-def _carried(args: list[str]) -> list[str]:
-    keys = [a.partition("=")[0].lstrip("+~") for a in args]
-    return [a for a, k in zip(args, keys) if k != "stage" and (k in _SHARED_KEYS or k.startswith(_SHARED_PREFIXES))]
-
-
 def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
     """`submit` commands for the stages this one's outputs unblock (all their inputs now exist, not
     done yet), carrying the overrides that say which experiment they belong to."""
@@ -143,7 +138,9 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
     from pipeline.launch.jobs import DONE
     from pipeline.stages import BUILT, NEEDS, ORDER, missing_inputs
 
-    return [shlex.join(["submit", f"stage={s}", *_carried(args)]) for s in ORDER
+    keys = [a.partition("=")[0].lstrip("+~") for a in args]
+    carried = [a for a, k in zip(args, keys) if k != "stage" and (k in _SHARED_KEYS or k.startswith(_SHARED_PREFIXES))]
+    return [shlex.join(["submit", f"stage={s}", *carried]) for s in ORDER
             if s in BUILT and stage in (p for p, _ in NEEDS.get(s, ()))
             and not (stage_dir(cfg, s) / DONE).exists() and not missing_inputs(cfg, s)]
 
@@ -195,7 +192,7 @@ def _status(overrides: list[str]) -> int:
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    print(status_table(cfg, tuple(_carried(overrides))))
+    print(status_table(cfg))
     return 0
 
 

@@ -108,7 +108,7 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     # `submit status` sets the two side by side; a set not drawn yet is named in the refusal's fix
     status = submit("status", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
-    assert "next:" not in status.stdout  # every stage done: nothing to run
+    assert "can run now" not in status.stdout  # every stage done: nothing to run
     rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[-2:]}
     assert rows["(default)"][1:5] == ["0.7", "0", "1.0", "0"] and rows["hot"][1:5] == ["1.0", "0", "1.0", "1"]
     assert rows["hot"][8:10] == [f"{hot_results['precision']:.3f}", f"{hot_results['recall']:.3f}"], status.stdout

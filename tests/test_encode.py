@@ -127,8 +127,7 @@ def test_a_named_vqvae_is_recorded_and_used_downstream_and_another_is_refused(ex
     status = submit("status", f"run_root={experiment}", cwd=tmp_path)
     assert re.search(r"^train_vqvae\s+not needed", status.stdout, re.M), status.stdout
     # what can run now: both priors (their codes exist), not the VQ-VAE that is not needed
-    assert [line for line in status.stdout.splitlines() if line.startswith("next:")] == [
-        f"next: submit stage={s} run_root={experiment}" for s in ("train_top_prior", "train_bottom_prior")], status.stdout
+    assert "can run now: train_top_prior, train_bottom_prior (submit stage=<name>" in status.stdout, status.stdout
 
     other = save_changed_model(named, tmp_path / "other.pt")
     before = {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()}

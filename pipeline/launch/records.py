@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -86,9 +85,9 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
 _TO_RUN = ("not started", "failed", "stopped", "incomplete")
 
 
-def status_table(cfg: DictConfig, carried: tuple[str, ...] = ()) -> str:
-    """The stage table, then the commands for the stages that can run now (their inputs exist;
-    not done, queued or running), with ``carried`` overrides, then the evaluated sample sets."""
+def status_table(cfg: DictConfig) -> str:
+    """The stage table, then the stages that can run now (their inputs exist; not done, queued or
+    running), then the evaluated sample sets."""
     from pipeline.stages import BUILT, missing_inputs
 
     rows = [stage_status(cfg, s) for s in ORDER if s != "all"]
@@ -98,7 +97,9 @@ def status_table(cfg: DictConfig, carried: tuple[str, ...] = ()) -> str:
               for r in rows]
     ready = [r["stage"] for r in rows if r["stage"] in BUILT and r["status"].startswith(_TO_RUN)
              and not missing_inputs(cfg, r["stage"])]
-    lines += [f"next: {shlex.join(['submit', f'stage={s}', *carried])}" for s in ready]
+    if ready:  # names, not commands: status does not know the overrides (data=, cluster.*) they were run with
+        lines.append(f"can run now: {', '.join(ready)} (submit stage=<name> with this "
+                     "experiment's overrides; a failed or stopped stage resumes)")
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
     if sets:
         lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]
