@@ -100,36 +100,26 @@ def _keys(overrides: list[str]) -> set[str]:
     """Every dotted key of the config the group choices among ``overrides`` compose to."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    from pipeline.tracking import flatten  # tracking imports this module
+
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
-    keys: set[str] = set()
-
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            keys.add(f"{prefix}{k}")
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-    walk(OmegaConf.to_container(cfg, resolve=False), "")  # unresolved: ??? and ${...} values are fine here
-    return keys
+    return set(flatten(OmegaConf.to_container(cfg, resolve=False)))  # unresolved: ??? values are fine here
 
 
 def unknown_key_fix(key: str, overrides: list[str]) -> str:
     """The fix for an unknown ``key``: the stages whose config has it, else the likely intended key
     (of the chosen stage, or of any stage for stage=all), else where to look."""
-    groups = [o for o in overrides if _parse_override_target(o)[0] in GROUPS and
-              _parse_override_target(o)[0] != "stage"]
-    chosen = [_parse_override_target(o)[1] for o in overrides if _parse_override_target(o)[0] == "stage"]
-    stages = [s for s in group_options("stage") if s != "all"]
-    keys = {s: _keys([*groups, f"stage={s}"]) for s in stages}
-    owners = [s for s in stages if key in keys[s]]
+    targets = [_parse_override_target(o) for o in overrides]
+    groups = [o for o, (k, _) in zip(overrides, targets) if k in GROUPS and k != "stage"]
+    chosen = [v for k, v in targets if k == "stage"][-1:]
+    keys = {s: _keys([*groups, f"stage={s}"]) for s in group_options("stage") if s != "all"}
+    owners = [s for s, known in keys.items() if key in known]
     if owners:
-        return f"it is a setting of stage={', stage='.join(owners)}" + (f", not of stage={chosen[-1]}" if chosen else "")
-    searched = stages if chosen[-1:] in (["all"], []) else chosen[-1:]
-    close = difflib.get_close_matches(key, sorted(set().union(*(keys.get(s, set()) for s in searched))), n=1,
-                                      cutoff=0.8)
-    if close:
-        return f"did you mean {close[0]}?"
-    return "check the spelling against `submit stage=<name> --cfg job`"
+        return f"it is a setting of stage={', stage='.join(owners)}" + (f", not of stage={chosen[0]}" if chosen else "")
+    searched = keys if chosen in (["all"], []) else {chosen[0]: keys.get(chosen[0], set())}
+    close = difflib.get_close_matches(key, sorted(set().union(*searched.values())), n=1, cutoff=0.8)
+    return f"did you mean {close[0]}?" if close else "check the spelling against `submit stage=<name> --cfg job`"
 
 
 def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str) -> None:
