@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
 
+    from pipeline.config import stage_dir
+    from pipeline.launch import records
+
+    records.record_command(stage_dir(cfg, stage), args)
     if cfg.cluster.name == "slurm":
         return _submit_to_slurm(cfg, stage)
     try:
@@ -126,11 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Overrides that locate or describe the experiment every stage reads; not one stage's own settings
-# (train.*, sample.*, ...) nor its resources (cluster.*, deepspeed.micro_batch, ...).
-_SHARED_KEYS, _SHARED_PREFIXES = ("experiment", "run_root", "sample_set", *GROUPS), ("data.", "model.", "tracking.")
-
-
 def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
     """`submit` commands for the stages this one's outputs unblock (all their inputs now exist, not
     done yet), carrying the overrides that say which experiment they belong to."""
@@ -138,8 +137,9 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
     from pipeline.launch.jobs import DONE
     from pipeline.stages import BUILT, NEEDS, ORDER, missing_inputs
 
-    keys = [a.partition("=")[0].lstrip("+~") for a in args]
-    carried = [a for a, k in zip(args, keys) if k != "stage" and (k in _SHARED_KEYS or k.startswith(_SHARED_PREFIXES))]
+    from pipeline.launch.records import shared_overrides
+
+    carried = shared_overrides(args)
     return [shlex.join(["submit", f"stage={s}", *carried]) for s in ORDER
             if s in BUILT and stage in (p for p, _ in NEEDS.get(s, ()))
             and not (stage_dir(cfg, s) / DONE).exists() and not missing_inputs(cfg, s)]
@@ -199,7 +199,7 @@ def _status(overrides: list[str]) -> int:
 def _chain(args: list[str], print_cfg: bool) -> int:
     """stage=all: run (local) or queue (slurm) every built stage not done yet, then a summary."""
     from pipeline.config import stage_dir
-    from pipeline.launch import chain, executors
+    from pipeline.launch import chain, executors, records
     from pipeline.tracking import tracking_uri
 
     try:
@@ -213,6 +213,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
+    for stage in chain.stages_to_run(cfgs)[0]:
+        records.record_command(stage_dir(cfg, stage), args)
     if cfg.cluster.name == "slurm":
         rows = chain.submit_slurm(cfgs)
         print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the jobs whose "

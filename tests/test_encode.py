@@ -126,8 +126,13 @@ def test_a_named_vqvae_is_recorded_and_used_downstream_and_another_is_refused(ex
     assert [s for s, _ in missing] == ["train_top_prior", "train_bottom_prior"], missing
     status = submit("status", f"run_root={experiment}", cwd=tmp_path)
     assert re.search(r"^train_vqvae\s+not needed", status.stdout, re.M), status.stdout
-    # what can run now: both priors (their codes exist), not the VQ-VAE that is not needed
-    assert "can run now: train_top_prior, train_bottom_prior (submit stage=<name>" in status.stdout, status.stdout
+    # what can run now: both priors (their codes exist), not the VQ-VAE that is not needed; the
+    # commands carry encode's experiment-wide overrides (run_root), not its own (encode.vqvae)
+    ready = status.stdout.split("can run now")[1].splitlines()[1:]
+    assert ready == [f"  submit stage={p} run_root={experiment}" for p in ("train_top_prior", "train_bottom_prior")], \
+        status.stdout
+    elsewhere = submit("status", f"run_root={experiment}", cwd=experiment)  # run_root could be relative there
+    assert f"  cd {tmp_path} && submit stage=train_top_prior run_root={experiment}\n" in elsewhere.stdout, elsewhere.stdout
 
     other = save_changed_model(named, tmp_path / "other.pt")
     before = {p.name: p.stat().st_mtime_ns for p in code_dir.iterdir()}

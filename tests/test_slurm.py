@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -171,11 +172,15 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     for cls in ("a", "b"):
         (src / cls).mkdir(parents=True)
         shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
-    bad = submit("stage=all", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'bad'}",
-                 *FAST, "cluster.array_tasks=1", cwd=tmp_path, env=slurm)
+    bad_args = ("stage=all", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'bad'}",
+                *FAST, "cluster.array_tasks=1")
+    bad = submit(*bad_args, cwd=tmp_path, env=slurm)
     assert bad.returncode == 0, bad.stderr
     train_job = re.search(r"train_vqvae\s+queued after \d+\s+(\d+)", bad.stdout).group(1)
     assert _wait_job(train_job, slurm, timeout=300) == "CANCELLED"
     status = submit("status", f"run_root={tmp_path / 'bad'}", cwd=tmp_path, env=slurm)
     assert re.search(r"prepare\s+failed \(FAILED\)", status.stdout), status.stdout
     assert re.search(r"train_vqvae\s+failed \(CANCELLED\)", status.stdout), status.stdout
+    # the failed stage is rerun by the command that queued it, data=folder and all (status has only run_root)
+    ready = status.stdout.split("can run now")[1].splitlines()[1:]
+    assert ready == ["  " + shlex.join(["submit", *bad_args])], status.stdout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -11,11 +13,29 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline import atomic
-from pipeline.config import stage_dir, stage_name
+from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.stages import ORDER, vqvae_model
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
+COMMAND = "command.json"  # the `submit` arguments (and working dir) that last ran or queued a stage
+
+# Overrides that locate or describe the experiment every stage reads; not one stage's own settings
+# (train.*, sample.*, ...) nor its resources (cluster.*, deepspeed.micro_batch, ...).
+_SHARED_KEYS, _SHARED_PREFIXES = ("experiment", "run_root", "sample_set", *GROUPS), ("data.", "model.", "tracking.")
+
+
+def shared_overrides(args: list[str]) -> list[str]:
+    """The overrides of a `submit` command that another stage of the same experiment needs too."""
+    keys = [a.partition("=")[0].lstrip("+~") for a in args]
+    return [a for a, k in zip(args, keys) if k != "stage" and (k in _SHARED_KEYS or k.startswith(_SHARED_PREFIXES))]
+
+
+def record_command(sdir: Path, args: list[str]) -> None:
+    """Remember how this stage was run, so `submit status` can print the command that resumes it."""
+    Path(sdir).mkdir(parents=True, exist_ok=True)
+    atomic.write_json(Path(sdir) / COMMAND, {"args": list(args), "cwd": os.getcwd(),
+                                             "submitted": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def add_job(sdir: Path, job_id: str) -> None:
@@ -85,6 +105,33 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
 _TO_RUN = ("not started", "failed", "stopped", "incomplete")
 
 
+def _recorded(sdir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((sdir / COMMAND).read_text())
+    except (OSError, ValueError):
+        return None  # never run by this version (or the record is unreadable): no command to show
+
+
+def resume_command(cfg: DictConfig, stage: str) -> str | None:
+    """The `submit` command that starts or resumes ``stage``: the one it was run with, else the one
+    of the latest stage producing its inputs, with that one's experiment-wide overrides (a
+    `stage=all` command as it was: it runs whatever is not done). None where neither was recorded."""
+    from pipeline.stages import NEEDS
+
+    own = _recorded(stage_dir(cfg, stage))
+    # the latest producer first: sample's command names the sample_set that prepare's does not
+    producers = reversed(NEEDS.get(stage, ()))
+    record = own or next((r for r in (_recorded(stage_dir(cfg, p)) for p, _ in producers) if r), None)
+    if record is None:
+        return None
+    args = record["args"]
+    if record is not own and "stage=all" not in args:
+        args = [f"stage={stage}", *shared_overrides(args)]
+    command = shlex.join(["submit", *args])
+    # relative paths in the overrides (run_root=runs, data.root=...) mean what they meant there
+    return command if record["cwd"] == os.getcwd() else f"cd {shlex.quote(record['cwd'])} && {command}"
+
+
 def status_table(cfg: DictConfig) -> str:
     """The stage table, then the stages that can run now (their inputs exist; not done, queued or
     running), then the evaluated sample sets."""
@@ -97,9 +144,13 @@ def status_table(cfg: DictConfig) -> str:
               for r in rows]
     ready = [r["stage"] for r in rows if r["stage"] in BUILT and r["status"].startswith(_TO_RUN)
              and not missing_inputs(cfg, r["stage"])]
-    if ready:  # names, not commands: status does not know the overrides (data=, cluster.*) they were run with
-        lines.append(f"can run now: {', '.join(ready)} (submit stage=<name> with this "
-                     "experiment's overrides; a failed or stopped stage resumes)")
+    commands = {s: resume_command(cfg, s) for s in ready}
+    if ready:
+        lines.append("can run now (a failed or stopped stage resumes from its last checkpoint):")
+        lines += [f"  {c}" for c in dict.fromkeys(c for c in commands.values() if c)]
+    unknown = [s for s in ready if not commands[s]]
+    if unknown:  # not recorded (run by an older version): status does not know the overrides (data=, ...)
+        lines.append(f"  {', '.join(unknown)}: submit stage=<name> with this experiment's overrides")
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
     if sets:
         lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]
