@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     records.record_command(stage_dir(cfg, stage), args)
     if cfg.cluster.name == "slurm":
-        return _submit_to_slurm(cfg, stage)
+        return _submit_to_slurm(cfg, stage, args)
     try:
         result = executors.run(cfg, stage)
     except KeyboardInterrupt:
@@ -135,9 +135,8 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
     done yet), carrying the overrides that say which experiment they belong to."""
     from pipeline.config import stage_dir
     from pipeline.launch.jobs import DONE
-    from pipeline.stages import BUILT, NEEDS, ORDER, missing_inputs
-
     from pipeline.launch.records import shared_overrides
+    from pipeline.stages import BUILT, NEEDS, ORDER, missing_inputs
 
     carried = shared_overrides(args)
     return [shlex.join(["submit", f"stage={s}", *carried]) for s in ORDER
@@ -145,7 +144,7 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
             and not (stage_dir(cfg, s) / DONE).exists() and not missing_inputs(cfg, s)]
 
 
-def _submit_to_slurm(cfg, stage: str) -> int:
+def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
     from pipeline.config import stage_dir
     from pipeline.launch import executors
     from pipeline.tracking import tracking_uri
@@ -181,6 +180,8 @@ def _submit_to_slurm(cfg, stage: str) -> int:
         return 1
     run = json.loads((sdir / "mlflow_run.json").read_text())
     print(f"stage {stage}: done (MLflow run {run['run_id']})")
+    for command in _next_commands(cfg, stage, args):
+        print(f"  next:    {command}")
     return 0
 
 

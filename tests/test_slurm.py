@@ -130,10 +130,13 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path):
 
 
 def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
-    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", f"run_root={run_root}", *FAST,
-                  "train.max_steps=20", "train.ckpt_every=20", "train.eval_every=20", "wait=true",
-                  cwd=tmp_path, env=slurm, timeout=900)
+    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
+                  f"run_root={run_root}", *FAST, "train.max_steps=20", "train.ckpt_every=20", "train.eval_every=20",
+                  "wait=true", cwd=tmp_path, env=slurm, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # encode's inputs exist now: its command keeps the cluster and partition, not this job's resources
+    assert f"next:    submit stage=encode cluster=slurm cluster.partition=high run_root={run_root} " \
+           "data.num_workers=0\n" in proc.stdout, proc.stdout
     job = _job_id(proc.stdout)
     nodes = _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"], slurm).strip()
     assert nodes == "n[1-2]"

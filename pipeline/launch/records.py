@@ -20,9 +20,12 @@ from pipeline.stages import ORDER, vqvae_model
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
 COMMAND = "command.json"  # the `submit` arguments (and working dir) that last ran or queued a stage
 
-# Overrides that locate or describe the experiment every stage reads; not one stage's own settings
-# (train.*, sample.*, ...) nor its resources (cluster.*, deepspeed.micro_batch, ...).
-_SHARED_KEYS, _SHARED_PREFIXES = ("experiment", "run_root", "sample_set", *GROUPS), ("data.", "model.", "tracking.")
+# Overrides that locate or describe the experiment every stage reads, and where on the cluster its
+# jobs go; not one stage's own settings (train.*, sample.*, ...) nor its resources (cluster.nodes,
+# cluster.mem_gb, cluster.time_min, deepspeed.micro_batch, ...), which differ per stage.
+_SITE = tuple(f"cluster.{k}" for k in ("partition", "account", "qos", "constraint", "exclude", "setup", "extra"))
+_SHARED_KEYS = ("experiment", "run_root", "sample_set", *GROUPS, *_SITE)
+_SHARED_PREFIXES = ("data.", "model.", "tracking.", "cluster.extra.")
 
 
 def shared_overrides(args: list[str]) -> list[str]:
