@@ -216,6 +216,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         return 2
     for stage in chain.stages_to_run(cfgs)[0]:
         records.record_command(stage_dir(cfg, stage), args)
+    start = time.time()
     if cfg.cluster.name == "slurm":
         rows = chain.submit_slurm(cfgs)
         print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the jobs whose "
@@ -233,22 +234,31 @@ def _chain(args: list[str], print_cfg: bool) -> int:
                         print(f"submit: stage {r['stage']} (job {job.job_id}) failed: "
                               f"{str(e).strip().splitlines()[-1]}", file=sys.stderr)
                         return 1
+            _print_finished(cfg, chain.slurm_summary_rows(cfgs, rows), time.time() - start)
         return 0
-    start = time.time()
     try:
         rows = chain.run_local(cfgs)
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
         print(f"submit: stage=all stopped: {type(e).__name__}: {e}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
+    _print_finished(cfg, rows, time.time() - start)
+    return 0
+
+
+def _print_finished(cfg, rows: list[dict], seconds: float) -> None:
+    """A finished chain's last lines: each stage's wall time, key metric and outputs, then where to look."""
+    from pipeline.config import stage_dir
+    from pipeline.launch import chain
+    from pipeline.tracking import tracking_uri
+
     print(f"\nexperiment '{cfg.experiment}': stage=all finished")
-    print(chain.summary_table(rows, time.time() - start))
+    print(chain.summary_table(rows, seconds))
     report = stage_dir(cfg, "evaluate") / "report.md"
     if report.exists():
         print(f"  report:  {report}")
     uri = tracking_uri(cfg)
     browse = "" if uri.startswith("http") else "   # then browse http://127.0.0.1:5000"
     print(f"  MLflow:  {ui_command_for(uri)}{browse}, experiment '{cfg.experiment}'")
-    return 0
 
 
 def ui_command_for(uri: str) -> str:

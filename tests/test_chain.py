@@ -129,7 +129,7 @@ def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):
 
 
 def test_summary_table_columns_stay_aligned_whatever_the_wall_time_reads():
-    rows = [{"stage": "prepare", "status": "done", "seconds": None, "metric": "1797 images", "outputs": "/a"},
+    rows = [{"stage": "prepare", "status": "already done", "seconds": None, "metric": "1797 images", "outputs": "/a"},
             {"stage": "train_vqvae", "status": "not needed", "seconds": None, "metric": "-", "outputs": "/b"},
             {"stage": "encode", "status": "done", "seconds": 3.2, "metric": "1797 code maps", "outputs": "/c"},
             {"stage": "train_top_prior", "status": "done", "seconds": 3725.0, "metric": "val 0.5 bits/code",

@@ -161,6 +161,11 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     assert re.search(rf"sample\s+queued after {producers}\s", ok.stdout), ok.stdout
     inputs = ",".join(sorted((jobs[s] for s in ("prepare", "train_vqvae", "sample")), key=int))
     assert re.search(rf"evaluate\s+queued after {inputs}\s", ok.stdout), ok.stdout
+    # once every job is done, the same summary as a local chain: wall time (from sacct), key metric
+    finished = ok.stdout.split("stage=all finished")[1]
+    assert re.search(r"^\s+train_vqvae\s+\d+ s\s+val PSNR [\d.]+ dB\s", finished, re.M), finished
+    assert re.search(r"^\s+evaluate\s+\d+ s\s+FID \S+ \([\d.]+x real\)", finished, re.M), finished
+    assert f"report:  {tmp_path / 'ok' / 'digits' / 'evaluate' / 'report.md'}" in finished
     status = submit("status", f"run_root={tmp_path / 'ok'}", cwd=tmp_path, env=slurm)
     assert re.search(r"prepare\s+done", status.stdout) and re.search(r"train_vqvae\s+done\s+step 20", status.stdout)
     for stage in ("encode", "train_top_prior", "train_bottom_prior", "sample", "evaluate"):

@@ -89,15 +89,35 @@ def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
         result = StageJob(cfgs[stage], stage)()
         rows.append({"stage": stage, "status": "done", "seconds": time.time() - start,
                      "outputs": result["stage_dir"], "run_id": result["run_id"]})
+    return _with_metrics(cfg, rows)
+
+
+def _with_metrics(cfg: DictConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         r["metric"], r["name"] = key_metric(cfg, r["stage"]), stage_name(cfg, r["stage"])
     return sorted(rows, key=lambda r: ORDER.index(r["stage"]))
 
 
+def slurm_summary_rows(cfgs: dict[str, DictConfig], queued: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of `summary_table` for a chain whose SLURM jobs have all finished: wall time from
+    accounting (a job array: its longest task; a requeued job: its last run)."""
+    cfg = next(iter(cfgs.values()))
+    rows = []
+    for r in queued:
+        if r["status"].startswith("not needed"):
+            row = {"status": "not needed", "seconds": None, "outputs": f"encode.vqvae={cfgs['encode'].encode.vqvae}"}
+        else:
+            row = {"status": "already done" if r["status"] == "already done" else "done",
+                   "seconds": records.slurm_elapsed_s(r["job"]) if r["job"] else None,
+                   "outputs": str(stage_dir(cfg, r["stage"]))}
+        rows.append({"stage": r["stage"], **row})
+    return _with_metrics(cfg, rows)
+
+
 def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
     """The lines `stage=all` ends with: stage, wall time, key metric, outputs."""
-    walls = [(r["status"] if r["status"] == "not needed" else "done before") if r["seconds"] is None
-             else _duration(r["seconds"]) for r in rows]
+    words = {"already done": "done before", "not needed": "not needed"}
+    walls = [words.get(r["status"]) or ("?" if r["seconds"] is None else _duration(r["seconds"])) for r in rows]
     total = _duration(total_seconds)
     # Right-aligned, so the column is as wide as its longest entry ("done before" is 11).
     wall_width = max(len(w) for w in walls + [total, "wall time"])

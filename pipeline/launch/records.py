@@ -65,6 +65,17 @@ def slurm_state(job_id: str) -> str:
     return states[0] if states else "UNKNOWN"
 
 
+def slurm_elapsed_s(job_id: str) -> float | None:
+    """A finished job's run time from accounting (an array: its longest task); None if unknown."""
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "ElapsedRaw"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    seconds = [int(s) for s in out if s.isdigit()]
+    return float(max(seconds)) if seconds else None
+
+
 def _mlflow_status(sdir: Path) -> tuple[str, str]:
     record = sdir / "mlflow_run.json"
     if not record.exists():
