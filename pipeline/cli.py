@@ -14,7 +14,8 @@ import time
 
 from pipeline.config import GROUPS, ConfigError, compose, config_dir, group_options, stage_name, to_yaml, validate
 
-USAGE = "usage: submit stage=<stage> [group=option ...] [key=value ...] [--cfg job] [--help]"
+USAGE = ("usage: submit stage=<stage> [group=option ...] [key=value ...] [<stage>:key=value ...] [--cfg job] "
+         "[--help]")
 
 
 def _describe(group: str, option: str) -> str:
@@ -50,6 +51,7 @@ def help_text() -> str:
         submit stage=prepare tracking.uri=http://127.0.0.1:5000
         submit stage=all data=imagenet data.source=/datasets/ILSVRC2012 model=paper_imagenet256 cluster=slurm
         submit stage=all sample_set=t10 sample.temperature=1.0 # samples of other settings from the same priors, evaluated
+        submit stage=all train.max_steps=5000 train_bottom_prior:train.max_steps=8000  # <stage>:key for one stage only
         submit status                                          # where every stage stands"""), "  "),
         "", "Every key is documented in the YAML files under " + str(config_dir())]
     return "\n".join(lines)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if "stage=all" in args:
         return _chain(args, print_cfg)
     try:
-        cfg = compose(args)
+        cfg = compose(_own_overrides(args))
         stage = str(cfg.stage.name)
         if print_cfg:
             print(to_yaml(cfg), end="")
@@ -128,6 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "evaluate":
         print(f"  report:  {result['stage_dir']}/report.md")
     return 0
+
+
+def _own_overrides(args: list[str]) -> list[str]:
+    """A single stage's overrides: `<stage>:<key>=...` scoped to it become plain `<key>=...`; one scoped
+    to another stage is refused (it would be ignored)."""
+    from pipeline.config import split_stage_scoped
+
+    plain, scoped = split_stage_scoped(args)
+    chosen = [a.partition("=")[2] for a in plain if a.partition("=")[0] == "stage"][-1:]
+    for stage, own in scoped.items():
+        if [stage] != chosen:
+            raise ConfigError(f"{stage}:{own[0].partition('=')[0]}", f"applies to stage={stage} only, and this "
+                              f"command runs stage={chosen[0] if chosen else '?'}",
+                              f"pass it to `submit stage={stage}` or `submit stage=all`")
+    return [*plain, *scoped.get(chosen[0], [])] if chosen else plain
 
 
 def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:

@@ -40,6 +40,27 @@ def _parse_override_target(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
+def split_stage_scoped(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Take out the overrides scoped to one stage, ``<stage>:<key>=<value>`` (in a stage=all command,
+    e.g. ``train_top_prior:train.max_steps=200000``): (the others, {stage: [its overrides]})."""
+    stages = [s for s in group_options("stage") if s != "all"]
+    plain: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    for o in overrides:
+        target = o.partition("=")[0]
+        if ":" not in target:  # a value may hold a colon (tracking.uri=http://host:5000), a key never does
+            plain.append(o)
+            continue
+        stage, _, override = o.partition(":")
+        if stage not in stages:
+            raise ConfigError(target, f"'{stage}' is not a stage", f"scope an override with one of: {', '.join(stages)}")
+        if _parse_override_target(override)[0] in GROUPS:
+            raise ConfigError(target, "a config group is chosen for every stage at once",
+                              f"pass {override} without '{stage}:'")
+        scoped.setdefault(stage, []).append(override)
+    return plain, scoped
+
+
 def _check_overrides(overrides: list[str]) -> None:
     """Catch what Hydra would report in less helpful words: bad syntax, unknown group options."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

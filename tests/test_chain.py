@@ -7,8 +7,10 @@ import json
 import re
 import sqlite3
 
+import yaml
 from conftest import submit
 
+from pipeline.cli import main
 from pipeline.launch import chain
 from pipeline.stages import BUILT
 
@@ -126,6 +128,19 @@ def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):
     todo, done, skip = chain.stages_to_run(cfgs)
     assert skip == ["train_vqvae"] and done == [] and todo[:2] == ["prepare", "encode"], todo
     assert "train_vqvae" in chain.stages_to_run(chain.compose_all([f"run_root={tmp_path / 'runs'}"]))[0]
+
+
+def test_a_stage_scoped_override_sets_that_stage_alone(tmp_path, capsys):
+    cfgs = chain.compose_all([f"run_root={tmp_path}", "train.max_steps=50", "train_bottom_prior:train.max_steps=80",
+                              "train_bottom_prior:train.lr=1e-4"])
+    steps = {s: c.train.max_steps for s, c in cfgs.items() if "train" in c}
+    # the plain override reaches every stage with the key (the evaluate classifiers too); the scoped one wins
+    assert steps == {"train_vqvae": 50, "train_top_prior": 50, "train_bottom_prior": 80, "evaluate": 50}, steps
+    assert cfgs["train_bottom_prior"].train.lr == 1e-4 and cfgs["train_top_prior"].train.lr != 1e-4
+    # a single stage takes an override scoped to it as a plain one
+    assert main(["stage=train_top_prior", "train_top_prior:train.max_steps=80", f"run_root={tmp_path}", "--cfg",
+                 "job"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 80
 
 
 def test_summary_table_columns_stay_aligned_whatever_the_wall_time_reads():

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import GROUPS, ConfigError, compose, stage_dir, stage_name, unknown_key_fix, validate
+from pipeline.config import (GROUPS, ConfigError, compose, split_stage_scoped, stage_dir, stage_name, unknown_key_fix,
+                             validate)
 from pipeline.launch import executors, records
 from pipeline.launch.jobs import DONE, StageJob
 from pipeline.stages import BUILT, NEEDS, ORDER
@@ -28,7 +29,7 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
 def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
     """One validated config per built stage. An override applies to the stages that have its key
     (``train.max_steps=...`` to the training stages only); one that no stage has is an error."""
-    rest = [o for o in overrides if o.partition("=")[0] != "stage"]
+    rest, scoped = split_stage_scoped([o for o in overrides if o.partition("=")[0] != "stage"])
     groups = [o for o in rest if o.partition("=")[0] in GROUPS]
     cfgs: dict[str, DictConfig] = {}
     used: set[str] = set()
@@ -36,8 +37,17 @@ def compose_all(overrides: list[str]) -> dict[str, DictConfig]:
         probe = compose([f"stage={stage}", *groups])
         mine = [o for o in rest if o in groups or _has_key(probe, o.partition("=")[0])]
         used.update(mine)
-        cfgs[stage] = compose([f"stage={stage}", *mine])
+        own = scoped.pop(stage, [])  # after the others: `train_top_prior:train.lr=` wins over `train.lr=`
+        for o in own:
+            key = o.partition("=")[0].lstrip("+~")
+            if not _has_key(probe, key):
+                raise ConfigError(f"{stage}:{key}", f"stage={stage} has no such key",
+                                  unknown_key_fix(key, [*groups, f"stage={stage}"]))
+        cfgs[stage] = compose([f"stage={stage}", *mine, *own])
         validate(cfgs[stage])
+    for stage, own in scoped.items():  # a stage with a config file but no implementation
+        raise ConfigError(f"{stage}:{own[0].partition('=')[0]}", f"stage={stage} is not run by stage=all",
+                          f"stages: {', '.join(cfgs)}")
     for o in rest:
         if o not in used:
             key = o.partition("=")[0].lstrip("+~")
