@@ -143,11 +143,15 @@ def unknown_key_fix(key: str, overrides: list[str]) -> str:
     return f"did you mean {close[0]}?" if close else "check the spelling against `submit stage=<name> --cfg job`"
 
 
+# Keys whose default's type is one of several they take; `validate` checks their values.
+_MIXED_TYPES = ("deepspeed.bf16",)  # auto, true or false
+
+
 def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str) -> None:
     """Overrides must keep the type of the default (an int stays an int: ``seed=abc`` is refused)."""
     for key in defaults:
         path = f"{prefix}{key}"
-        if OmegaConf.is_missing(defaults, key) or OmegaConf.is_missing(cfg, key):
+        if OmegaConf.is_missing(defaults, key) or OmegaConf.is_missing(cfg, key) or path in _MIXED_TYPES:
             continue
         default, value = defaults[key], cfg[key]
         if isinstance(default, DictConfig):
@@ -218,6 +222,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.source={source}", "no train/ folder (nor ILSVRC/Data/CLS-LOC/train)",
                               "pass the folder that holds ImageNet's train/ and val/")
     _check_choice(cfg, "data.augment", ("none", "center", "random_resized_crop"))
+    if not (cfg.deepspeed.bf16 == "auto" or isinstance(cfg.deepspeed.bf16, bool)):  # 'false' would be truthy
+        raise ConfigError(f"deepspeed.bf16={cfg.deepspeed.bf16}", "must be auto, true or false",
+                          "pass deepspeed.bf16=true (unquoted), false or auto")
     _check_choice(cfg, "data.layout", ("auto", "folders", "kaggle", "devkit"))
     if int(cfg.prepare.workers) < 1:
         raise ConfigError(f"prepare.workers={cfg.prepare.workers}", "must be at least 1",

@@ -6,12 +6,15 @@ import io
 import logging
 
 import pytest
+import torch
 import yaml
 
 from conftest import submit
 from tqdm import tqdm
 
+from pipeline.config import compose, validate
 from pipeline.launch.jobs import ConsoleHandler
+from pipeline.training.engine import deepspeed_config
 
 STAGES = ["prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior", "sample",
           "evaluate", "all"]
@@ -76,6 +79,7 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=all", "sample:model=paper_imagenet256"], ["sample:model", "every stage", "model=paper_imagenet256"]),
     (["stage=encode", "train_top_prior:train.lr=0.1"], ["train_top_prior:train.lr", "stage=train_top_prior only",
                                                        "runs stage=encode"]),
+    (["stage=train_vqvae", "deepspeed.bf16=1"], ["deepspeed.bf16=1", "must be auto, true or false"]),
     (["data=digits"], ["stage", "no stage given"]),
     (["stage=prepare", "oops"], ["oops", "key=value"]),
     (["stage=prepare", "--frobnicate"], ["--frobnicate"]),
@@ -89,6 +93,14 @@ def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path, args, na
         assert name in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, kept", [("true", True), ("false", False), ("auto", "auto")])
+def test_bf16_takes_auto_true_or_false(tmp_path, value, kept):
+    cfg = compose(["stage=train_vqvae", f"run_root={tmp_path}", f"deepspeed.bf16={value}"])
+    validate(cfg)
+    enabled = {"true": True, "false": False, "auto": torch.cuda.is_available()}[value]
+    assert cfg.deepspeed.bf16 == kept and deepspeed_config(cfg)["bf16"]["enabled"] is enabled
 
 
 def test_unwritable_run_root_is_refused(tmp_path):

@@ -272,6 +272,23 @@ def test_cas_on_correct_labels_beats_cas_on_random_labels(evaluated, tmp_path):
     assert scores["correct"] > 0.8 and scores["random"] < 0.35, scores
 
 
+def test_the_classifier_trains_in_bf16_through_deepspeed(evaluated, tmp_path):
+    root = evaluated["root"]
+    cfg = compose(["stage=evaluate", f"run_root={tmp_path / 'runs'}", *EVAL_ARGS, "train.max_steps=100",
+                   "deepspeed.bf16=true"])
+    sdir = tmp_path / "runs" / "bf16"
+    sdir.mkdir(parents=True)
+    ctx = StageContext("evaluate", sdir, StageRun(cfg, "evaluate", sdir), logging.getLogger("test"))
+    val = _val(root)
+    task = ClassifierTask(cfg, shards.shard_urls(root / "digits" / "prepare" / "shards", "train"),
+                          val.subset(list(range(64))), 10, [str(c) for c in range(10)], "real train")
+    model, _ = load_exported(train_or_reuse(cfg, ctx, "classifier_real", task))
+    assert next(model.parameters()).dtype == torch.float32  # exported as fp32 for evaluation
+    assert model.body[1].running_var.dtype == torch.float32 and not torch.equal(model.body[1].running_var,
+                                                                               torch.ones_like(model.body[1].running_var))
+    assert accuracy(model, val)[0] > 0.9
+
+
 def test_inception_weights_from_a_local_file(evaluated, tmp_path, monkeypatch):
     """torch-fidelity's inception-v3-compat reads its weights from the configured file (here random
     weights written by the test, re-initialised so the features do not collapse)."""

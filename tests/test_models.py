@@ -206,3 +206,28 @@ def test_an_exported_model_loads_with_the_digest_of_the_file_it_came_from(tmp_pa
         assert torch.equal(a, b) and torch.equal(a, model.state_dict()[name]), name
     path.write_bytes(path.read_bytes() + b"x")  # another file: another digest
     assert load_exported_digest(path)[2] != sha
+
+
+def test_classifier_batch_norm_matches_torch_in_fp32_and_runs_with_bf16_weights():
+    from pipeline.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(32)
+    ours = Classifier(num_classes=3).body[1]  # the stem's batch norm, swapped at construction
+    assert type(ours).__name__ == "Fp32BatchNorm2d" and ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(16, 32, 5, 5) * 3 + 1
+    for mode in ("train", "eval"):
+        getattr(ref, mode)(), getattr(ours, mode)()
+        assert torch.allclose(ours(x), ref(x), atol=1e-6), mode
+    assert torch.allclose(ours.running_mean, ref.running_mean) and torch.allclose(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == 1
+    # as DeepSpeed's bf16 leaves a module: parameters bf16, buffers fp32 (torch's batch norm refuses that)
+    model = Classifier(num_classes=3, arch="resnet50")
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    logits = model(torch.randn(2, 3, 64, 64).bfloat16())
+    logits.float().sum().backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    bn = model.body.bn1
+    assert bn.running_mean.dtype == torch.float32 and bn.weight.grad.dtype == torch.bfloat16

@@ -150,7 +150,7 @@ def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
 def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_path):
     ok = submit("stage=all", "cluster=slurm", f"run_root={tmp_path / 'ok'}", *FAST, "train.max_steps=20",
                 "train.ckpt_every=20", "train.eval_every=20", "cluster.array_tasks=2", "sample.per_class=2",
-                "wait=true", cwd=tmp_path, env=slurm, timeout=900)
+                "train_vqvae:cluster.nodes=2", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     jobs = dict(re.findall(r"^\s*(\w+)\s+queued(?: after [\d,]+)?\s+(\d+)", ok.stdout, re.M))
     assert re.search(rf"train_vqvae\s+queued after {jobs['prepare']}\s", ok.stdout)
@@ -161,6 +161,10 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     assert re.search(rf"sample\s+queued after {producers}\s", ok.stdout), ok.stdout
     inputs = ",".join(sorted((jobs[s] for s in ("prepare", "train_vqvae", "sample")), key=int))
     assert re.search(rf"evaluate\s+queued after {inputs}\s", ok.stdout), ok.stdout
+    # resources scoped to one stage: the VQ-VAE trained on both nodes, a prior on one
+    nodes = {s: _sh(["sacct", "-X", "-n", "-P", "-j", jobs[s], "-o", "NodeList"], slurm).split() for s in jobs}
+    assert nodes["train_vqvae"] == ["n[1-2]"] and len(nodes["train_top_prior"]) == 1, nodes
+    assert nodes["train_top_prior"][0] in ("n1", "n2"), nodes
     # once every job is done, the same summary as a local chain: wall time (from sacct), key metric
     finished = ok.stdout.split("stage=all finished")[1]
     assert re.search(r"^\s+train_vqvae\s+\d+ s\s+val PSNR [\d.]+ dB\s", finished, re.M), finished

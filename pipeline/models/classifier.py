@@ -12,6 +12,25 @@ from torch import nn
 from torch.nn import functional as F
 
 
+class Fp32BatchNorm2d(nn.BatchNorm2d):
+    """Batch norm computed in fp32 whatever the parameters' dtype, as autocast does. DeepSpeed's bf16
+    casts a module's parameters but not its buffers, and batch_norm refuses bf16 weights with fp32
+    running statistics; the statistics also stay exact this way. Same state_dict as nn.BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or self.running_mean is None
+        stats = not self.training or self.track_running_stats
+        out = F.batch_norm(x.float(), self.running_mean if stats else None, self.running_var if stats else None,
+                           None if self.weight is None else self.weight.float(),
+                           None if self.bias is None else self.bias.float(), batch_stats, momentum, self.eps)
+        return out.to(x.dtype)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -52,6 +71,9 @@ class Classifier(nn.Module):
             self.body = net
         else:
             raise ValueError(f"model.classifier.arch={arch}: choose small_resnet or resnet50")
+        for m in self.modules():  # torchvision's too; the swap keeps the parameters and state_dict keys
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = Fp32BatchNorm2d
         self.num_classes = num_classes
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
