@@ -118,13 +118,15 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     assert json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())["attempts"] == 2
 
 
-def test_sigusr2_checkpoints_and_resume_is_exact(run_root, tmp_path):
-    args = ["train.max_steps=120", "train.ckpt_every=20", "train.eval_every=1000"]
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sigusr2_checkpoints_and_resume_is_exact(run_root, tmp_path, bf16):
+    args = ["train.max_steps=120", "train.ckpt_every=20", "train.eval_every=1000", f"deepspeed.bf16={str(bf16).lower()}"]
     # the reference: the same command, uninterrupted, in another run_root
     ref_root = tmp_path / "ref"
     shutil.copytree(run_root, ref_root)
     ref = submit(*_args(ref_root, *args), cwd=tmp_path, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    assert re.search(r"training vqvae: .*, cpu, " + ("bf16" if bf16 else "fp32"), ref.stdout + ref.stderr)
 
     ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"
     proc = _popen(_args(run_root, *args), tmp_path)
