@@ -118,9 +118,11 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     assert json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())["attempts"] == 2
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_sigusr2_checkpoints_and_resume_is_exact(run_root, tmp_path, bf16):
-    args = ["train.max_steps=120", "train.ckpt_every=20", "train.eval_every=1000", f"deepspeed.bf16={str(bf16).lower()}"]
+@pytest.mark.parametrize("extra", [[], ["deepspeed.bf16=true"], ["deepspeed.zero_stage=2", "deepspeed.grad_accum=2"]],
+                         ids=["fp32", "bf16", "zero2-accum2"])
+def test_sigusr2_checkpoints_and_resume_is_exact(run_root, tmp_path, extra):
+    args = ["train.max_steps=120", "train.ckpt_every=20", "train.eval_every=1000", *extra]
+    bf16 = "deepspeed.bf16=true" in extra
     # the reference: the same command, uninterrupted, in another run_root
     ref_root = tmp_path / "ref"
     shutil.copytree(run_root, ref_root)
