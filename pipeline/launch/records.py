@@ -142,7 +142,7 @@ def resume_command(cfg: DictConfig, stage: str) -> str | None:
     if record is not own and "stage=all" not in args:
         args = [f"stage={stage}", *shared_overrides(args)]
     command = shlex.join(["submit", *args])
-    # relative paths in the overrides (run_root=runs, data.root=...) mean what they meant there
+    # relative paths in the overrides (run_root=runs, data.source=...) mean what they meant there
     return command if record["cwd"] == os.getcwd() else f"cd {shlex.quote(record['cwd'])} && {command}"
 
 
