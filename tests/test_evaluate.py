@@ -18,7 +18,7 @@ from pipeline.config import compose
 from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
 from pipeline.evaluation import fidelity
-from pipeline.evaluation.classifier import (ClassifierTask, accuracy, confidences, manifest_digest,
+from pipeline.evaluation.classifier import (NOT_RECIPE, ClassifierTask, accuracy, confidences, manifest_digest,
                                              recipe_changes, same_classifier, train_or_reuse)
 from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.report import sample_sets_table
@@ -141,11 +141,33 @@ def test_a_finished_classifier_is_shared_only_for_the_same_data_and_recipe(evalu
 
     assert same_classifier(model, *task())
     assert same_classifier(model, *task("sample_set=hot", "eval.accept_rates=[0.2]"))  # not the training's
+    # nor logging, the checks during training or the checkpoints kept (same weights: the test below)
+    assert same_classifier(model, *task("train.log_every=5", "train.eval_every=50", "train.eval_samples=64",
+                                        "train.keep_ckpts=3"))
     assert not same_classifier(model, *task(trained_on="real train 0123456789abcdef"))
     for other in ("seed=1", "train.lr=1e-3", "eval.classifier_augment=center", "deepspeed.micro_batch=32"):
         assert not same_classifier(model, *task(other)), other
     assert not same_classifier(model, task()[0], 151)
     assert not same_classifier(tmp_path / "model.pt", *task())
+
+
+def test_settings_left_out_of_the_recipe_leave_the_weights_identical(evaluated, tmp_path):
+    root = evaluated["root"]
+    real_dir = root / "digits" / "prepare" / "shards"
+    weights = []
+    for name, extra in (("a", ["train.log_every=25", "train.eval_every=100", "train.eval_samples=512"]),
+                        ("b", ["train.log_every=10", "train.eval_every=30", "train.eval_samples=64"])):
+        cfg = compose(["stage=evaluate", f"run_root={tmp_path / 'runs'}", *EVAL_ARGS, "train.max_steps=60",
+                       "train.ckpt_every=60", "train.keep_ckpts=" + ("1" if name == "a" else "3"), *extra])
+        sdir = tmp_path / "runs" / name
+        sdir.mkdir(parents=True)
+        ctx = StageContext("evaluate", sdir, StageRun(cfg, "evaluate", sdir), logging.getLogger("test"))
+        task = ClassifierTask(cfg, shards.shard_urls(real_dir, "train"), _val(root, 64), 10,
+                              [str(c) for c in range(10)], "real train")
+        assert {k for k in task.recipe_settings if k.startswith("train.")} >= NOT_RECIPE
+        weights.append(load_exported(train_or_reuse(cfg, ctx, "classifier_real", task))[0].state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_a_finished_classifier_of_another_recipe_is_kept_and_named_key_by_key(evaluated, tmp_path, caplog):
@@ -169,10 +191,10 @@ def test_a_finished_classifier_of_another_recipe_is_kept_and_named_key_by_key(ev
         return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING], task
 
     assert reuse()[0] == []  # the recipe it was trained with: nothing to say
-    warnings, task = reuse("train.lr=0.00123", "seed=7")
+    warnings, task = reuse("train.lr=0.00123", "seed=7", "train.log_every=5")
     assert len(warnings) == 1, warnings
     assert "train.lr 0.002 there, 0.00123 now" in warnings[0] and "seed 0 there, 7 now" in warnings[0], warnings
-    assert "train.max_steps" not in warnings[0] and f"move {sdir / 'classifier_real'} away" in warnings[0]
+    assert "train.max_steps" not in warnings[0] and "log_every" not in warnings[0] and f"move {sdir / 'classifier_real'} away" in warnings[0]
     assert kept.stat().st_mtime_ns == stamp  # finished work kept as it was
     # a model exported before the settings were recorded still says that the recipe differs
     _, meta = load_exported(kept)

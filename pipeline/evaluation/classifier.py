@@ -70,7 +70,7 @@ class ClassifierTask:
         self.num_classes, self.class_names, self.trained_on = num_classes, class_names, trained_on
         self.dist = distributed.detect()
         # everything that shapes the trained weights besides the data (over-inclusive: a key that does
-        # not matter only costs a retraining where a model could have been shared)
+        # not matter only costs a retraining where a model could have been shared; NOT_RECIPE aside)
         recipe = OmegaConf.to_container(OmegaConf.create({
             "model": cfg.model.classifier, "train": cfg.train, "deepspeed": cfg.deepspeed, "seed": cfg.seed,
             "augment": cfg.eval.classifier_augment, "resolution": cfg.data.resolution,
@@ -110,12 +110,18 @@ class ClassifierTask:
                 "recipe": self.recipe, "recipe_settings": self.recipe_settings}
 
 
+# Settings of the recipe that leave the trained weights bit-identical (logging, the checks during
+# training, checkpoints kept): a classifier that differs only in these is the same classifier (tested).
+NOT_RECIPE = frozenset({"train.log_every", "train.eval_every", "train.eval_samples", "train.keep_ckpts"})
+
+
 def same_classifier(path: Path, task: ClassifierTask, max_steps: int) -> bool:
     """Whether ``path`` is a finished classifier of ``task``: same data, same recipe, all steps."""
     if not path.is_file():
         return False
     _, meta = load_exported(path)
-    return (meta.get("trained_on"), meta.get("recipe"), int(meta["step"])) == (task.trained_on, task.recipe, max_steps)
+    return ((meta.get("trained_on"), int(meta["step"])) == (task.trained_on, max_steps)
+            and meta.get("recipe") is not None and not recipe_changes(meta, task))
 
 
 def recipe_changes(meta: dict[str, Any], task: ClassifierTask) -> list[str]:
@@ -128,7 +134,7 @@ def recipe_changes(meta: dict[str, Any], task: ClassifierTask) -> list[str]:
         return [f"recipe {meta['recipe']} there, {task.recipe} now"]
     now = task.recipe_settings
     return [f"{k} {then.get(k, '(unset)')} there, {now.get(k, '(unset)')} now"
-            for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+            for k in sorted((set(then) | set(now)) - NOT_RECIPE) if then.get(k) != now.get(k)]
 
 
 def train_or_reuse(cfg: DictConfig, ctx: StageContext, name: str, task: ClassifierTask,
