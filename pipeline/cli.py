@@ -256,7 +256,9 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     try:
         rows = chain.run_local(cfgs)
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
-        print(f"submit: stage=all stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"submit: stage=all stopped: {type(e).__name__}: {e}\n  fix the cause and rerun the same command: "
+              "finished stages are skipped, a training stage resumes from its last checkpoint\n"
+              f"  status:  submit status experiment={cfg.experiment} run_root={cfg.run_root}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     _print_finished(cfg, rows, time.time() - start)
     return 0

@@ -130,6 +130,20 @@ def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):
     assert "train_vqvae" in chain.stages_to_run(chain.compose_all([f"run_root={tmp_path / 'runs'}"]))[0]
 
 
+def test_a_failed_chain_says_how_to_go_on(tmp_path):
+    src = tmp_path / "tiny"  # a class-folder tree prepare cannot use: no decodable image
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        (src / cls / "not_an_image.png").write_text("text")
+    proc = submit("stage=all", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "submit: stage=all stopped:" in proc.stderr and "rerun the same command" in proc.stderr
+    assert f"status:  submit status experiment=digits run_root={tmp_path / 'runs'}" in proc.stderr
+    status = submit("status", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert re.search(r"^prepare\s+failed", status.stdout, re.M), status.stdout
+    assert f"  submit stage=all data=folder data.source={src} run_root={tmp_path / 'runs'}\n" in status.stdout
+
+
 def test_a_stage_scoped_override_sets_that_stage_alone(tmp_path, capsys):
     cfgs = chain.compose_all([f"run_root={tmp_path}", "train.max_steps=50", "train_bottom_prior:train.max_steps=80",
                               "train_bottom_prior:train.lr=1e-4"])

@@ -156,6 +156,7 @@ def test_nan_marks_failed_and_keeps_the_checkpoint(run_root, tmp_path):
                          "train.inject_nan_at_step=30"), cwd=tmp_path, timeout=600)
     assert proc.returncode == 1
     assert "non-finite loss or gradient norm at step 30" in proc.stderr
+    assert "the last checkpoint, step_00000020, is intact" in proc.stderr and "lower train.lr" in proc.stderr
     _, run = _run(run_root)
     assert run.info.status == "FAILED" and "step 30" in run.data.tags["error"]
     ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"

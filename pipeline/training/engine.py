@@ -185,8 +185,10 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else 0.0
             if not distributed.all_true(math.isfinite(float(loss.detach())) and math.isfinite(grad_norm)):
+                kept = (f"the last checkpoint, {ckpts.latest()}, is intact and a rerun resumes from it"
+                        if ckpts.latest() else "no checkpoint was saved yet")
                 raise Diverged(f"non-finite loss or gradient norm at step {step} (loss {float(loss):.4g}, "
-                               f"grad norm {grad_norm:.4g}); the last checkpoint {ckpts.latest()} is intact")
+                               f"grad norm {grad_norm:.4g}); {kept}; lower train.lr or raise train.warmup_steps")
             if step % int(t.log_every) == 0 or step == max_steps:
                 elapsed = time.perf_counter() - t_window
                 metrics = {k: v / n_window for k, v in window.items()}
