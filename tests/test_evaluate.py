@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import EVAL_ARGS, submit
+from conftest import EVAL_ARGS, copy_stages, submit
 from pipeline.config import compose
 from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
@@ -149,6 +153,20 @@ def test_a_finished_classifier_is_shared_only_for_the_same_data_and_recipe(evalu
         assert not same_classifier(model, *task(other)), other
     assert not same_classifier(model, task()[0], 151)
     assert not same_classifier(tmp_path / "model.pt", *task())
+
+
+def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_path):
+    # each rank's batch norm sees its own batches: its running statistics are averaged every step
+    root = copy_stages(evaluated["root"], tmp_path / "runs", "prepare", "train_vqvae", "sample")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29000 + os.getpid() % 1000), "-m", "pipeline.cli", "stage=evaluate", f"run_root={root}", *EVAL_ARGS,
+           "train.max_steps=40", "train.eval_every=40", "train.ckpt_every=40", "data.num_workers=0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    digests = re.findall(r"identical on all 2 rank\(s\): sha256 (\w+)", proc.stdout + proc.stderr)
+    assert len(digests) == 4 and len(set(digests)) == 2, digests  # two classifiers, each logged by both ranks
+    assert (root / "digits" / "evaluate" / "results.json").exists()
 
 
 def test_settings_left_out_of_the_recipe_leave_the_weights_identical(evaluated, tmp_path):

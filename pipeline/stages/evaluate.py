@@ -35,12 +35,26 @@ from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.rejection import accepted, class_matched, rate_name
 from pipeline.models import load_exported, load_exported_digest
 from pipeline.stages import StageContext, vqvae_model
+from pipeline.training import distributed
 from pipeline.training.distributed import detect
 
 SAMPLE_METRICS = ("fid", "isc", "kid", "precision", "recall")
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    # One process group for both classifier trainings: a second group created after the first was
+    # destroyed can hang at its rendezvous under torchrun (its store still holds the first's keys).
+    distributed.setup()
+    try:
+        result = _run(cfg, ctx)
+    except BaseException:
+        distributed.teardown(barrier=False)
+        raise
+    distributed.teardown(barrier=True)
+    return result
+
+
+def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     start = time.time()
     e, device, res = cfg.eval, detect().device, int(cfg.data.resolution)
     real_dir, sample_dir = stage_dir(cfg, "prepare") / "shards", stage_dir(cfg, "sample") / "shards"

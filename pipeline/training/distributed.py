@@ -88,10 +88,14 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
 
 _EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _saved_env: dict[str, str | None] = {}
+_depth = 0  # setup() calls not yet torn down: the outermost teardown destroys the group
 
 
 def setup() -> DistEnv:
-    """Export the variables DeepSpeed needs, pick the device and initialise the process group."""
+    """Export the variables DeepSpeed needs, pick the device and initialise the process group (or
+    join the one an enclosing setup() made: evaluate keeps one around its two trainings)."""
+    global _depth
+    _depth += 1
     info = detect()
     if not _saved_env:  # teardown puts them back: a later job started from this process (a
         # subprocess, an sbatch that exports the environment) must not inherit this rank's identity
@@ -109,7 +113,15 @@ def setup() -> DistEnv:
 
 def teardown(barrier: bool = True) -> None:
     """Barrier then destroy the group: a process that exits without it may abort at exit. Pass
-    ``barrier=False`` when other ranks may not get there (an error on this rank only)."""
+    ``barrier=False`` when other ranks may not get there (an error on this rank only). Inside an
+    enclosing setup() the group stays (the outer teardown destroys it); the barrier is still kept:
+    rank 0's export must be on disk before another rank reads it."""
+    global _depth
+    _depth = max(0, _depth - 1)
+    if _depth:
+        if barrier and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return
     if dist.is_available() and dist.is_initialized():
         try:
             if barrier:

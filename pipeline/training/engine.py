@@ -178,6 +178,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
                 engine.step()
                 for k, v in terms.items():
                     window[k] = window.get(k, 0.0) + float(v.detach()) / ga
+            _average_batch_norm_stats(engine.module, info.world_size)
             step += 1
             samples += global_batch
             n_window += 1
@@ -258,6 +259,23 @@ def _resume(cfg: DictConfig, ckpts: CheckpointManager, engine: Any) -> dict[str,
             f"{ckpts.dir / ckpts.latest()} was trained with another model or dataset configuration; "
             "pass experiment=<a new name> to train this one from scratch")
     return ckpts.load(engine, weights_only=bool(cfg.resume_weights_only)) or {}
+
+
+def _average_batch_norm_stats(model: nn.Module, world_size: int) -> None:
+    """Each rank's batch norm sees its own batches, so the ranks' running statistics would drift
+    apart (DeepSpeed, unlike DDP, leaves buffers alone): averaging them after every step keeps the
+    replicas identical, and a checkpoint (saved from rank 0) resumes what every rank held."""
+    import torch.distributed as dist
+
+    stats = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in (m.running_mean, m.running_var) if b is not None]
+    if world_size == 1 or not stats:
+        return
+    flat = torch.cat([b.reshape(-1) for b in stats])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for b, avg in zip(stats, flat.split([b.numel() for b in stats])):
+        b.copy_(avg.view_as(b))
 
 
 def _check_replicas(engine: Any) -> str:
