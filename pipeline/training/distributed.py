@@ -95,7 +95,6 @@ def setup() -> DistEnv:
     """Export the variables DeepSpeed needs, pick the device and initialise the process group (or
     join the one an enclosing setup() made: evaluate keeps one around its two trainings)."""
     global _depth
-    _depth += 1
     info = detect()
     if not _saved_env:  # teardown puts them back: a later job started from this process (a
         # subprocess, an sbatch that exports the environment) must not inherit this rank's identity
@@ -108,6 +107,7 @@ def setup() -> DistEnv:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+    _depth += 1  # only once it worked: a failed setup has no teardown
     return info
 
 
