@@ -164,7 +164,8 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    digests = re.findall(r"identical on all 2 rank\(s\): sha256 (\w+)", proc.stdout + proc.stderr)
+    # the digest is 16 hex digits: the two ranks' lines may interleave before a newline ("...a2dd2a13:25:04")
+    digests = re.findall(r"identical on all 2 rank\(s\): sha256 ([0-9a-f]{16})", proc.stdout + proc.stderr)
     assert len(digests) == 4 and len(set(digests)) == 2, digests  # two classifiers, each logged by both ranks
     assert (root / "digits" / "evaluate" / "results.json").exists()
 
