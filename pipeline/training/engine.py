@@ -267,9 +267,11 @@ def _average_batch_norm_stats(model: nn.Module, world_size: int) -> None:
     replicas identical, and a checkpoint (saved from rank 0) resumes what every rank held."""
     import torch.distributed as dist
 
+    if world_size == 1:  # the common case: no walk over the modules on every step
+        return
     stats = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for b in (m.running_mean, m.running_var) if b is not None]
-    if world_size == 1 or not stats:
+    if not stats:
         return
     flat = torch.cat([b.reshape(-1) for b in stats])
     dist.all_reduce(flat)
