@@ -52,3 +52,38 @@ def test_teardown_gives_the_environment_back(monkeypatch):
         assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
         distributed.teardown()
         assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
+
+
+def test_process_group_nests_and_skips_the_barrier_only_for_a_lone_error(monkeypatch):
+    """evaluate keeps one group around its two trainings: the inner block leaves the group up, the
+    outer destroys it. An error on one rank must not wait at a barrier the others never reach; a
+    decision every rank took together (``agreed``) keeps it."""
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline.training import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k)))
+
+    with distributed.process_group() as outer:
+        assert outer.world_size == 1 and dist.is_initialized()
+        with distributed.process_group():
+            pass
+        assert dist.is_initialized() and len(barriers) == 1  # inner: barrier kept, group stays
+    assert not dist.is_initialized() and len(barriers) == 2 and "RANK" not in os.environ
+
+    class Agreed(Exception):
+        pass
+
+    for error, agreed, expected in ((RuntimeError, (), 0), (Agreed, (Agreed,), 1)):
+        barriers.clear()
+        with pytest.raises(error):
+            with distributed.process_group(agreed=agreed):
+                raise error("boom")
+        assert len(barriers) == expected, error
+        assert not dist.is_initialized() and "RANK" not in os.environ

@@ -44,14 +44,8 @@ SAMPLE_METRICS = ("fid", "isc", "kid", "precision", "recall")
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     # One process group for both classifier trainings: a second group created after the first was
     # destroyed can hang at its rendezvous under torchrun (its store still holds the first's keys).
-    distributed.setup()
-    try:
-        result = _run(cfg, ctx)
-    except BaseException:
-        distributed.teardown(barrier=False)
-        raise
-    distributed.teardown(barrier=True)
-    return result
+    with distributed.process_group():
+        return _run(cfg, ctx)
 
 
 def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import os
 import sys
 import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +137,23 @@ def teardown(barrier: bool = True) -> None:
             else:
                 dist.destroy_process_group()
     _restore_env()
+
+
+@contextmanager
+def process_group(agreed: tuple[type[BaseException], ...] = ()) -> Iterator[DistEnv]:
+    """``setup()`` around a block, then ``teardown()``: with its barrier when the block returned or
+    raised one of ``agreed`` (errors every rank decides together, so every rank gets there), without
+    it for any other error (this rank alone may be failing; a barrier would hang the others)."""
+    info = setup()
+    try:
+        yield info
+    except agreed:
+        teardown(barrier=True)
+        raise
+    except BaseException:
+        teardown(barrier=False)
+        raise
+    teardown(barrier=True)
 
 
 def _restore_env() -> None:

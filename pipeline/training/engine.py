@@ -110,17 +110,9 @@ def config_hash(cfg: DictConfig) -> str:
 
 def train(cfg: DictConfig, ctx: StageContext, task: Task) -> dict[str, Any]:
     """Train ``task`` to ``train.max_steps`` (resuming if a checkpoint exists); collective."""
-    info = distributed.setup()
-    try:
-        result = _train(cfg, ctx, task, info)
-    except (StageStopped, Diverged):  # every rank took this decision together
-        distributed.teardown(barrier=True)
-        raise
-    except BaseException:
-        distributed.teardown(barrier=False)
-        raise
-    distributed.teardown(barrier=True)
-    return result
+    # Every rank takes the stop and divergence decisions together, so all of them reach the barrier.
+    with distributed.process_group(agreed=(StageStopped, Diverged)) as info:
+        return _train(cfg, ctx, task, info)
 
 
 def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.DistEnv) -> dict[str, Any]:
