@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import submit
 from pipeline.data import shards
+from pipeline.launch import records
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=5", "train.log_every=10",
@@ -98,7 +99,7 @@ def _run_time_s(job: str, slurm: dict) -> int:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path):
+def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path, monkeypatch):
     # SLURM sends USR2 signal_delay_s before the time limit. How far a job gets before that depends on
     # this machine's speed (a fast one finished a 2-minute job before its signal), so the job gets an
     # hour and, once it trains, its limit is cut to end 40-100 s from now: the signal (70 s before
@@ -110,7 +111,8 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path):
     assert proc.returncode == 0, proc.stderr
     job = _job_id(proc.stdout)
     stdout_log = _wait_for_first_checkpoint(proc.stdout, run_root)
-    limit_min = -(-(_run_time_s(job, slurm) + 40) // 60)
+    first_run_s = _run_time_s(job, slurm)
+    limit_min = -(-(first_run_s + 40) // 60)
     _sh(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}"], slurm)
     assert f"TimeLimit=00:{limit_min:02d}:00" in _sh(["scontrol", "show", "job", job], slurm)
     deadline = time.time() + 200
@@ -119,6 +121,10 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path):
     _sh(["scontrol", "update", f"JobId={job}", "TimeLimit=60"], slurm)
     assert _wait_job(job, slurm) == "COMPLETED"
     assert "Restarts=1" in _sh(["scontrol", "show", "job", job], slurm)
+    # the chain summary's run time counts both runs, not only the last one
+    last_run = int(_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "ElapsedRaw"], slurm).split()[0])
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    assert records.slurm_elapsed_s(job) >= last_run + first_run_s
     log = stdout_log.read_text()
     stopped = int(re.search(r"stop requested \(SIGUSR2\); checkpoint saved at step (\d+)", log).group(1))
     assert 50 <= stopped < 1500

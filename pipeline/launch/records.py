@@ -66,14 +66,20 @@ def slurm_state(job_id: str) -> str:
 
 
 def slurm_elapsed_s(job_id: str) -> float | None:
-    """A finished job's run time from accounting (an array: its longest task); None if unknown."""
+    """A finished job's run time from accounting, summed over its runs (``-D``: a preempted or
+    timed-out job requeued runs again under the same id); an array: its longest task. None if
+    unknown."""
     try:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "ElapsedRaw"], capture_output=True,
-                             text=True, timeout=30).stdout.split()
+        out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "JobID,ElapsedRaw"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
     except (OSError, subprocess.TimeoutExpired):
         return None
-    seconds = [int(s) for s in out if s.isdigit()]
-    return float(max(seconds)) if seconds else None
+    per_task: dict[str, int] = {}
+    for line in out:
+        task, _, seconds = line.partition("|")
+        if seconds.isdigit():
+            per_task[task] = per_task.get(task, 0) + int(seconds)
+    return float(max(per_task.values())) if per_task else None
 
 
 def _mlflow_status(sdir: Path) -> tuple[str, str]:
