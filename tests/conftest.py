@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,35 @@ import pytest
 SUBMIT = str(Path(sys.executable).parent / "submit")
 
 
+def run_group(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a process group of its own, killed
+    whole when it times out (or the test is interrupted): torchrun's and the local executor's
+    workers trap SIGTERM to checkpoint, and would otherwise go on running after the test."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # a process that left the group still holds the pipes
+                out, err = "", ""
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        except BaseException:  # an interrupted test run stops its commands too
+            _kill_group(proc.pid)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def submit(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-    return subprocess.run([SUBMIT, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return run_group([SUBMIT, *args], cwd=cwd, timeout=timeout, env=full_env)
 
 
 @pytest.fixture(scope="session")

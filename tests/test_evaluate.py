@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import EVAL_ARGS, copy_stages, submit
+from conftest import EVAL_ARGS, copy_stages, run_group, submit
 from pipeline.config import compose
 from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
@@ -161,8 +160,8 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(29000 + os.getpid() % 1000), "-m", "pipeline.cli", "stage=evaluate", f"run_root={root}", *EVAL_ARGS,
            "train.max_steps=40", "train.eval_every=40", "train.ckpt_every=40", "data.num_workers=0"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    proc = run_group(cmd, cwd=tmp_path, timeout=900,
+                     env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     # the digest is 16 hex digits: the two ranks' lines may interleave before a newline ("...a2dd2a13:25:04")
     digests = re.findall(r"identical on all 2 rank\(s\): sha256 ([0-9a-f]{16})", proc.stdout + proc.stderr)

@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from mlflow.tracking import MlflowClient
 
-from conftest import SUBMIT, submit
+from conftest import SUBMIT, run_group, submit
 from pipeline.config import compose
 from pipeline.data.shard_images import write_image_shard
 from pipeline.data.streams import ordered_batches
@@ -174,8 +174,8 @@ def test_two_ranks_agree_and_a_different_world_size_is_refused(run_root, tmp_pat
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "pipeline.cli", *_args(run_root, "train.max_steps=30", "train.ckpt_every=30",
                                          "train.eval_every=30")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    proc = run_group(cmd, cwd=tmp_path, timeout=600,
+                     env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
     digests = {re.search(r"identical on all 2 rank\(s\): sha256 (\w+)", p.read_text()).group(1) for p in logs}
