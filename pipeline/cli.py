@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"run `submit stage={producer}{same}` first (same experiment and run_root), "
                               f"or `submit stage=all{same}`")
         executors.check_available(cfg)
+        _refuse_live_job(cfg, stage)
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
@@ -130,6 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "evaluate":
         print(f"  report:  {result['stage_dir']}/report.md")
     return 0
+
+
+def _refuse_live_job(cfg, stage: str) -> None:
+    """A second job (or a local run) on a stage whose SLURM job is still queued or running would
+    write the same checkpoints and outputs."""
+    from pipeline.config import stage_dir
+    from pipeline.launch import records
+
+    live = records.live_job(stage_dir(cfg, stage))
+    if live:
+        job, state = live
+        raise ConfigError(f"stage={stage_name(cfg, stage)}", f"its SLURM job {job} is still {state}",
+                          f"wait for it (submit status experiment={cfg.experiment} run_root={cfg.run_root}) "
+                          f"or cancel it first: scancel {job}")
 
 
 def _own_overrides(args: list[str]) -> list[str]:
@@ -228,6 +243,9 @@ def _chain(args: list[str], print_cfg: bool) -> int:
                 print(f"# --- {stage}\n{to_yaml(c)}", end="")
             return 0
         executors.check_available(cfg)
+        if cfg.cluster.name != "slurm":  # a SLURM chain makes a stage's live job a dependency instead
+            for stage in chain.stages_to_run(cfgs)[0]:
+                _refuse_live_job(cfg, stage)
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
@@ -244,13 +262,10 @@ def _chain(args: list[str], print_cfg: bool) -> int:
               f"  open:    {ui_command_for(tracking_uri(cfg))}")
         if cfg.wait:
             for r in rows:
-                for job in r.get("jobs", []):
-                    try:
-                        job.results()  # every task of the job (one per rank)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"submit: stage {r['stage']} (job {job.job_id}) failed: "
-                              f"{str(e).strip().splitlines()[-1]}", file=sys.stderr)
-                        return 1
+                error = _chain_job_error(r)
+                if error:
+                    print(f"submit: stage {r['stage']} {error}", file=sys.stderr)
+                    return 1
             _print_finished(cfg, chain.slurm_summary_rows(cfgs, rows), time.time() - start)
         return 0
     try:
@@ -262,6 +277,21 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     _print_finished(cfg, rows, time.time() - start)
     return 0
+
+
+def _chain_job_error(row: dict) -> str | None:
+    """Wait for a queued chain row's job(s) to end: None if they completed, else what went wrong."""
+    from pipeline.launch import records
+
+    if row.get("live"):  # queued by an earlier command: no submitit handle, only its state
+        state = records.wait_for_job(row["job"])
+        return None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"
+    for job in row.get("jobs", []):
+        try:
+            job.results()  # every task of the job (one per rank)
+        except Exception as e:  # noqa: BLE001
+            return f"(job {job.job_id}) failed: {str(e).strip().splitlines()[-1]}"
+    return None
 
 
 def _print_finished(cfg, rows: list[dict], seconds: float) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import submit
+from conftest import SUBMIT, submit
 from pipeline.data import shards
 from pipeline.launch import records
 
@@ -91,6 +91,44 @@ def test_train_on_slurm_and_preemption_requeues_and_resumes(slurm, run_root, tmp
     assert len(steps) == len(set(steps)) and max(steps) == 200
     assert int(resumed.group(2)) == stopped  # the requeued job continued from the saved step
     assert (run_root / "digits" / "train_vqvae" / "model.pt").exists()
+
+
+def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_root, tmp_path):
+    args = ("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=100000",
+            "cluster.time_min=10")
+    proc = submit(*args, cwd=tmp_path, env=slurm)
+    assert proc.returncode == 0, proc.stderr
+    job = _job_id(proc.stdout)
+    to_cancel, waiting = [job], None
+    try:
+        again = submit(*args, cwd=tmp_path, env=slurm)  # both would write the same checkpoints
+        assert again.returncode == 2, again.stdout
+        assert re.search(rf"stage=train_vqvae: its SLURM job {job} is still (PENDING|RUNNING) -- .*scancel {job}",
+                         again.stderr), again.stderr
+        local = submit("stage=train_vqvae", f"run_root={run_root}", cwd=tmp_path, env=slurm)
+        assert local.returncode == 2 and f"scancel {job}" in local.stderr, local.stderr
+        # the chain depends on the queued job instead of queueing the stage again, and waits for it
+        waiting = subprocess.Popen([SUBMIT, "stage=all", "cluster=slurm", f"run_root={run_root}", *FAST, "wait=true"],
+                                   cwd=tmp_path, env={**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not (run_root / "digits" / "evaluate" / "jobs.json").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        _sh(["scancel", job], slurm)
+        out, err = waiting.communicate(timeout=180)
+        queued = re.findall(r"queued(?: after [\d,]+)?\s+(\d+)$", out, re.M)
+        to_cancel += queued
+        assert waiting.returncode == 1 and f"stage train_vqvae (job {job}) ended CANCELLED" in err, out + err
+        assert re.search(rf"^\s+train_vqvae\s+already (pending|running)\s+{job}$", out, re.M), out
+        assert re.search(rf"^\s+encode\s+queued after {job}\s", out, re.M), out
+        vqvae_jobs = json.loads((run_root / "digits" / "train_vqvae" / "jobs.json").read_text())
+        assert [j["job_id"] for j in vqvae_jobs] == [job]
+        assert len(queued) == 5, out  # encode, both priors, sample, evaluate
+    finally:
+        _sh(["scancel", *to_cancel], slurm)
+        if waiting is not None and waiting.poll() is None:
+            waiting.kill()
+    assert _wait_job(job, slurm) == "CANCELLED"
 
 
 def _run_time_s(job: str, slurm: dict) -> int:

@@ -110,7 +110,7 @@ def _with_metrics(cfg: DictConfig, rows: list[dict[str, Any]]) -> list[dict[str,
 
 def slurm_summary_rows(cfgs: dict[str, DictConfig], queued: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of `summary_table` for a chain whose SLURM jobs have all finished: wall time from
-    accounting (a job array: its longest task; a requeued job: its last run)."""
+    accounting (a job array: its longest task; a requeued job: all its runs)."""
     cfg = next(iter(cfgs.values()))
     rows = []
     for r in queued:
@@ -153,6 +153,11 @@ def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     queued: dict[str, str] = {}
     for stage in todo:
         after = sorted({queued[p] for p, _ in NEEDS.get(stage, ()) if p in queued}, key=int)
+        live = records.live_job(stage_dir(cfg, stage))
+        if live:  # queued by an earlier command: depend on it rather than run the stage twice at once
+            queued[stage] = live[0]
+            rows.append({"stage": stage, "status": f"already {live[1].lower()}", "job": live[0], "live": True})
+            continue
         jobs = executors.submit_slurm(cfgs[stage], stage, dependency=after, kill_on_invalid_dep=True)
         queued[stage] = jobs[0].job_id.split("_")[0]
         records.add_job(stage_dir(cfg, stage), queued[stage])

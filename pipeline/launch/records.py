@@ -48,6 +48,9 @@ def add_job(sdir: Path, job_id: str) -> None:
     atomic.write_json(path, jobs)
 
 
+_LIVE = ("RUNNING", "REQUEUED", "PENDING", "COMPLETING")
+
+
 def slurm_state(job_id: str) -> str:
     """The job's state from accounting (the array's worst task state for an array)."""
     try:
@@ -59,10 +62,43 @@ def slurm_state(job_id: str) -> str:
     for bad in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"):
         if bad in states:
             return bad
-    for live in ("RUNNING", "REQUEUED", "PENDING", "COMPLETING"):
+    for live in _LIVE:
         if live in states:
             return live
     return states[0] if states else "UNKNOWN"
+
+
+def live_job(sdir: Path) -> tuple[str, str] | None:
+    """The stage's last SLURM job while it is still in the queue (pending, running, requeued):
+    (job id, state), else None. From ``squeue``, which needs no accounting and forgets finished jobs."""
+    path = Path(sdir) / JOBS
+    if not path.exists():
+        return None
+    job = json.loads(path.read_text())[-1]["job_id"]
+    state = queue_state(job)
+    return (job, state) if state else None
+
+
+def queue_state(job_id: str) -> str | None:
+    """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it left."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # no SLURM client here: nothing can be in its queue
+    return ("RUNNING" if "RUNNING" in out else out[0]) if out else None
+
+
+def wait_for_job(job_id: str, poll_s: float = 5.0) -> str:
+    """Block until the job has left the queue; its final state from accounting."""
+    while queue_state(job_id):
+        time.sleep(poll_s)
+    for _ in range(12):  # accounting may not have recorded the end yet
+        state = slurm_state(job_id)
+        if state not in _LIVE:
+            return state
+        time.sleep(poll_s)
+    return state
 
 
 def slurm_elapsed_s(job_id: str) -> float | None:
