@@ -105,12 +105,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import stage_dir
     from pipeline.launch import records
+    from pipeline.launch.stage_lock import StageBusy
 
-    records.record_command(stage_dir(cfg, stage), args)
     if cfg.cluster.name == "slurm":
+        records.record_command(stage_dir(cfg, stage), args)
         return _submit_to_slurm(cfg, stage, args)
     try:
-        result = executors.run(cfg, stage)
+        with executors.exclusive(cfg, stage):  # held from before anything of this run is written
+            records.record_command(stage_dir(cfg, stage), args)
+            result = executors.run(cfg, stage)
+    except StageBusy as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("submit: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
@@ -246,6 +252,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         if cfg.cluster.name != "slurm":  # a SLURM chain makes a stage's live job a dependency instead
             for stage in chain.stages_to_run(cfgs)[0]:
                 _refuse_live_job(cfg, stage)
+                with executors.exclusive(cfgs[stage], stage):  # not running in another submit
+                    pass
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2

@@ -103,6 +103,22 @@ def test_bf16_takes_auto_true_or_false(tmp_path, value, kept):
     assert cfg.deepspeed.bf16 == kept and deepspeed_config(cfg)["bf16"]["enabled"] is enabled
 
 
+def test_a_stage_running_in_another_process_is_refused_before_anything_is_written(tmp_path):
+    import os
+
+    from pipeline.launch import stage_lock
+
+    sdir = tmp_path / "runs" / "digits" / "prepare"
+    with stage_lock.exclusive(sdir, 0, "prepare"):  # this test process is "running" prepare
+        chain = submit("stage=all", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
+        single = submit("stage=prepare", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
+    for proc in (chain, single):
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"stage=prepare: already running in process {os.getpid()} on " in proc.stderr, proc.stderr
+    assert sorted(p.name for p in sdir.iterdir()) == [".running-rank0.lock"]  # no shard, no command.json
+    assert sorted(p.name for p in sdir.parent.iterdir()) == ["prepare"]  # no other stage started either
+
+
 def test_unwritable_run_root_is_refused(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

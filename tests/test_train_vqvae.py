@@ -100,7 +100,14 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     proc = _popen(_args(run_root, "train.max_steps=5000", "train.ckpt_every=20", "train.eval_every=1000"),
                   tmp_path)
     _wait_for_checkpoint(proc, ckpt_dir, "step_00000040")
-    proc.send_signal(signal.SIGKILL)
+    # a second submit of the running stage is refused before it writes anything
+    command = (run_root / "digits" / "train_vqvae" / "command.json").read_bytes()
+    busy = submit(*_args(run_root, "train.max_steps=60"), cwd=tmp_path)
+    assert busy.returncode == 2, busy.stdout + busy.stderr
+    assert re.search(rf"stage=train_vqvae: already running in process {proc.pid} on \S+ since ", busy.stderr), busy.stderr
+    assert (run_root / "digits" / "train_vqvae" / "command.json").read_bytes() == command
+    assert proc.poll() is None  # the first goes on
+    proc.send_signal(signal.SIGKILL)  # its lock goes with it: the rerun below is not refused
     proc.communicate()
     killed_at = (ckpt_dir / "latest").read_text().strip()
     _, run = _run(run_root)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import (GROUPS, ConfigError, compose, split_stage_scoped, stage_dir, stage_name, unknown_key_fix,
                              validate)
 from pipeline.launch import executors, records
-from pipeline.launch.jobs import DONE, StageJob
+from pipeline.launch.jobs import DONE
 from pipeline.stages import BUILT, NEEDS, ORDER
 
 
@@ -96,7 +96,7 @@ def run_local(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
              for s in skip]
     for stage in todo:
         start = time.time()
-        result = StageJob(cfgs[stage], stage)()
+        result = executors.run(cfgs[stage], stage)
         rows.append({"stage": stage, "status": "done", "seconds": time.time() - start,
                      "outputs": result["stage_dir"], "run_id": result["run_id"]})
     return _with_metrics(cfg, rows)

@@ -9,12 +9,15 @@ AutoExecutor would pick SLURM whenever ``sbatch`` exists) and returns once the j
 from __future__ import annotations
 
 import shutil
+from contextlib import AbstractContextManager
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, stage_dir, stage_name
+from pipeline.launch import stage_lock
 from pipeline.launch.jobs import StageJob
+from pipeline.training.distributed import detect
 
 AVAILABLE = ("local", "slurm")
 ARRAY_STAGES = ("prepare", "encode", "sample")  # stages whose work splits into independent shards
@@ -30,8 +33,16 @@ def check_available(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """Run ``stage`` in this process, holding its lock (see `exclusive`)."""
     check_available(cfg)
-    return StageJob(cfg, stage)()
+    with exclusive(cfg, stage):
+        return StageJob(cfg, stage)()
+
+
+def exclusive(cfg: DictConfig, stage: str) -> AbstractContextManager[None]:
+    """This process's claim on the stage (per rank) while it runs here; raises StageBusy if another
+    process holds it."""
+    return stage_lock.exclusive(stage_dir(cfg, stage), detect().rank, stage_name(cfg, stage))
 
 
 def slurm_executor(cfg: DictConfig, stage: str, array: int = 1) -> Any:
