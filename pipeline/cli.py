@@ -39,29 +39,52 @@ def help_text() -> str:
     for g in GROUPS:
         opts = [f"{o}*" if defaults.get(g) == o else o for o in group_options(g)]
         lines.append(f"  {g:<20}{', '.join(opts)}")
-    lines += ["", "top-level keys:"]
-    lines += [f"  {k:<20}default {v}" for k, v in primary.items() if k != "defaults"]
+    from pipeline.config_help import key_comments, leaves, shown
+
+    comments = key_comments(config_dir() / "config.yaml", "")
+    lines += ["", "top-level keys (default: meaning):"]
+    for key, value in leaves({k: v for k, v in primary.items() if k != "defaults"}):
+        lines += textwrap.wrap(f"{shown(value)}: {comments.get(key, '')}", 110,
+                               initial_indent=f"  {key:<22}", subsequent_indent=" " * 24)
     lines += ["", "examples:", textwrap.indent(textwrap.dedent("""\
-        submit stage=all                                       # every stage of the embedded default, here (8-13 min on 2 cores)
+        submit stage=all                                       # every stage of the embedded default, here (5-13 min on 2 cores)
         submit stage=prepare                                   # embedded digits -> shards, local
         submit stage=prepare data=folder data.source=/data/flowers
         submit stage=prepare data=imagenet data.source=/datasets/ILSVRC2012 prepare.workers=16
         submit stage=prepare verify=true                       # re-read every shard against the manifest
         submit stage=prepare --cfg job                         # print the resolved config, run nothing
+        submit stage=train_top_prior model=paper_imagenet256 --help  # that stage's keys: values and meanings
         submit stage=prepare tracking.uri=http://127.0.0.1:5000
         submit stage=all data=imagenet data.source=/datasets/ILSVRC2012 model=paper_imagenet256 cluster=slurm
         submit stage=all sample_set=t10 sample.temperature=1.0 # samples of other settings from the same priors, evaluated
         submit stage=all train.max_steps=5000 train_bottom_prior:train.max_steps=8000  # <stage>:key for one stage only
         submit status                                          # where every stage stands"""), "  "),
-        "", "Every key is documented in the YAML files under " + str(config_dir())]
+        "", "submit stage=<stage> [group=option ...] --help lists that stage's keys, their values and what they mean;",
+        "every key is documented in the YAML files under " + str(config_dir())]
     return "\n".join(lines)
+
+
+def _help(args: list[str]) -> int:
+    """`--help`: the stages and groups; with a stage=, that stage's keys, values and meanings."""
+    if not any(a.partition("=")[0] == "stage" for a in args):
+        print(help_text())
+        return 0
+    from pipeline.config import split_stage_scoped
+    from pipeline.config_help import stage_help
+
+    try:
+        overrides = split_stage_scoped(args)[0] if "stage=all" in args else _own_overrides(args)
+        print(stage_help(compose(overrides), overrides))
+    except ConfigError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        print(help_text())
-        return 0
+        return _help([a for a in args if a not in ("-h", "--help")])
     if args[:1] == ["status"]:
         return _status(args[1:])
     print_cfg = False

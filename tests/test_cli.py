@@ -34,6 +34,33 @@ def test_help_lists_stages_groups_and_options(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_stage_help_lists_its_keys_with_values_and_meanings(tmp_path):
+    proc = submit("stage=train_top_prior", "model=paper_imagenet256", "train.max_steps=7", "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("stage=train_top_prior with data=digits, model=paper_imagenet256, cluster=local")
+    assert "\n  train.max_steps = 7\n      optimizer steps to train" in out  # the override's value
+    assert "\n  model.top_prior.hidden = 512\n      channels of the gated stack" in out  # the preset's
+    assert "\n  sample.temperature" not in out  # another stage's key
+    assert out.index("\ntrain:") < out.index("\ntop-level:") < out.index("\nmodel:")  # its own keys first
+    bad = submit("stage=train_top_prior", "train.max_stepz=7", "--help", cwd=tmp_path)
+    assert bad.returncode == 2 and "did you mean train.max_steps" in bad.stderr, bad.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_key_of_every_stage_and_group_option_is_commented(stage):
+    from pipeline.config import group_options
+    from pipeline.config_help import stage_help
+
+    for group in ("data", "model", "cluster"):
+        for option in group_options(group):
+            overrides = [f"stage={stage}", f"{group}={option}"]
+            lines = stage_help(compose(overrides), overrides).splitlines()
+            uncommented = [lines[i - 1].strip() for i, line in enumerate(lines) if line.strip() == "(no comment)"]
+            assert not uncommented, (overrides, uncommented)
+
+
 def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     proc = submit("stage=prepare", "seed=7", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
