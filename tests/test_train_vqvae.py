@@ -106,6 +106,11 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     assert busy.returncode == 2, busy.stdout + busy.stderr
     assert re.search(rf"stage=train_vqvae: already running in process {proc.pid} on \S+ since ", busy.stderr), busy.stderr
     assert (run_root / "digits" / "train_vqvae" / "command.json").read_bytes() == command
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path)
+    assert re.search(r"^train_vqvae\s+running or crashed", status.stdout, re.M), status.stdout
+    progress = re.search(r"^  train_vqvae: step (\d+) of 5000 \(\d+%\), ([\d.]+) steps/s, ETA (\d+ min )?\d+ s; "
+                         r"updated \d+ s ago$", status.stdout, re.M)
+    assert progress and int(progress.group(1)) >= 40 and float(progress.group(2)) > 0, status.stdout
     assert proc.poll() is None  # the first goes on
     proc.send_signal(signal.SIGKILL)  # its lock goes with it: the rerun below is not refused
     proc.communicate()

@@ -127,8 +127,8 @@ def slurm_summary_rows(cfgs: dict[str, DictConfig], queued: list[dict[str, Any]]
 def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
     """The lines `stage=all` ends with: stage, wall time, key metric, outputs."""
     words = {"already done": "done before", "not needed": "not needed"}
-    walls = [words.get(r["status"]) or ("?" if r["seconds"] is None else _duration(r["seconds"])) for r in rows]
-    total = _duration(total_seconds)
+    walls = [words.get(r["status"]) or ("?" if r["seconds"] is None else records.duration(r["seconds"])) for r in rows]
+    total = records.duration(total_seconds)
     # Right-aligned, so the column is as wide as its longest entry ("done before" is 11).
     wall_width = max(len(w) for w in walls + [total, "wall time"])
     width = max([len(r["metric"]) for r in rows] + [10])
@@ -137,10 +137,6 @@ def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
         lines.append(f"  {r['name']:<20}{wall:>{wall_width}}  {r['metric']:<{width}}  {r['outputs']}")
     lines.append(f"  {'total':<20}{total:>{wall_width}}")
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
 
 
 def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:

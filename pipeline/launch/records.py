@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
-from pipeline.stages import ORDER, vqvae_model
+from pipeline.stages import ORDER, PROGRESS, vqvae_model
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
 COMMAND = "command.json"  # the `submit` arguments (and working dir) that last ran or queued a stage
@@ -188,6 +188,25 @@ def resume_command(cfg: DictConfig, stage: str) -> str | None:
     return command if record["cwd"] == os.getcwd() else f"cd {shlex.quote(record['cwd'])} && {command}"
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+
+
+def progress_line(sdir: Path, now: float | None = None) -> str:
+    """``step 1200 of 5000 (24%), 3.1 steps/s, ETA 21 min 03 s; updated 12 s ago`` from the stage's
+    progress file; empty if it has none."""
+    try:
+        p = json.loads((Path(sdir) / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return ""
+    age = max(0.0, (time.time() if now is None else now) - p["time"])
+    # from now: the steps left at the last update's rate, less the time since that update
+    left = max(0.0, (p["max_steps"] - p["step"]) / p["steps_per_s"] - age) if p["steps_per_s"] > 0 else None
+    return (f"step {p['step']} of {p['max_steps']} ({100 * p['step'] / max(1, p['max_steps']):.0f}%), "
+            f"{p['steps_per_s']:.3g} steps/s, ETA {'?' if left is None else duration(left)}; "
+            f"updated {duration(age)} ago")
+
+
 def status_table(cfg: DictConfig) -> str:
     """The stage table, then the stages that can run now (their inputs exist; not done, queued or
     running), then the evaluated sample sets."""
@@ -207,6 +226,10 @@ def status_table(cfg: DictConfig) -> str:
     unknown = [s for s in ready if not commands[s]]
     if unknown:  # not recorded (run by an older version): status does not know the overrides (data=, ...)
         lines.append(f"  {', '.join(unknown)}: submit stage=<name> with this experiment's overrides")
+    running = [(r["stage"], progress_line(stage_dir(cfg, r["stage"]))) for r in rows if r["status"].startswith("running")]
+    if any(line for _, line in running):
+        lines.append("progress of the running trainings:")
+        lines += [f"  {stage_name(cfg, s)}: {line}" for s, line in running if line]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
     if sets:
         lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]

@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 
 from pipeline.tracking import StageRun
 
+# Written by a training into its stage dir at every log step (step, max_steps, steps_per_s, time):
+# what `submit status` shows of a running training.
+PROGRESS = "progress.json"
 # The pipeline's order (what `submit --help` lists and `stage=all` runs).
 ORDER = ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior", "sample",
          "evaluate", "all")

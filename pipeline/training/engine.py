@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import atomic
-from pipeline.stages import StageContext
+from pipeline.stages import PROGRESS, StageContext
 from pipeline.tracking import StageStopped
 from pipeline.training import distributed
 from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch
@@ -191,6 +191,9 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
                                samples_seen=samples)
                 if step > last_logged:  # after a resume, steps already logged are not logged again
                     ctx.run.log_metrics(metrics, step=step)
+                if info.rank == 0:
+                    atomic.write_json(ctx.stage_dir / PROGRESS, {"step": step, "max_steps": max_steps,
+                                                                 "steps_per_s": n_window / elapsed, "time": time.time()})
                 bar.set_postfix(loss=f"{metrics.get('loss', 0):.4f}")
                 window, n_window, wait, t_window = {}, 0, 0.0, time.perf_counter()
             if step % int(t.eval_every) == 0 or step == max_steps:
