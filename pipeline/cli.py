@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 import textwrap
 import time
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, StageStopped):
             print(f"submit: stage {stage} stopped: {e}", file=sys.stderr)
-            return EXIT_REQUEUE
+            return 130 if e.signum == signal.SIGINT else EXIT_REQUEUE
 
         print(f"submit: stage {stage} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 143 if isinstance(e, StageKilled) else 1
@@ -305,7 +306,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         print(f"submit: stage=all stopped: {type(e).__name__}: {e}\n  fix the cause and rerun the same command: "
               "finished stages are skipped, a training stage resumes from its last checkpoint\n"
               f"  status:  submit status experiment={cfg.experiment} run_root={cfg.run_root}", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 1
+        ctrl_c = isinstance(e, KeyboardInterrupt) or getattr(e, "signum", None) == signal.SIGINT
+        return 130 if ctrl_c else 1
     _print_finished(cfg, rows, time.time() - start)
     return 0
 

@@ -145,3 +145,32 @@ def test_array_tasks_split_shards_and_the_last_writes_the_manifest(tmp_path):
     manifest = json.loads((out / shards.MANIFEST).read_text())
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 1797
     assert first["images"] + second["images"] == 1797
+
+
+CTRL_C_READER = """
+import os, signal, sys, time
+from pipeline.data.streams import TrainLoader, ordered_batches
+
+urls = sys.argv[1:]
+train = iter(TrainLoader(urls, batch_size=2, steps=40, resolution=16, num_workers=2))
+ordered = ordered_batches(urls, batch_size=1, resolution=16, num_workers=2)
+next(train), next(ordered)  # the workers start with Python's default SIGINT handler (KeyboardInterrupt)
+signal.signal(signal.SIGINT, lambda *_: None)  # the main process takes Ctrl-C as a flag, as a training does
+os.killpg(0, signal.SIGINT)  # Ctrl-C in a terminal: every process of the group, the workers too
+time.sleep(2)
+n_train = 1 + sum(1 for _ in train)  # more than the workers prefetched: they must still be there
+n_ordered = 1 + sum(1 for b in ordered if "key" in b)
+print(n_train, n_ordered)
+"""
+
+
+def test_ctrl_c_leaves_the_loader_workers_to_the_main_process(tars):
+    """A training finishes its step (and saves a checkpoint) after Ctrl-C; a worker that died on the
+    signal would fail the step's next batch once the prefetched ones are used up."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_READER, *tars], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["40", str(sum(SIZES))]

@@ -57,8 +57,10 @@ def _wait_for_checkpoint(proc, ckpt_dir, tag, timeout=240):
 
 
 def _popen(args, cwd):
+    """`submit` in a process group of its own, as a terminal's foreground job is."""
     return subprocess.Popen([SUBMIT, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                            text=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                            start_new_session=True)
 
 
 def test_learns_logs_and_exports(run_root, tmp_path):
@@ -130,9 +132,12 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     assert json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())["attempts"] == 2
 
 
-@pytest.mark.parametrize("extra", [[], ["deepspeed.bf16=true"], ["deepspeed.zero_stage=2", "deepspeed.grad_accum=2"]],
-                         ids=["fp32", "bf16", "zero2-accum2"])
-def test_sigusr2_checkpoints_and_resume_is_exact(run_root, tmp_path, extra):
+@pytest.mark.parametrize("stop, extra", [
+    (signal.SIGUSR2, []), (signal.SIGUSR2, ["deepspeed.bf16=true"]),
+    (signal.SIGUSR2, ["deepspeed.zero_stage=2", "deepspeed.grad_accum=2"]),
+    (signal.SIGINT, ["data.num_workers=2"]),  # Ctrl-C in a terminal: every process, loader workers too
+], ids=["fp32", "bf16", "zero2-accum2", "ctrl-c-workers2"])
+def test_a_stop_signal_checkpoints_and_resume_is_exact(run_root, tmp_path, stop, extra):
     args = ["train.max_steps=120", "train.ckpt_every=20", "train.eval_every=1000", *extra]
     bf16 = "deepspeed.bf16=true" in extra
     # the reference: the same command, uninterrupted, in another run_root
@@ -145,9 +150,9 @@ def test_sigusr2_checkpoints_and_resume_is_exact(run_root, tmp_path, extra):
     ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"
     proc = _popen(_args(run_root, *args), tmp_path)
     _wait_for_checkpoint(proc, ckpt_dir, "step_00000020")
-    proc.send_signal(signal.SIGUSR2)
+    os.killpg(proc.pid, stop) if stop == signal.SIGINT else proc.send_signal(stop)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]  # the requeue status
+    assert proc.returncode == (130 if stop == signal.SIGINT else 75), err[-3000:]  # 75: the requeue status
     stopped_at = int((ckpt_dir / "latest").read_text().strip()[5:])
     assert 20 <= stopped_at < 120
     assert f"checkpoint saved at step {stopped_at}" in err

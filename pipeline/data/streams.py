@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -149,7 +150,7 @@ class TrainLoader:
         loader = DataLoader(self._dataset, batch_size=None, num_workers=self._num_workers,
                             pin_memory=torch.cuda.is_available(), generator=private_generator(),
                             prefetch_factor=4 if self._num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=ignore_ctrl_c)
         per_worker: dict[int, int] = {}
         it = iter(loader)
         for _ in range(self.steps):
@@ -201,7 +202,7 @@ def ordered_batches(urls: list[str], *, batch_size: int, resolution: int, augmen
     dataset = _OrderedShards(urls, batch_size=batch_size, resolution=resolution, augment=augment,
                              rank=rank, world_size=world_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=private_generator(),
-                        prefetch_factor=4 if num_workers else None)
+                        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_ctrl_c)
     per_worker: dict[int, int] = {}
     for batch in loader:
         per_worker[batch.pop("worker")] = batch["corrupt"]
@@ -209,6 +210,15 @@ def ordered_batches(urls: list[str], *, batch_size: int, resolution: int, augmen
         if "image" in batch:
             batch["image"] = to_float(batch["image"])
         yield batch
+
+
+def ignore_ctrl_c(_worker_id: int) -> None:
+    """Loader workers ignore SIGINT: Ctrl-C in a terminal reaches every process of the group. A
+    worker started with Python's default handler (spawned, or forked before the training took
+    Ctrl-C as a stop flag) would exit on it and fail the next batch of the step that the training
+    finishes to save its checkpoint; a forked one would run the training's handler. The main
+    process shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,8 @@ class Task(Protocol):
 
 
 class _StopFlag:
-    """SIGUSR2/SIGTERM only set a flag; the ranks agree at the next step boundary."""
+    """SIGUSR2/SIGTERM only set a flag; the ranks agree at the next step boundary. So does the first
+    Ctrl-C of an interactive run (a second one aborts at once, without a checkpoint)."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -67,10 +68,17 @@ class _StopFlag:
     def __enter__(self) -> "_StopFlag":
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_ctrl_c)
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signal, self.signum = signal.Signals(signum).name, signum
+
+    def _handle_ctrl_c(self, signum: int, frame: Any) -> None:
+        self._handle(signum, frame)
+        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+        log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again aborts without one)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
