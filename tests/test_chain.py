@@ -172,3 +172,23 @@ def test_summary_table_columns_stay_aligned_whatever_the_wall_time_reads():
     ends = {line.index(w) + len(w) for line, w in zip(lines, ["wall time", "done before", "not needed", "3 s",
                                                               "62 min 05 s", "62 min 08 s"])}
     assert len(ends) == 1, lines
+
+
+def test_shard_progress_counts_completion_markers_and_rates_those_since_the_last_start(tmp_path):
+    import os
+
+    from pipeline.launch import records
+    from pipeline.stages import record_shard_total
+
+    sdir = tmp_path / "sample"
+    (sdir / "shards").mkdir(parents=True)
+    record_shard_total(sdir, 10)
+    started = json.loads((sdir / "progress.json").read_text())["time"]
+    for i, t in enumerate([started - 500, started - 400, started + 60, started + 90]):  # 2 before this start
+        marker = sdir / "shards" / f"samples-{i:06d}_stats.json"
+        marker.write_text("{}")
+        os.utime(marker, (t, t))
+    (sdir / "shards" / "samples-000009.tar").write_text("")  # not a marker
+    line = records.progress_line(sdir, now=started + 120)
+    # 2 shards in the 120 s since the start: 1 per minute, 6 to go
+    assert line == "shards 4 of 10 (40%), 1 shards/min, ETA 6 min 00 s; last shard 30 s ago", line

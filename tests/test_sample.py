@@ -17,6 +17,7 @@ from conftest import PRIOR_STAGES as STAGES
 from conftest import copy_stages, save_changed_model, submit
 from pipeline.config import ConfigError, compose, stage_dir, validate
 from pipeline.data import shards
+from pipeline.launch import records
 from pipeline.launch.chain import compose_all
 from pipeline.stages import StageContext, sample
 from pipeline.tracking import StageRun
@@ -60,6 +61,8 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
     client = MlflowClient(f"sqlite:///{experiment / 'mlflow.db'}")
     assert "samples_per_class.png" in {a.path for a in client.list_artifacts(record["run_id"])}
     assert client.get_run(record["run_id"]).data.metrics["samples"] == 60
+    # what `submit status` counts while it runs: the plan's shards, and their completion markers
+    assert records.progress_line(experiment / "digits" / "sample").startswith("shards 4 of 4 (100%)")
 
     again = submit("stage=sample", f"run_root={experiment}", *ARGS, cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and "0 of 4 shards of this task to write" in again.stdout
@@ -82,6 +85,7 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
         assert named in changed.stderr and changed.stderr.count(" there, ") == named.count(" there, "), changed.stderr
         assert "draw these beside them with sample_set=<name>" in changed.stderr  # without retraining
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
+    assert records.progress_line(moved / "digits" / "sample").startswith("shards 4 of 4 (100%)")  # nor the total
 
     # shards of a version that recorded no settings (nor the batch size): refused, saying how to redraw
     stats_file = out / "samples-000000_stats.json"

@@ -193,18 +193,33 @@ def duration(seconds: float) -> str:
 
 
 def progress_line(sdir: Path, now: float | None = None) -> str:
-    """``step 1200 of 5000 (24%), 3.1 steps/s, ETA 21 min 03 s; updated 12 s ago`` from the stage's
-    progress file; empty if it has none."""
+    """``step 1200 of 5000 (24%), 3.1 steps/s, ETA 21 min 03 s; updated 12 s ago`` (a training) or
+    ``shards 12 of 40 (30%), ...`` (a shard-parallel stage) from the stage's progress file; empty if
+    it has none."""
     try:
         p = json.loads((Path(sdir) / PROGRESS).read_text())
     except (OSError, ValueError):
         return ""
-    age = max(0.0, (time.time() if now is None else now) - p["time"])
+    now = time.time() if now is None else now
+    if "shards_total" in p:
+        return _shards_line(Path(sdir) / "shards", p["shards_total"], p["time"], now)
+    age = max(0.0, now - p["time"])
     # from now: the steps left at the last update's rate, less the time since that update
     left = max(0.0, (p["max_steps"] - p["step"]) / p["steps_per_s"] - age) if p["steps_per_s"] > 0 else None
     return (f"step {p['step']} of {p['max_steps']} ({100 * p['step'] / max(1, p['max_steps']):.0f}%), "
             f"{p['steps_per_s']:.3g} steps/s, ETA {'?' if left is None else duration(left)}; "
             f"updated {duration(age)} ago")
+
+
+def _shards_line(out_dir: Path, total: int, started: float, now: float) -> str:
+    """Shards with a completion marker; the rate over those completed since the last task started."""
+    done = [m.stat().st_mtime for m in out_dir.glob("*_stats.json")] if out_dir.is_dir() else []
+    recent = sorted(t for t in done if t >= started)
+    line = f"shards {len(done)} of {total} ({100 * len(done) / max(1, total):.0f}%)"
+    if recent and now > started:
+        per_s = len(recent) / (now - started)
+        line += f", {60 * per_s:.3g} shards/min, ETA {duration(max(0, total - len(done)) / per_s)}"
+    return line + (f"; last shard {duration(now - max(done))} ago" if done else "; none complete yet")
 
 
 def status_table(cfg: DictConfig) -> str:
@@ -228,7 +243,7 @@ def status_table(cfg: DictConfig) -> str:
         lines.append(f"  {', '.join(unknown)}: submit stage=<name> with this experiment's overrides")
     running = [(r["stage"], progress_line(stage_dir(cfg, r["stage"]))) for r in rows if r["status"].startswith("running")]
     if any(line for _, line in running):
-        lines.append("progress of the running trainings:")
+        lines.append("progress of the running stages:")
         lines += [f"  {stage_name(cfg, s)}: {line}" for s, line in running if line]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
     if sets:

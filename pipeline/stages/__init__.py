@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,9 +17,16 @@ from omegaconf import DictConfig
 
 from pipeline.tracking import StageRun
 
-# Written by a training into its stage dir at every log step (step, max_steps, steps_per_s, time):
-# what `submit status` shows of a running training.
+# What `submit status` shows of a running stage, in its stage dir: a training writes (step,
+# max_steps, steps_per_s, time) at every log step; a shard-parallel stage writes (shards_total, time)
+# when a task starts, and status counts the shards' completion markers (shards/*_stats.json).
 PROGRESS = "progress.json"
+
+
+def record_shard_total(stage_dir: Path, total: int) -> None:
+    from pipeline import atomic
+
+    atomic.write_json(stage_dir / PROGRESS, {"shards_total": total, "time": time.time()})
 # The pipeline's order (what `submit --help` lists and `stage=all` runs).
 ORDER = ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior", "sample",
          "evaluate", "all")

@@ -22,7 +22,7 @@ from pipeline.config import stage_dir
 from pipeline.data import codes, shards
 from pipeline.data.streams import ordered_batches
 from pipeline.models import load_exported_digest
-from pipeline.stages import StageContext, vqvae_model
+from pipeline.stages import StageContext, record_shard_total, vqvae_model
 from pipeline.training.distributed import detect
 
 
@@ -48,6 +48,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     flips = {split: bool(cfg.encode.hflip) and split == "train" for split in images["splits"]}
     _check_settings(out_dir, mine, flips, vqvae_path, vqvae_sha256)
     todo = [(split, s) for split, s in mine if not _complete(out_dir, s["name"])]
+    record_shard_total(ctx.stage_dir, len(work))  # once the settings are known to match
     ctx.log.info("encode with %s (K top %d, bottom %d) on %s: %d of %d shards of this task to write",
                  vqvae_path, k_top, k_bottom, device, len(todo), len(mine))
     encoded = 0

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline import atomic
 from pipeline.data import grids, shards
 from pipeline.data.sources import Source, open_source, write_options
-from pipeline.stages import StageContext
+from pipeline.stages import StageContext, record_shard_total
 
 _worker: dict[str, Any] = {}  # per worker process: the source and the progress queue
 
@@ -40,6 +40,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     stats = {p.name: s for p in plans if (s := shards.completed_stats(out_dir, p)) is not None}
     todo = [p for p in mine if p.name not in stats]
+    record_shard_total(ctx.stage_dir, len(plans))  # once the settings are known to match
     if not todo:
         ctx.log.info("all %d shards of this task in %s are already complete: nothing to write",
                      len(mine), out_dir)

@@ -28,7 +28,7 @@ from pipeline.config import stage_dir
 from pipeline.data import grids, shards
 from pipeline.models import load_exported_digest
 from pipeline.models.sampling import sample_bottom, sample_top
-from pipeline.stages import StageContext, vqvae_model
+from pipeline.stages import StageContext, record_shard_total, vqvae_model
 from pipeline.training.distributed import detect
 
 SPLIT = "samples"
@@ -82,6 +82,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     names = [f"{SPLIT}-{i:06d}" for i in range(len(shard_plan))]
     mine = list(range(len(shard_plan)))[ctx.task::ctx.tasks]
     todo = [i for i in mine if _completed(out_dir, names[i], made_with) is None]
+    record_shard_total(ctx.stage_dir, len(shard_plan))  # once the settings are known to match
     ctx.log.info("sampling %d classes x %d per class (temperature %g, top-k %d, top-p %g) on %s: %d of %d "
                  "shards of this task to write", len({c for s in shard_plan for c, _ in s}),
                  int(cfg.sample.per_class), how["temperature"], how["top_k"], how["top_p"], device,
