@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"or `submit stage=all{same}`")
         executors.check_available(cfg)
         _refuse_live_job(cfg, stage)
+        _refuse_fresh_start_over_checkpoints(cfg, stage)
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
@@ -175,6 +176,18 @@ def _refuse_live_job(cfg, stage: str) -> None:
         raise ConfigError(f"stage={stage_name(cfg, stage)}", f"its SLURM job {job} is still {state}",
                           f"wait for it (submit status experiment={cfg.experiment} run_root={cfg.run_root}) "
                           f"or cancel it first: scancel {job}")
+
+
+def _refuse_fresh_start_over_checkpoints(cfg, stage: str) -> None:
+    """resume=false asks for a fresh start: refused before any job where checkpoints exist (the
+    training refuses it too, for a job queued before they did)."""
+    from pipeline.config import stage_dir
+
+    latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
+    if not cfg.resume and latest.exists():
+        raise ConfigError("resume=false", f"{latest.parent} holds checkpoints (latest {latest.read_text().strip()}) "
+                          "and nothing is deleted", "pass experiment=<a new name> to start over elsewhere, or "
+                          "move that directory away (or drop resume=false to continue it)")
 
 
 def _own_overrides(args: list[str]) -> list[str]:
@@ -273,6 +286,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
                 print(f"# --- {stage}\n{to_yaml(c)}", end="")
             return 0
         executors.check_available(cfg)
+        for stage in chain.stages_to_run(cfgs)[0]:
+            _refuse_fresh_start_over_checkpoints(cfgs[stage], stage)
         if cfg.cluster.name != "slurm":  # a SLURM chain makes a stage's live job a dependency instead
             for stage in chain.stages_to_run(cfgs)[0]:
                 _refuse_live_job(cfg, stage)

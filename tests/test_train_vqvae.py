@@ -181,8 +181,15 @@ def test_nan_marks_failed_and_keeps_the_checkpoint(run_root, tmp_path):
     assert not (ckpt_dir / "step_00000030").exists()
     assert not (run_root / "digits" / "train_vqvae" / "model.pt").exists()
 
-    refused = submit(*_args(run_root, "train.max_steps=100", "resume=false"), cwd=tmp_path, timeout=600)
-    assert refused.returncode == 1 and "resume=false" in refused.stderr and "experiment=" in refused.stderr
+    logs = sorted((run_root / "digits" / "train_vqvae" / "logs").iterdir())
+    for stage in ("stage=train_vqvae", "stage=all"):  # refused before anything starts, alone or in a chain
+        args = [a for a in _args(run_root, "train.max_steps=100", "resume=false") if not a.startswith("stage=")]
+        refused = submit(stage, *args, cwd=tmp_path, timeout=600)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert re.search(r"resume=false: \S+checkpoints holds checkpoints \(latest step_00000020\) .* "
+                         r"experiment=<a new name>", refused.stderr), refused.stderr
+    assert sorted((run_root / "digits" / "train_vqvae" / "logs").iterdir()) == logs
+    assert _run(run_root)[1].info.status == "FAILED"  # still the NaN's run, not a new failure
     assert (ckpt_dir / "step_00000020").exists()  # nothing deleted
 
 
