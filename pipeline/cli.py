@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submit: error: unknown option {flags[0]}\n{USAGE}", file=sys.stderr)
         return 2
 
-    from pipeline.launch import executors
-    from pipeline.stages import BUILT, missing_inputs
+    from pipeline.launch import executors, preflight
 
     if "stage=all" in args:
         return _chain(args, print_cfg)
@@ -113,17 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         validate(cfg)
-        if stage != "all" and stage not in BUILT:
-            raise ConfigError(f"stage={stage}", "has a config file but no implementation",
-                              f"stages: {', '.join(BUILT)}")
-        for producer, path in missing_inputs(cfg, stage):
-            same = f" sample_set={cfg.sample_set}" if stage_name(cfg, producer) != producer else ""
-            raise ConfigError(f"stage={stage}", f"needs {path}, which is missing",
-                              f"run `submit stage={producer}{same}` first (same experiment and run_root), "
-                              f"or `submit stage=all{same}`")
-        executors.check_available(cfg)
-        _refuse_live_job(cfg, stage)
-        _refuse_fresh_start_over_checkpoints(cfg, stage)
+        preflight.check_stage(cfg, stage)
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
@@ -162,32 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "evaluate":
         print(f"  report:  {result['stage_dir']}/report.md")
     return 0
-
-
-def _refuse_live_job(cfg, stage: str) -> None:
-    """A second job (or a local run) on a stage whose SLURM job is still queued or running would
-    write the same checkpoints and outputs."""
-    from pipeline.config import stage_dir
-    from pipeline.launch import records
-
-    live = records.live_job(stage_dir(cfg, stage))
-    if live:
-        job, state = live
-        raise ConfigError(f"stage={stage_name(cfg, stage)}", f"its SLURM job {job} is still {state}",
-                          f"wait for it (submit status experiment={cfg.experiment} run_root={cfg.run_root}) "
-                          f"or cancel it first: scancel {job}")
-
-
-def _refuse_fresh_start_over_checkpoints(cfg, stage: str) -> None:
-    """resume=false asks for a fresh start: refused before any job where checkpoints exist (the
-    training refuses it too, for a job queued before they did)."""
-    from pipeline.config import stage_dir
-
-    latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
-    if not cfg.resume and latest.exists():
-        raise ConfigError("resume=false", f"{latest.parent} holds checkpoints (latest {latest.read_text().strip()}) "
-                          "and nothing is deleted", "pass experiment=<a new name> to start over elsewhere, or "
-                          "move that directory away (or drop resume=false to continue it)")
 
 
 def _own_overrides(args: list[str]) -> list[str]:
@@ -275,7 +238,7 @@ def _status(overrides: list[str]) -> int:
 def _chain(args: list[str], print_cfg: bool) -> int:
     """stage=all: run (local) or queue (slurm) every built stage not done yet, then a summary."""
     from pipeline.config import stage_dir
-    from pipeline.launch import chain, executors, records
+    from pipeline.launch import chain, preflight, records
     from pipeline.tracking import tracking_uri
 
     try:
@@ -285,14 +248,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
             for stage, c in cfgs.items():
                 print(f"# --- {stage}\n{to_yaml(c)}", end="")
             return 0
-        executors.check_available(cfg)
-        for stage in chain.stages_to_run(cfgs)[0]:
-            _refuse_fresh_start_over_checkpoints(cfgs[stage], stage)
-        if cfg.cluster.name != "slurm":  # a SLURM chain makes a stage's live job a dependency instead
-            for stage in chain.stages_to_run(cfgs)[0]:
-                _refuse_live_job(cfg, stage)
-                with executors.exclusive(cfgs[stage], stage):  # not running in another submit
-                    pass
+        preflight.check_chain(cfgs, chain.stages_to_run(cfgs)[0])
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,61 @@
+"""What `submit` refuses before any job starts or is queued (exit 2, nothing written): a stage
+without an implementation or with missing inputs, an executor that is not here, a stage whose
+SLURM job is still queued or that runs in another local `submit`, and resume=false over
+checkpoints. Each refusal names the key or path and the fix."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError, stage_dir, stage_name
+from pipeline.launch import executors, records
+
+
+def check_stage(cfg: DictConfig, stage: str) -> None:
+    """A single stage, about to run here or be queued."""
+    from pipeline.stages import BUILT, missing_inputs
+
+    if stage not in BUILT:
+        raise ConfigError(f"stage={stage}", "has a config file but no implementation", f"stages: {', '.join(BUILT)}")
+    for producer, path in missing_inputs(cfg, stage):
+        same = f" sample_set={cfg.sample_set}" if stage_name(cfg, producer) != producer else ""
+        raise ConfigError(f"stage={stage}", f"needs {path}, which is missing",
+                          f"run `submit stage={producer}{same}` first (same experiment and run_root), "
+                          f"or `submit stage=all{same}`")
+    executors.check_available(cfg)
+    _not_queued(cfg, stage)
+    _no_fresh_start_over_checkpoints(cfg, stage)
+
+
+def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
+    """`stage=all`, for the stages it will run. A SLURM chain queues a stage's live job's dependents
+    after it instead of refusing; a local one runs each stage itself, so none may run elsewhere."""
+    cfg = next(iter(cfgs.values()))
+    executors.check_available(cfg)
+    for stage in todo:
+        _no_fresh_start_over_checkpoints(cfgs[stage], stage)
+        if cfg.cluster.name != "slurm":
+            _not_queued(cfg, stage)
+            with executors.exclusive(cfgs[stage], stage):  # not running in another submit
+                pass
+
+
+def _not_queued(cfg: DictConfig, stage: str) -> None:
+    """A second job (or a local run) on a stage whose SLURM job is still queued or running would
+    write the same checkpoints and outputs."""
+    live = records.live_job(stage_dir(cfg, stage))
+    if live:
+        job, state = live
+        raise ConfigError(f"stage={stage_name(cfg, stage)}", f"its SLURM job {job} is still {state}",
+                          f"wait for it (submit status experiment={cfg.experiment} run_root={cfg.run_root}) "
+                          f"or cancel it first: scancel {job}")
+
+
+def _no_fresh_start_over_checkpoints(cfg: DictConfig, stage: str) -> None:
+    """resume=false asks for a fresh start: refused where checkpoints exist (the training refuses it
+    too, for a job queued before they did)."""
+    latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
+    if not cfg.resume and latest.exists():
+        raise ConfigError("resume=false", f"{latest.parent} holds checkpoints (latest {latest.read_text().strip()}) "
+                          "and nothing is deleted", "pass experiment=<a new name> to start over elsewhere, or "
+                          "move that directory away (or drop resume=false to continue it)")
