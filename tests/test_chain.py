@@ -192,3 +192,5 @@ def test_shard_progress_counts_completion_markers_and_rates_those_since_the_last
     line = records.progress_line(sdir, now=started + 120)
     # 2 shards in the 120 s since the start: 1 per minute, 6 to go
     assert line == "shards 4 of 10 (40%), 1 shards/min, ETA 6 min 00 s; last shard 30 s ago", line
+    (sdir / "progress.json").write_text('{"step": 5}')  # from something else: status goes on without it
+    assert records.progress_line(sdir) == ""

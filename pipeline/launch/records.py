@@ -196,19 +196,19 @@ def progress_line(sdir: Path, now: float | None = None) -> str:
     """``step 1200 of 5000 (24%), 3.1 steps/s, ETA 21 min 03 s; updated 12 s ago`` (a training) or
     ``shards 12 of 40 (30%), ...`` (a shard-parallel stage) from the stage's progress file; empty if
     it has none."""
+    now = time.time() if now is None else now
     try:
         p = json.loads((Path(sdir) / PROGRESS).read_text())
-    except (OSError, ValueError):
+        if "shards_total" in p:
+            return _shards_line(Path(sdir) / "shards", int(p["shards_total"]), float(p["time"]), now)
+        step, max_steps, rate, age = int(p["step"]), int(p["max_steps"]), float(p["steps_per_s"]), now - float(p["time"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: status goes on without it
         return ""
-    now = time.time() if now is None else now
-    if "shards_total" in p:
-        return _shards_line(Path(sdir) / "shards", p["shards_total"], p["time"], now)
-    age = max(0.0, now - p["time"])
+    age = max(0.0, age)
     # from now: the steps left at the last update's rate, less the time since that update
-    left = max(0.0, (p["max_steps"] - p["step"]) / p["steps_per_s"] - age) if p["steps_per_s"] > 0 else None
-    return (f"step {p['step']} of {p['max_steps']} ({100 * p['step'] / max(1, p['max_steps']):.0f}%), "
-            f"{p['steps_per_s']:.3g} steps/s, ETA {'?' if left is None else duration(left)}; "
-            f"updated {duration(age)} ago")
+    left = max(0.0, (max_steps - step) / rate - age) if rate > 0 else None
+    return (f"step {step} of {max_steps} ({100 * step / max(1, max_steps):.0f}%), {rate:.3g} steps/s, "
+            f"ETA {'?' if left is None else duration(left)}; updated {duration(age)} ago")
 
 
 def _shards_line(out_dir: Path, total: int, started: float, now: float) -> str:

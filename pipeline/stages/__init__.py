@@ -27,6 +27,8 @@ def record_shard_total(stage_dir: Path, total: int) -> None:
     from pipeline import atomic
 
     atomic.write_json(stage_dir / PROGRESS, {"shards_total": total, "time": time.time()})
+
+
 # The pipeline's order (what `submit --help` lists and `stage=all` runs).
 ORDER = ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior", "sample",
          "evaluate", "all")
