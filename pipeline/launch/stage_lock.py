@@ -28,6 +28,7 @@ _held: set[Path] = set()  # locks this process holds: taking one again is a no-o
 
 @contextmanager
 def exclusive(sdir: Path, rank: int, name: str) -> Iterator[None]:
+    """Hold the stage's lock for ``rank`` around the block; StageBusy if another process holds it."""
     sdir.mkdir(parents=True, exist_ok=True)
     path = (sdir / f".running-rank{rank}.lock").resolve()
     if path in _held:
