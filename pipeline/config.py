@@ -285,9 +285,6 @@ def _check_eval(cfg: DictConfig) -> None:
     for key in ("batch_size", "kid_subset_size", "prc_neighborhood"):
         if int(e[key]) < 1:
             raise ConfigError(f"eval.{key}={e[key]}", "must be at least 1", f"pass eval.{key}=<n>")
-    if int(e.fid_resamples) == 1 or int(e.fid_resamples) < 0:
-        raise ConfigError(f"eval.fid_resamples={e.fid_resamples}", "a spread needs at least 2 resamples",
-                          "pass eval.fid_resamples=20, or 0 for none")
 
 
 def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:

@@ -88,7 +88,6 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=evaluate"], ["stage=evaluate", "dataset.json", "submit stage=prepare"]),
     (["stage=evaluate", "eval.features=inception"], ["eval.inception_weights=None", "fetch_inception_weights"]),
     (["stage=evaluate", "eval.accept_rates=[0.5,2]"], ["eval.accept_rates", "(0, 1]"]),
-    (["stage=evaluate", "eval.fid_resamples=1"], ["eval.fid_resamples=1", "at least 2", "0 for none"]),
     (["stage=sample"], ["stage=sample", "train_vqvae/model.pt", "submit stage=train_vqvae"]),
     (["stage=sample", "sample.temperature=0"], ["sample.temperature=0", "must be > 0"]),
     (["stage=sample", "sample.top_p=1.5"], ["sample.top_p=1.5", "(0, 1]"]),

@@ -33,8 +33,7 @@ from pipeline.tracking import StageRun
 NAMES = ["recon/mse", "recon/psnr", "recon/fid", "fid", "isc", "kid", "precision", "recall", "cas/top1",
          "cas/top5", "real/top1", "real/top5", "accept_1.0/fid", "accept_0.5/fid", "accept_0.1/fid",
          "accept_0.5/precision", "accept_0.5/recall", "accept_0.5/isc", "recon/usage_top", "recon/usage_bottom",
-         "real_train/fid", "fid/vs_real_train", "cas/vs_real", "accept_0.1/real_train_fid", "accept_0.5/fid_vs_real_train",
-         "fid_std", "fid/vs_real_train_std"]
+         "real_train/fid", "fid/vs_real_train", "cas/vs_real", "accept_0.1/real_train_fid", "accept_0.5/fid_vs_real_train"]
 
 
 def _val(root, limit=None):
@@ -54,9 +53,6 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert results["real_train/fid"] < results["fid"]
     assert results["fid/vs_real_train"] == pytest.approx(results["fid"] / results["real_train/fid"])
     assert results["cas/vs_real"] == pytest.approx(results["cas/top1"] / results["real/top1"])
-    # FID's spread over resamples of the 100 samples: real, and smaller than FID itself
-    assert 0 < results["fid_std"] < results["fid"]
-    assert results["fid/vs_real_train_std"] == pytest.approx(results["fid_std"] / results["real_train/fid"])
     assert results["accept_0.5/kept"] == 50 and results["accept_0.1/kept"] == 10
     assert results["accept_0.5/confidence"] > results["accept_1.0/confidence"]
     # each rate's real baseline uses as many real images as it kept: fewer images, larger FID
@@ -69,7 +65,6 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert "different dataset" in report
     assert "| accept_0.1/fid (classifier-based rejection, 10 samples) |" in report
     assert "| accept_0.1/fid_vs_real_train (classifier-based rejection, 10 samples) |" in report
-    assert "| FID spread: std over bootstrap resamples of the samples (real val fixed) |" in report
     first = evaluated["stdout"] + evaluated["stderr"]
     assert "computing" in first and "reference features" in first
     assert evaluated["stdout"].rstrip().endswith(f"report:  {out / 'report.md'}") and "next:" not in evaluated["stdout"]
@@ -90,25 +85,6 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert "reconstructed" not in log  # the reconstruction shards are kept
     rerun = json.loads((out / "results.json").read_text())["results"]
     assert rerun["fid"] == pytest.approx(results["fid"]) and rerun["cas/top1"] == results["cas/top1"]
-    assert rerun["fid_std"] == pytest.approx(results["fid_std"])  # seeded resamples
-
-    # the spread's own FID, from the samples' features and the cached reference, is torch-fidelity's
-    samples = ShardImages(shards.shard_urls(root / "digits" / "sample" / "shards", "samples"), 32, "none")
-    ext = fidelity.extractor(fidelity.CLASSIFIER, out / "classifier_real" / "model.pt")
-    reference_name = re.search(r"reference features (\S+): reusing", log).group(1)
-    fid, std = fidelity.fid_spread(samples, _val(root), ext, reference_name=reference_name,
-                                   cache_root=root / "fidelity_cache", resamples=20, seed=0)
-    assert fid == pytest.approx(results["fid"], rel=1e-5) and std == pytest.approx(results["fid_std"], rel=1e-6)
-
-
-def test_fid_spread_shrinks_as_the_samples_grow():
-    """Bootstrap resamples of n samples' features: FID's spread falls about as 1/sqrt(n)."""
-    rng = np.random.default_rng(0)
-    real = rng.normal(size=(4000, 16))
-    reference = {"mu": real.mean(0), "sigma": np.cov(real, rowvar=False)}
-    spread = {n: fidelity.bootstrap_fid_std(rng.normal(0.2, 1.0, size=(n, 16)), reference, 20, seed=1)
-              for n in (100, 1600)}
-    assert spread[100] > 2.5 * spread[1600] > 0, spread  # 4x at 1/sqrt(n)
 
 
 def test_real_halves_beat_noise_and_dropped_classes_lower_recall_only(evaluated, tmp_path):
@@ -254,21 +230,16 @@ def test_sample_sets_table_reads_each_report_and_names_an_unreadable_one(evaluat
     (tmp_path / "evaluate-cut" / "results.json").write_text('{"results": {')  # e.g. a disk that filled up
     head, default, broken = sample_sets_table(tmp_path).splitlines()
     assert head.split()[:6] == ["sample_set", "temperature", "top_k", "top_p", "seed", "samples"]
-    assert default.split()[:9] == ["(default)", "0.7", "0", "1.0", "0", "100",
-                                   f"{results['fid']:.3g}±{results['fid_std']:.2g}",
-                                   f"{results['fid/vs_real_train']:.2f}±{results['fid/vs_real_train_std']:.2f}x",
-                                   f"{results['precision']:.3f}"]
+    assert default.split()[:9] == ["(default)", "0.7", "0", "1.0", "0", "100", f"{results['fid']:.3g}",
+                                   f"{results['fid/vs_real_train']:.2f}x", f"{results['precision']:.3f}"]
     assert broken.startswith(f"cut: unreadable {tmp_path / 'evaluate-cut' / 'results.json'} (JSONDecodeError")
 
     # a report written before results.json recorded the settings: read from its samples' manifest
     older = json.loads(done.read_text())
     del older["sampling"]
-    del older["results"]["fid_std"], older["results"]["fid/vs_real_train_std"]  # nor the spread
     (tmp_path / "evaluate-old").mkdir()
     (tmp_path / "evaluate-old" / "results.json").write_text(json.dumps(older))
-    old_row = sample_sets_table(tmp_path).splitlines()[2].split()
-    assert old_row[:5] == ["old", "?", "?", "?", "?"]  # no samples there
-    assert old_row[6:8] == [f"{results['fid']:.3g}", f"{results['fid/vs_real_train']:.2f}x"]
+    assert sample_sets_table(tmp_path).splitlines()[2].split()[:5] == ["old", "?", "?", "?", "?"]  # no samples there
     manifest = json.loads((evaluated["root"] / "digits" / "sample" / "shards" / "dataset.json").read_text())
     (tmp_path / "sample-old" / "shards").mkdir(parents=True)
     (tmp_path / "sample-old" / "shards" / "dataset.json").write_text(json.dumps({**manifest, "sampling": {

@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch_fidelity
 from torch.nn import functional as F
@@ -95,39 +94,6 @@ def isc_splits(n: int) -> int:
     IS is at most its image count (the exp of an entropy over that many images), so small splits
     would cap the score of a small set (10 splits of 5 kept samples: IS <= 5 whatever the samples)."""
     return max(1, min(10, n // ISC_SPLIT_MIN))
-
-
-def bootstrap_fid_std(features: np.ndarray, reference: dict[str, np.ndarray], resamples: int, seed: int) -> float:
-    """Standard deviation of FID against the ``reference`` statistics (``mu``, ``sigma``) over
-    ``resamples`` resamples of ``features`` with replacement: how far FID moves with the draw of this
-    many samples alone."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
-    rng = np.random.default_rng(seed)
-    fids = [fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(
-        features[rng.integers(0, len(features), len(features))])), reference, False)[KEY_METRIC_FID]
-        for _ in range(resamples)]
-    return float(np.std(fids, ddof=1))
-
-
-def fid_spread(samples: Dataset, reference: Dataset, ext: Extractor, *, reference_name: str, cache_root: Path,
-               batch_size: int = 64, resamples: int = 20, seed: int = 0) -> tuple[float, float]:
-    """(FID, its bootstrap standard deviation over ``resamples`` resamples of the samples). The
-    reference features come from torch-fidelity's cache (`metrics` filled it); the real set's own
-    sampling spread is not part of the figure."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
-
-    layer = FEATURES[ext.name][0]
-    kwargs = dict(input1=samples, input2=reference, input2_cache_name=f"{reference_name}-{ext.digest}", cache=True,
-                  cache_root=str(cache_root), cuda=torch.cuda.is_available(), batch_size=batch_size,
-                  feature_extractor_weights_path=str(ext.weights), save_cpu_ram=not torch.cuda.is_available(),
-                  verbose=False)
-    net = create_feature_extractor(ext.name, list(FEATURES[ext.name]), **kwargs)
-    ours = extract_featuresdict_from_input_id_cached(1, net, **kwargs)[layer]
-    theirs = fid_featuresdict_to_statistics(extract_featuresdict_from_input_id_cached(2, net, **kwargs), layer)
-    fid = fid_statistics_to_metric(fid_featuresdict_to_statistics({layer: ours}, layer), theirs, False)[KEY_METRIC_FID]
-    return float(fid), bootstrap_fid_std(ours.numpy(), theirs, resamples, seed)
 
 
 def metrics(samples: Dataset, reference: Dataset, ext: Extractor, *, reference_name: str, cache_root: Path,

@@ -21,8 +21,6 @@ ROWS: list[tuple[str, str]] = [
     ("fid", "FID (samples vs real val)"),
     ("real_train/fid", "FID (real train images, same count per class, vs real val)"),
     ("fid/vs_real_train", "FID ratio: samples / real train"),
-    ("fid_std", "FID spread: std over bootstrap resamples of the samples (real val fixed)"),
-    ("fid/vs_real_train_std", "FID ratio spread (the same resamples)"),
     ("isc", "Inception Score (of the extractor's logits)"),
     ("kid", "KID"),
     ("precision", "precision (k-NN manifolds)"),
@@ -81,12 +79,6 @@ def _drawn_with(evaluate_dir: Path) -> dict[str, Any]:
     return json.loads(manifest.read_text()).get("sampling", {}) if manifest.exists() else {}
 
 
-def _with_spread(results: dict[str, float], key: str, fmt: str, spread_fmt: str) -> str:
-    """``0.619±0.031``: the value and its bootstrap spread (``<key>_std``), where it was measured."""
-    spread = results.get(f"{key}_std")
-    return f"{results[key]:{fmt}}" + ("" if spread is None else f"±{spread:{spread_fmt}}")
-
-
 def sample_sets_table(exp_dir: Path) -> str:
     """One row per evaluated set of samples of an experiment (``evaluate/`` and every
     ``evaluate-<sample_set>/``): how they were drawn beside what came out, so sampling settings can
@@ -100,8 +92,7 @@ def sample_sets_table(exp_dir: Path) -> str:
             done = json.loads(path.read_text())
             r, how = done["results"], done.get("sampling") or _drawn_with(path.parent)
             rows.append([name, *(str(how.get(k, "?")) for k in ("temperature", "top_k", "top_p", "seed")),
-                         str(done["samples"]), _with_spread(r, "fid", ".3g", ".2g"),
-                         _with_spread(r, "fid/vs_real_train", ".2f", ".2f") + "x",
+                         str(done["samples"]), f"{r['fid']:.3g}", f"{r['fid/vs_real_train']:.2f}x",
                          f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['cas/top1']:.3f}", f"{r['cas/vs_real']:.2f}x"])
         except (OSError, ValueError, KeyError) as e:
             unreadable.append(f"{name}: unreadable {path} ({type(e).__name__}: {e})")

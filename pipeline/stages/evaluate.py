@@ -111,11 +111,6 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         return real_fid[counts]
     results["real_train/fid"] = real_train_fid(samples.labels)
     results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
-    if int(e.fid_resamples):  # how much of a FID difference between sets the draw alone explains
-        _, results["fid_std"] = fidelity.fid_spread(
-            samples, val, ext, reference_name=common["reference_name"], cache_root=common["cache_root"],
-            batch_size=int(e.batch_size), resamples=int(e.fid_resamples), seed=int(cfg.seed))
-        results["fid/vs_real_train_std"] = results["fid_std"] / max(results["real_train/fid"], 1e-12)
     scores = confidences(real_clf, samples, int(e.batch_size))
     for rate in sorted({float(r) for r in e.accept_rates}, reverse=True):
         name, keep = rate_name(rate), accepted(samples.labels, scores, rate)
