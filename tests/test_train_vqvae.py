@@ -109,7 +109,7 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     assert re.search(rf"stage=train_vqvae: already running in process {proc.pid} on \S+ since ", busy.stderr), busy.stderr
     assert (run_root / "digits" / "train_vqvae" / "command.json").read_bytes() == command
     status = submit("status", f"run_root={run_root}", cwd=tmp_path)
-    assert re.search(r"^train_vqvae\s+running or crashed", status.stdout, re.M), status.stdout
+    assert re.search(r"^train_vqvae\s+running\s", status.stdout, re.M), status.stdout  # its process holds the lock
     progress = re.search(r"^  train_vqvae: step (\d+) of 5000 \(\d+%\), ([\d.]+) steps/s, ETA (\d+ min )?\d+ s; "
                          r"updated \d+ s ago$", status.stdout, re.M)
     assert progress and int(progress.group(1)) >= 40 and float(progress.group(2)) > 0, status.stdout
@@ -117,6 +117,9 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     proc.send_signal(signal.SIGKILL)  # its lock goes with it: the rerun below is not refused
     proc.communicate()
     killed_at = (ckpt_dir / "latest").read_text().strip()
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path)  # MLflow still says RUNNING; no process does
+    assert re.search(rf"^train_vqvae\s+crashed\s+step {int(killed_at[5:])}", status.stdout, re.M), status.stdout
+    assert "can run now" in status.stdout and "progress of the running stages" not in status.stdout
     _, run = _run(run_root)
     run_id = run.info.run_id
 

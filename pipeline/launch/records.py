@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
+from pipeline.launch import stage_lock
 from pipeline.stages import ORDER, PROGRESS, vqvae_model
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
@@ -152,13 +153,16 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
     elif run_status:
         row["status"] = {"FAILED": "failed", "KILLED": "stopped", "RUNNING": "running or crashed",
                          "FINISHED": "incomplete"}.get(run_status, run_status.lower())
+        if run_status == "RUNNING":  # a local run: its process holds the stage's lock while it lives
+            who = stage_lock.holder(sdir)
+            row["status"] = {None: "crashed", "?": row["status"]}.get(who, "running")
     elif stage == "train_vqvae" and vqvae_model(cfg) != sdir / "model.pt":
         row["status"] = "not needed"  # encode used a VQ-VAE named with encode.vqvae
     return row
 
 
 # A stage in one of these states is (re)run by the same `submit` command: it starts or resumes.
-_TO_RUN = ("not started", "failed", "stopped", "incomplete")
+_TO_RUN = ("not started", "failed", "stopped", "incomplete", "crashed")
 
 
 def _recorded(sdir: Path) -> dict[str, Any] | None:

@@ -54,3 +54,19 @@ def exclusive(sdir: Path, rank: int, name: str) -> Iterator[None]:
             yield
         finally:
             _held.discard(path)
+
+
+def holder(sdir: Path, rank: int = 0) -> str | None:
+    """Who runs the stage here: the holder's description if a process holds its lock, None if none
+    does, "?" if this cannot tell (never locked by this version, a filesystem without locks)."""
+    path = sdir / f".running-rank{rank}.lock"
+    if not path.exists():
+        return "?"
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held only for this look
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        except OSError:
+            return "?"
+    return None
