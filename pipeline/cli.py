@@ -34,14 +34,14 @@ def help_text() -> str:
     lines = [USAGE, "", "Runs one stage of the VQ-VAE-2 pipeline, tracked in MLflow.", "", "stages:"]
     for st in sorted(group_options("stage"), key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER)):
         lines.append(f"  {st:<20}{_describe('stage', st)}")
+    from pipeline.config_help import choices, key_comments, leaves, shown
+
     primary = yaml.safe_load((config_dir() / "config.yaml").read_text())
-    defaults = {k: v for d in primary["defaults"] if isinstance(d, dict) for k, v in d.items()}
+    defaults = choices([])
     lines += ["", "config groups (group=option; default marked *):"]
     for g in GROUPS:
         opts = [f"{o}*" if defaults.get(g) == o else o for o in group_options(g)]
         lines.append(f"  {g:<20}{', '.join(opts)}")
-    from pipeline.config_help import key_comments, leaves, shown
-
     comments = key_comments(config_dir() / "config.yaml", "")
     lines += ["", "top-level keys (default: meaning):"]
     for key, value in leaves({k: v for k, v in primary.items() if k != "defaults"}):

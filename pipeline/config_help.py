@@ -61,7 +61,7 @@ def key_comments(path: Path, prefix: str) -> dict[str, str]:
     return comments
 
 
-def _choices(overrides: list[str]) -> dict[str, str]:
+def choices(overrides: list[str]) -> dict[str, str]:
     """The option of every config group for these overrides (the last one given, else the default)."""
     import yaml
 
@@ -75,7 +75,7 @@ def _choices(overrides: list[str]) -> dict[str, str]:
 
 
 def all_comments(overrides: list[str]) -> dict[str, str]:
-    chosen = _choices(overrides)
+    chosen = choices(overrides)
     comments: dict[str, str] = {}
     for group in (*(g for g in GROUPS if g != "stage"), "stage"):
         path = config_dir() / group / f"{chosen[group]}.yaml"
@@ -104,7 +104,7 @@ def stage_help(cfg: DictConfig, overrides: list[str], width: int = 110) -> str:
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except Exception:  # noqa: BLE001 - an interpolation that cannot resolve here: show it as written
         values = OmegaConf.to_container(cfg, resolve=False)
-    chosen = _choices(overrides)
+    chosen = choices(overrides)
     lines = [f"stage={cfg.stage.name} with " + ", ".join(f"{g}={chosen[g]}" for g in GROUPS if g != "stage")
              + ": its keys, their values for this command, and what they mean (from configs/)"]
     sections: dict[str, list[tuple[str, object]]] = {}

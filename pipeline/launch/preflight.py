@@ -8,7 +8,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, stage_dir, stage_name
-from pipeline.launch import executors, records
+from pipeline.launch import executors, records, stage_lock
+from pipeline.training.distributed import detect
 
 
 def check_stage(cfg: DictConfig, stage: str) -> None:
@@ -36,8 +37,7 @@ def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
         _no_fresh_start_over_checkpoints(cfgs[stage], stage)
         if cfg.cluster.name != "slurm":
             _not_queued(cfg, stage)
-            with executors.exclusive(cfgs[stage], stage):  # not running in another submit
-                pass
+            stage_lock.check_free(stage_dir(cfg, stage), detect().rank, stage_name(cfg, stage))
 
 
 def _not_queued(cfg: DictConfig, stage: str) -> None:
