@@ -3,7 +3,8 @@
 The run id lives in ``<stage_dir>/mlflow_run.json``. A restarted stage re-opens that run, so its
 metrics continue in one place. Params are immutable in MLflow: a value that changed between
 executions is recorded as a ``changed.<key>`` tag instead of being re-logged. Only rank 0 talks to
-MLflow; every other rank gets a tracker whose methods do nothing.
+MLflow; every other rank gets a tracker whose methods do nothing. The server must answer when a
+stage starts; after that the stage never waits on it (``pipeline.mlflow_outbox``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,7 +20,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline import atomic  # noqa: E402
+from pipeline import atomic, mlflow_outbox  # noqa: E402
 from pipeline.config import stage_name  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,20 @@ def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, 
     return out
 
 
+def reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the tracking store answers, else why not. Only a server can be away; asking it
+    directly avoids MLflow's own retries (about 4 minutes for a server that is down)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except OSError as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
@@ -89,102 +105,135 @@ class StageRun:
         self.uri = tracking_uri(cfg)
         self.run_id: str | None = None
         self.attempt = 0  # how many executions of this stage came before this one
-        self._mlflow = None
+        self._client = None
+        self._outbox: mlflow_outbox.Outbox | None = None
+        self._monitor = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "StageRun":
         if not self.enabled:
             return self
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(self.uri)
+        self._client = client = MlflowClient(self.uri)
+        for line in mlflow_outbox.send_kept(self.stage_dir.parent, self.uri):
+            log.info("MLflow records kept by an earlier execution: %s", line)
         experiment_id = self._experiment_id()
         record = self._read_record()
         run = self._find_run(record.get("run_id")) if record.get("tracking_uri") == self.uri else None
-        system_metrics = bool(self.cfg.tracking.system_metrics) and _has_psutil()
-        if system_metrics:
-            mlflow.set_system_metrics_sampling_interval(float(self.cfg.tracking.system_metrics_interval))
         if run is not None:
             self.attempt = int(record.get("attempts", 1))
-            mlflow.start_run(run_id=run.info.run_id, log_system_metrics=system_metrics)
-            self._reconcile_params(run.data.params)
-            log.info("resuming MLflow run %s (execution %d of this stage)", run.info.run_id,
-                     self.attempt + 1)
+            self.run_id = run.info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+            log.info("resuming MLflow run %s (execution %d of this stage)", self.run_id, self.attempt + 1)
         else:
+            from mlflow.tracking.context import registry
+
             name = stage_name(self.cfg, self.stage)
             tags = {"stage": self.stage, "experiment": str(self.cfg.experiment)}
             if name != self.stage:
                 tags["sample_set"] = str(self.cfg.sample_set)
-            mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags,
-                             log_system_metrics=system_metrics)
+            # the tags MLflow's fluent start_run adds (user, source, git commit) plus ours
+            self.run_id = client.create_run(experiment_id, tags=registry.resolve_tags(tags),
+                                            run_name=name).info.run_id
             self._log_params(flatten(self.cfg))
-        self.run_id = mlflow.active_run().info.run_id
+        self._outbox = mlflow_outbox.Outbox(client, self.run_id, self.uri, float(self.cfg.tracking.retry_s))
+        if run is not None:
+            self._reconcile_params(run.data.params)
         atomic.write_json(self.stage_dir / RUN_FILE, {
             "run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id,
             "attempts": self.attempt + 1})
-        mlflow.set_tag("executions", str(self.attempt + 1))
+        self.set_tags({"executions": self.attempt + 1})
+        if self.cfg.tracking.system_metrics and _has_psutil():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=float(self.cfg.tracking.system_metrics_interval),
+                resume_logging=run is not None, tracking_uri=self.uri)
+            self._monitor.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if not self.enabled or self._mlflow is None:
+        if self._outbox is None:
             return False
-        mlflow = self._mlflow
-        if exc_type is None:
-            mlflow.end_run("FINISHED")
-        elif issubclass(exc_type, (StageKilled, KeyboardInterrupt, SystemExit)):
-            mlflow.set_tag("stopped", f"{exc_type.__name__}: {exc}")
-            mlflow.end_run("KILLED")
-        else:
-            mlflow.set_tag("error", f"{exc_type.__name__}: {exc}"[:5000])
-            mlflow.end_run("FAILED")
+        status = "FINISHED"
+        if exc_type is not None and issubclass(exc_type, (StageKilled, KeyboardInterrupt, SystemExit)):
+            self.set_tags({"stopped": f"{exc_type.__name__}: {exc}"})
+            status = "KILLED"
+        elif exc_type is not None:
+            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+            status = "FAILED"
+        if self._monitor is not None:  # its last batch is sent by itself: wait a little, not for ever
+            stopper = threading.Thread(target=self._monitor.finish, daemon=True)
+            stopper.start()
+            stopper.join(timeout=15)
+        self._outbox.put({"kind": "terminate", "status": status, "end_time": mlflow_outbox.now_ms()})
+        timeout = float(self.cfg.tracking.flush_timeout_s)
+        try:
+            left = self._outbox.close(timeout)
+        except KeyboardInterrupt:  # a Ctrl-C while waiting for the server: keep the records, then stop
+            left = self._outbox.close(0)
+            if left:
+                mlflow_outbox.save(self.stage_dir, self.run_id, self.uri, left)
+            raise
+        if left:
+            box = mlflow_outbox.save(self.stage_dir, self.run_id, self.uri, left)
+            log.warning("MLflow at %s did not take %s within tracking.flush_timeout_s=%g: kept in "
+                        "%s; the next submit of experiment '%s' (any stage, or submit status) "
+                        "sends them", self.uri, mlflow_outbox.describe(left), timeout, box,
+                        self.cfg.experiment)
         return False
 
-    # -- logging API used by stages -----------------------------------------------------------
+    # -- logging API used by stages: queued, never waits on the server --------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if self._outbox is not None:
+            self._outbox.put({"kind": "metrics", "metrics": {k: float(v) for k, v in metrics.items()},
+                              "step": step, "timestamp": mlflow_outbox.now_ms()})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self._mlflow is not None:
-            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        if self._outbox is not None:
+            self._outbox.put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self._mlflow is not None:
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        if self._outbox is not None:
+            self._outbox.put({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def last_step(self, key: str) -> int:
         """The highest step at which ``key`` was logged in this run (-1 if never): a resumed stage
-        skips steps it already logged."""
-        if self._mlflow is None:
+        skips steps it already logged. A server that went away since the stage started is not
+        waited for: then every step of this execution is logged (some perhaps twice)."""
+        if self._client is None:
             return -1
-        from mlflow.tracking import MlflowClient
-
-        history = MlflowClient(self.uri).get_metric_history(self.run_id, key)
-        return max((m.step for m in history), default=-1)
+        away = reachable(self.uri)
+        if away is None:
+            try:
+                history = self._client.get_metric_history(self.run_id, key)
+                return max((m.step for m in history), default=-1)
+            except Exception as e:  # noqa: BLE001 - tracking must not stop the stage
+                away = str(e)[:300]
+        log.warning("MLflow at %s does not answer (%s): logging %s from this execution's first "
+                    "step", self.uri, away, key)
+        return -1
 
     def log_image(self, image: Any, artifact_file: str, step: int | None = None) -> None:
         """Log a PIL image; with a step it shows up in the run's image history."""
-        if self._mlflow is None:
-            return
-        if step is None:
-            self._mlflow.log_image(image, artifact_file=artifact_file)
-        else:
-            self._mlflow.log_image(image, key=artifact_file, step=step)
+        if self._outbox is not None:
+            self._outbox.put({"kind": "image", "image": image, "key": artifact_file, "step": step,
+                              "timestamp": mlflow_outbox.now_ms()})
 
     # -- helpers ------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
 
         name = str(self.cfg.experiment)
-        exp = self._mlflow.get_experiment_by_name(name)
+        exp = self._client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         try:
-            return self._mlflow.create_experiment(
+            return self._client.create_experiment(
                 name, artifact_location=_default_artifact_location(self.cfg))
         except MlflowException:  # another stage created it at the same moment
-            return self._mlflow.get_experiment_by_name(name).experiment_id
+            return self._client.get_experiment_by_name(name).experiment_id
 
     def _read_record(self) -> dict[str, Any]:
         import json
@@ -198,7 +247,7 @@ class StageRun:
         from mlflow.exceptions import MlflowException
 
         try:
-            run = self._mlflow.get_run(run_id)
+            run = self._client.get_run(run_id)
         except MlflowException:
             log.warning("MLflow run %s from %s is not in %s; starting a new run", run_id,
                         RUN_FILE, self.uri)
@@ -209,9 +258,11 @@ class StageRun:
         return run
 
     def _log_params(self, params: dict[str, str]) -> None:
-        items = list(params.items())
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), _PARAM_BATCH):
-            self._mlflow.log_params(dict(items[i:i + _PARAM_BATCH]))
+            self._client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
 
     def _reconcile_params(self, logged: dict[str, str]) -> None:
         current = flatten(self.cfg)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -13,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import submit
+from conftest import run_group, SUBMIT, submit
 
 
 def _free_port() -> int:
@@ -22,33 +27,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server:
+    """A real `mlflow server` on a fixed port and sqlite store, stopped and started again at will."""
+
+    def __init__(self, store: Path):
+        self.store, self.port = store, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        store.mkdir(exist_ok=True)
+
+    def start(self) -> None:
+        log = open(self.store / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
+             "--artifacts-destination", str(self.store / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={"MLFLOW_DISABLE_TELEMETRY": "true",
+                 "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    pytest.fail("mlflow server did not start:\n" + (self.store / "server.log").read_text())
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """The whole server (uvicorn and its workers) goes away, as in a crash or a restart."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    log = open(store / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env={"MLFLOW_DISABLE_TELEMETRY": "true",
-                                                   "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail("mlflow server did not start:\n" + (store / "server.log").read_text())
-            time.sleep(0.5)
-    yield url, store
-    proc.terminate()
-    proc.wait(timeout=30)
+def server(tmp_path):
+    srv = Server(tmp_path / "server")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def mlflow_server(server):
+    return server.url, server.store
 
 
 def test_prepare_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
@@ -74,3 +100,73 @@ def test_prepare_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
     local = Path(client.download_artifacts(run_id, "dataset.json", str(tmp_path)))
     assert json.loads(local.read_text())["num_classes"] == 10
     assert list((store / "artifacts").rglob("dataset.json"))
+
+
+def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(server, prepared, tmp_path):
+    """The server dies while train_vqvae trains: the training neither waits nor fails, the records it
+    could not send are kept in the stage dir, and `submit status` sends them once the server is back:
+    every loss point once, the image history, model.pt and the FINISHED status."""
+    run_root = tmp_path / "runs"
+    shutil.copytree(prepared, run_root / "digits" / "prepare")
+    sdir = run_root / "digits" / "train_vqvae"
+    args = ["stage=train_vqvae", f"run_root={run_root}", f"tracking.uri={server.url}",
+            "deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=10",
+            "train.max_steps=150", "train.log_every=5", "train.eval_every=50", "train.ckpt_every=50",
+            "train.eval_samples=64", "tracking.flush_timeout_s=5", "tracking.retry_s=1"]
+    killed_at = []
+
+    def kill_once_training_logs():  # after the stage's start, which needs the server
+        deadline = time.time() + 300
+        while not (sdir / "progress.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        killed_at.append(json.loads((sdir / "progress.json").read_text())["step"])
+
+    killer = threading.Thread(target=kill_once_training_logs)
+    killer.start()
+    proc = run_group([SUBMIT, *args], cwd=tmp_path, timeout=600,
+                     env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    killer.join()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert killed_at and killed_at[0] < 150, killed_at
+    assert (sdir / "done.json").exists() and (sdir / "model.pt").exists()
+    kept = json.loads((sdir / "mlflow_outbox" / "records.json").read_text())
+    assert "did not take" in out and str(sdir / "mlflow_outbox") in out
+    steps_kept = {r["step"] for r in kept["records"] if r["kind"] == "metrics" and "loss" in r["metrics"]}
+    assert 150 in steps_kept
+    assert kept["records"][-1] == {**kept["records"][-1], "kind": "terminate", "status": "FINISHED"}
+    assert any(r["kind"] == "image" for r in kept["records"])
+    assert list((sdir / "mlflow_outbox" / "images").glob("*.png"))
+
+    # status while the server is still down answers at once, says so, and keeps the records
+    status = submit("status", f"run_root={run_root}", f"tracking.uri={server.url}", cwd=tmp_path, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "does not answer" in status.stdout and (sdir / "mlflow_outbox" / "records.json").exists()
+    assert re.search(r"train_vqvae\s+done", status.stdout), status.stdout
+
+    server.start()
+    status = submit("status", f"run_root={run_root}", f"tracking.uri={server.url}", cwd=tmp_path, timeout=300)
+    assert status.returncode == 0, status.stderr
+    assert "train_vqvae: sent" in status.stdout, status.stdout
+    assert not (sdir / "mlflow_outbox").exists()
+    client = MlflowClient(tracking_uri=server.url)
+    run_id = json.loads((sdir / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    loss_steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(loss_steps) == list(range(5, 151, 5)), loss_steps  # each once, none lost
+    assert [m.step for m in client.get_metric_history(run_id, "val_psnr")] == [50, 100, 150]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"model.pt", "logs", "images"} <= artifacts, artifacts
+    images = {a.path for a in client.list_artifacts(run_id, "images")}
+    assert len([p for p in images if "val_reconstructions" in p and p.endswith(".png")]) >= 3, images
+
+
+def test_a_local_submit_refuses_a_tracking_server_that_does_not_answer(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = submit("stage=prepare", f"run_root={tmp_path / 'runs'}", f"tracking.uri={url}", cwd=tmp_path,
+                  timeout=120)
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert f"tracking.uri={url}: no MLflow server answers" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

@@ -1,15 +1,20 @@
 """What `submit` refuses before any job starts or is queued (exit 2, nothing written): a stage
 without an implementation or with missing inputs, an executor that is not here, a stage whose
-SLURM job is still queued or that runs in another local `submit`, and resume=false over
-checkpoints. Each refusal names the key or path and the fix."""
+SLURM job is still queued or that runs in another local `submit`, an MLflow server that does
+not answer, and resume=false over checkpoints. Each refusal names the key or path and the fix."""
 
 from __future__ import annotations
+
+import logging
 
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, stage_dir, stage_name
 from pipeline.launch import executors, records, stage_lock
+from pipeline.tracking import reachable, tracking_uri
 from pipeline.training.distributed import detect
+
+log = logging.getLogger(__name__)
 
 
 def check_stage(cfg: DictConfig, stage: str) -> None:
@@ -24,6 +29,7 @@ def check_stage(cfg: DictConfig, stage: str) -> None:
                           f"run `submit stage={producer}{same}` first (same experiment and run_root), "
                           f"or `submit stage=all{same}`")
     executors.check_available(cfg)
+    _tracking_answers(cfg)
     _not_queued(cfg, stage)
     _no_fresh_start_over_checkpoints(cfg, stage)
 
@@ -33,11 +39,29 @@ def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
     after it instead of refusing; a local one runs each stage itself, so none may run elsewhere."""
     cfg = next(iter(cfgs.values()))
     executors.check_available(cfg)
+    if todo:
+        _tracking_answers(cfg)
     for stage in todo:
         _no_fresh_start_over_checkpoints(cfgs[stage], stage)
         if cfg.cluster.name != "slurm":
             _not_queued(cfg, stage)
             stage_lock.check_free(stage_dir(cfg, stage), detect().rank, stage_name(cfg, stage))
+
+
+def _tracking_answers(cfg: DictConfig) -> None:
+    """A stage needs its MLflow server when it starts (later it holds records through an outage).
+    A job is queued anyway: the cluster's nodes may reach a server this machine does not."""
+    uri = tracking_uri(cfg)
+    away = reachable(uri)
+    if not away:
+        return
+    if cfg.cluster.name == "slurm":
+        log.warning("tracking.uri=%s does not answer here (%s); queueing anyway: the jobs need it "
+                    "from the compute nodes when they start", uri, away)
+        return
+    raise ConfigError(f"tracking.uri={uri}", f"no MLflow server answers ({away})",
+                      "start it (`mlflow server --host 0.0.0.0 --port 5000 ...`), fix the address, "
+                      "or leave tracking.uri unset for the local store in run_root")
 
 
 def _not_queued(cfg: DictConfig, stage: str) -> None:

@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.launch import stage_lock
 from pipeline.stages import ORDER, PROGRESS, vqvae_model
+from pipeline.tracking import tracking_uri
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
 COMMAND = "command.json"  # the `submit` arguments (and working dir) that last ran or queued a stage
@@ -119,11 +121,20 @@ def slurm_elapsed_s(job_id: str) -> float | None:
     return float(max(per_task.values())) if per_task else None
 
 
+@lru_cache(maxsize=None)
+def _away(uri: str) -> str | None:
+    from pipeline.tracking import reachable
+
+    return reachable(uri, timeout=3.0)
+
+
 def _mlflow_status(sdir: Path) -> tuple[str, str]:
     record = sdir / "mlflow_run.json"
     if not record.exists():
         return "", ""
     info = json.loads(record.read_text())
+    if _away(info["tracking_uri"]):  # MLflow would retry for minutes per stage
+        return info["run_id"], "UNKNOWN"
     try:
         from mlflow.tracking import MlflowClient
 
@@ -226,11 +237,27 @@ def _shards_line(out_dir: Path, total: int, started: float, now: float) -> str:
     return line + (f"; last shard {duration(now - max(done))} ago" if done else "; none complete yet")
 
 
+def _send_kept_records(cfg: DictConfig) -> list[str]:
+    """Records a stage kept while MLflow did not answer go now, if it answers."""
+    from pipeline import mlflow_outbox
+
+    uri, exp_dir = tracking_uri(cfg), Path(cfg.run_root) / str(cfg.experiment)
+    kept = sorted(exp_dir.glob(f"*/{mlflow_outbox.OUTBOX}"))
+    if not kept:
+        return []
+    away = _away(uri)
+    if away:
+        return [f"does not answer ({away}): records kept in {', '.join(map(str, kept))} are sent "
+                "by the next submit or status once it does"]
+    return mlflow_outbox.send_kept(exp_dir, uri)
+
+
 def status_table(cfg: DictConfig) -> str:
     """The stage table, then the stages that can run now (their inputs exist; not done, queued or
     running), then the evaluated sample sets."""
     from pipeline.stages import BUILT, missing_inputs
 
+    mlflow_lines = _send_kept_records(cfg)
     rows = [stage_status(cfg, s) for s in ORDER if s != "all"]
     head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
@@ -249,6 +276,8 @@ def status_table(cfg: DictConfig) -> str:
     if any(line for _, line in running):
         lines.append("progress of the running stages:")
         lines += [f"  {stage_name(cfg, s)}: {line}" for s, line in running if line]
+    if mlflow_lines:
+        lines += [f"MLflow ({tracking_uri(cfg)}):"] + [f"  {line}" for line in mlflow_lines]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
     if sets:
         lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]

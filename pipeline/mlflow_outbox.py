@@ -1,0 +1,238 @@
+"""Delivery of one MLflow run's records from a background thread, held through a server outage.
+
+A stage never waits on the tracking server: metrics, tags, images, artifacts and the run's final
+status are queued here and sent in order by one thread. When the server does not answer (a
+restart, a network cut, a locked sqlite file) the records stay queued and are retried; the stage
+goes on. Whatever is still unsent when the stage ends is saved in ``<stage_dir>/mlflow_outbox/``
+(images as PNG files) and sent by the next ``submit`` of the experiment. Re-sending a record is
+harmless: MLflow keeps one copy of a metric point or tag, and an artifact overwrites itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from pipeline import atomic
+
+log = logging.getLogger(__name__)
+OUTBOX = "mlflow_outbox"
+RECORDS = "records.json"
+_MAX_METRICS = 1000  # MLflow's per-request limit on metrics in one log_batch
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _permanent(error: Exception) -> bool:
+    """A record the server refuses (bad value, deleted run, file gone) will never go through:
+    drop it instead of blocking every record behind it. Anything else is worth retrying."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, FileNotFoundError):
+        return True
+    if isinstance(error, MlflowException):
+        code = error.get_http_status_code()
+        return 400 <= code < 500 and code != 429
+    return False
+
+
+def send(client: Any, run_id: str, records: list[dict[str, Any]], images: Path | None = None) -> None:
+    """Deliver ``records`` (consecutive metrics merged into one request) or raise; a kept image
+    record names its PNG file in ``images``."""
+    from mlflow.entities import Metric, RunTag
+
+    if records[0]["kind"] == "metrics":
+        metrics = [Metric(k, float(v), r["timestamp"], r["step"] or 0)
+                   for r in records for k, v in r["metrics"].items()]
+        client.log_batch(run_id, metrics=metrics)
+        return
+    (record,) = records
+    kind = record["kind"]
+    if kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    elif kind == "artifact":
+        client.log_artifact(run_id, record["path"], artifact_path=record["artifact_path"])
+    elif kind == "image":
+        image = record.get("image")
+        if image is None:  # saved by an earlier execution
+            from PIL import Image
+
+            with Image.open(images / record["file"]) as f:
+                image = f.copy()
+        if record["step"] is None:
+            client.log_image(run_id, image, artifact_file=record["key"])
+        else:
+            client.log_image(run_id, image, key=record["key"], step=record["step"],
+                             timestamp=record["timestamp"])
+    elif kind == "terminate":
+        client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+    else:
+        raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+
+def _next_batch(queue: deque) -> list[dict[str, Any]]:
+    head = queue[0]
+    if head["kind"] != "metrics":
+        return [head]
+    batch, count = [], 0
+    for record in queue:
+        if record["kind"] != "metrics" or count + len(record["metrics"]) > _MAX_METRICS:
+            break
+        batch.append(record)
+        count += len(record["metrics"])
+    return batch or [head]
+
+
+class Outbox:
+    """Sends one run's records in order from a daemon thread; ``put`` never blocks."""
+
+    def __init__(self, client: Any, run_id: str, uri: str, retry_s: float = 30.0):
+        self.client, self.run_id, self.uri, self.retry_s = client, run_id, uri, retry_s
+        self._queue: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.failing_since: float | None = None  # when the current outage began
+        self._thread = threading.Thread(target=self._deliver, daemon=True, name="mlflow-outbox")
+        self._thread.start()
+
+    def put(self, record: dict[str, Any]) -> None:
+        with self._cond:
+            self._queue.append(record)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every record is delivered (True) or ``timeout`` seconds pass (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
+
+    def close(self, timeout: float) -> list[dict[str, Any]]:
+        """Flush for up to ``timeout`` seconds, stop the thread and return what was not delivered
+        (the record in flight included: it may still arrive, and re-sending it is harmless)."""
+        self.flush(timeout)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+            return list(self._queue)
+
+    def _deliver(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stop)
+                if self._stop:
+                    return
+                batch = _next_batch(self._queue)
+            try:
+                send(self.client, self.run_id, batch)
+            except Exception as e:  # noqa: BLE001 - any failure: keep the records, the stage goes on
+                if _permanent(e):
+                    log.warning("MLflow refused a %s record, dropped: %s", batch[0]["kind"], e)
+                else:
+                    failures += 1
+                    if self.failing_since is None:
+                        self.failing_since = time.time()
+                        log.warning("MLflow at %s does not take records (%s): holding them and "
+                                    "retrying; the stage goes on", self.uri, str(e)[:300])
+                    with self._cond:  # back off, but wake up to stop
+                        self._cond.wait_for(lambda: self._stop,
+                                            timeout=min(self.retry_s, 2.0 ** min(failures, 10)))
+                    continue
+            with self._cond:
+                for _ in batch:
+                    self._queue.popleft()
+                held = len(self._queue)
+                self._cond.notify_all()
+            if self.failing_since is not None:
+                log.info("MLflow at %s takes records again after %.0f s of outage (%d more queued)",
+                         self.uri, time.time() - self.failing_since, held)
+                self.failing_since, failures = None, 0
+
+
+def save(stage_dir: Path, run_id: str, uri: str, records: list[dict[str, Any]]) -> Path:
+    """Keep undelivered records in ``<stage_dir>/mlflow_outbox/`` (after any kept before)."""
+    box = Path(stage_dir) / OUTBOX
+    (box / "images").mkdir(parents=True, exist_ok=True)
+    kept = _load(box)["records"] if (box / RECORDS).exists() else []
+    for record in records:
+        record = dict(record)
+        if record["kind"] == "image" and "image" in record:
+            record["file"] = f"{len(kept):06d}-{os.getpid()}.png"
+            record.pop("image").save(box / "images" / record["file"])
+        kept.append(record)
+    atomic.write_json(box / RECORDS, {"run_id": run_id, "tracking_uri": uri, "records": kept})
+    return box
+
+
+def _load(box: Path) -> dict[str, Any]:
+    return json.loads((box / RECORDS).read_text())
+
+
+def describe(records: list[dict[str, Any]]) -> str:
+    """``"412 records (metrics up to step 5000, final status FINISHED)"``"""
+    steps = [r["step"] for r in records if r["kind"] == "metrics" and r["step"] is not None]
+    ends = [r["status"] for r in records if r["kind"] == "terminate"]
+    extra = ([f"metrics up to step {max(steps)}"] if steps else []) + (
+        [f"final status {ends[-1]}"] if ends else [])
+    return f"{len(records)} records" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def send_kept(experiment_dir: Path, uri: str) -> list[str]:
+    """Send the records kept by earlier executions of any stage of the experiment that logged to
+    ``uri``; returns one line per outbox. A kept outbox is claimed by renaming it, so two stages
+    starting together never send it twice; on failure it is put back for the next try."""
+    from mlflow.tracking import MlflowClient
+
+    lines = []
+    for box in sorted(Path(experiment_dir).glob(f"*/{OUTBOX}")):
+        if not (box / RECORDS).exists() or _load(box)["tracking_uri"] != uri:
+            continue
+        claimed = box.with_name(f"{OUTBOX}.sending-{os.getpid()}")
+        try:
+            box.rename(claimed)
+        except OSError:  # another process claimed it first
+            continue
+        kept = _load(claimed)
+        records, client = kept["records"], MlflowClient(uri)
+        try:
+            while records:
+                batch = _next_batch(deque(records))
+                try:
+                    send(client, kept["run_id"], batch, claimed / "images")
+                except Exception as e:  # noqa: BLE001
+                    if not _permanent(e):
+                        raise
+                    log.warning("MLflow refused a kept %s record, dropped: %s", batch[0]["kind"], e)
+                records = records[len(batch):]
+        except Exception as e:  # noqa: BLE001 - still unreachable: keep them for the next submit
+            _put_back(claimed, box, kept, records)
+            lines.append(f"{box.parent.name}: {describe(records)} kept in {box}; MLflow still "
+                         f"does not take them ({str(e)[:200]})")
+            continue
+        shutil.rmtree(claimed)
+        lines.append(f"{box.parent.name}: sent {describe(kept['records'])} kept since MLflow was "
+                     f"unreachable")
+    return lines
+
+
+def _put_back(claimed: Path, box: Path, kept: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    atomic.write_json(claimed / RECORDS, {**kept, "records": records})
+    if not box.exists():
+        claimed.rename(box)
+        return
+    # the stage kept more records meanwhile: these go first, their images beside the newer ones
+    for record in records:
+        if record["kind"] == "image" and "file" in record:
+            (claimed / "images" / record["file"]).rename(box / "images" / f"earlier-{record['file']}")
+            record["file"] = f"earlier-{record['file']}"
+    newer = _load(box)
+    atomic.write_json(box / RECORDS, {**newer, "records": records + newer["records"]})
+    shutil.rmtree(claimed)
