@@ -28,6 +28,20 @@ RECORDS = "records.json"
 _MAX_METRICS = 1000  # MLflow's per-request limit on metrics in one log_batch
 
 
+def reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the tracking store answers, else why not. Only a server can be away; asking it
+    directly avoids MLflow's own retries (about 4 minutes for a server that is down)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except OSError as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -115,9 +129,15 @@ class Outbox:
             return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
 
     def close(self, timeout: float) -> list[dict[str, Any]]:
-        """Flush for up to ``timeout`` seconds, stop the thread and return what was not delivered
-        (the record in flight included: it may still arrive, and re-sending it is harmless)."""
-        self.flush(timeout)
+        """Wait for delivery while the server is there (a large artifact takes its time), or up to
+        ``timeout`` seconds once it is not; stop the thread and return what was not delivered (the
+        record in flight included: it may still arrive, and re-sending it is harmless)."""
+        deadline = time.time() + timeout
+        while not self.flush(min(5.0, max(0.0, deadline - time.time()))):
+            if self.failing_since is None and reachable(self.uri) is None:
+                deadline = time.time() + timeout
+            elif time.time() >= deadline:
+                break
         with self._cond:
             self._stop = True
             self._cond.notify_all()

@@ -21,6 +21,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline import atomic, mlflow_outbox  # noqa: E402
+from pipeline.mlflow_outbox import reachable  # noqa: E402
 from pipeline.config import stage_name  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -67,20 +68,6 @@ def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, 
         else:
             out[key] = str(v)
     return out
-
-
-def reachable(uri: str, timeout: float = 5.0) -> str | None:
-    """None when the tracking store answers, else why not. Only a server can be away; asking it
-    directly avoids MLflow's own retries (about 4 minutes for a server that is down)."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except OSError as e:
-        return str(getattr(e, "reason", e))
-    return None
 
 
 def ui_command(uri: str) -> str:

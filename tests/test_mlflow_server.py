@@ -170,3 +170,24 @@ def test_a_local_submit_refuses_a_tracking_server_that_does_not_answer(tmp_path)
     assert proc.returncode == 2, proc.stderr + proc.stdout
     assert f"tracking.uri={url}: no MLflow server answers" in proc.stderr
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_a_finishing_stage_waits_for_a_slow_upload_while_the_server_answers(server, tmp_path):
+    """tracking.flush_timeout_s bounds the wait for a server that is away, not for one that is
+    busy taking a large artifact (a model.pt of the paper's priors is over 1 GB)."""
+    from pipeline.mlflow_outbox import Outbox
+
+    client = MlflowClient(tracking_uri=server.url)
+    run_id = client.create_run(client.create_experiment("big")).info.run_id
+    big = tmp_path / "model.pt"
+    with open(big, "wb") as f:
+        for _ in range(40):
+            f.write(os.urandom(5 << 20))  # 200 MB: seconds through the server, far over the timeout
+    box = Outbox(client, run_id, server.url, retry_s=1)
+    started = time.time()
+    box.put({"kind": "artifact", "path": str(big), "artifact_path": None})
+    box.put({"kind": "terminate", "status": "FINISHED", "end_time": 1})
+    assert box.close(timeout=0.2) == []
+    assert time.time() - started > 0.2  # it did wait past the timeout
+    assert [(a.path, a.file_size) for a in client.list_artifacts(run_id)] == [("model.pt", 200 << 20)]
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -5,16 +5,21 @@ not answer, and resume=false over checkpoints. Each refusal names the key or pat
 
 from __future__ import annotations
 
-import logging
+import os
+import sys
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, stage_dir, stage_name
 from pipeline.launch import executors, records, stage_lock
-from pipeline.tracking import reachable, tracking_uri
+from pipeline.mlflow_outbox import reachable
+from pipeline.tracking import tracking_uri
 from pipeline.training.distributed import detect
 
-log = logging.getLogger(__name__)
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def check_stage(cfg: DictConfig, stage: str) -> None:
@@ -48,16 +53,44 @@ def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
             stage_lock.check_free(stage_dir(cfg, stage), detect().rank, stage_name(cfg, stage))
 
 
+_NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "glusterfs", "fuse.")
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the filesystem holding ``path`` (or its nearest existing parent), from the
+    longest mount point above it in /proc/self/mounts (``mounts`` replaces that file's text)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return "unknown"
+    path = Path(os.path.abspath(path))
+    best, fstype = -1, "unknown"
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (path == Path(point) or Path(point) in path.parents) and len(point) > best:
+            best, fstype = len(point), fields[2]
+    return fstype
+
+
 def _tracking_answers(cfg: DictConfig) -> None:
     """A stage needs its MLflow server when it starts (later it holds records through an outage).
     A job is queued anyway: the cluster's nodes may reach a server this machine does not."""
     uri = tracking_uri(cfg)
+    fstype = filesystem_type(Path(cfg.run_root))
+    if cfg.cluster.name == "slurm" and not cfg.tracking.uri and fstype.startswith(_NETWORK_FS):
+        _warn(f"tracking.uri is unset: jobs on several nodes will write one sqlite file, {uri}, on "
+              f"{fstype}, where sqlite's locks are not reliable; on a cluster run `mlflow server` on "
+              "a host the nodes reach and pass tracking.uri=http://<host>:5000")
     away = reachable(uri)
     if not away:
         return
     if cfg.cluster.name == "slurm":
-        log.warning("tracking.uri=%s does not answer here (%s); queueing anyway: the jobs need it "
-                    "from the compute nodes when they start", uri, away)
+        _warn(f"tracking.uri={uri} does not answer here ({away}); queueing anyway: the jobs need "
+              "it from the compute nodes when they start")
         return
     raise ConfigError(f"tracking.uri={uri}", f"no MLflow server answers ({away})",
                       "start it (`mlflow server --host 0.0.0.0 --port 5000 ...`), fix the address, "

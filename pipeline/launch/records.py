@@ -123,7 +123,7 @@ def slurm_elapsed_s(job_id: str) -> float | None:
 
 @lru_cache(maxsize=None)
 def _away(uri: str) -> str | None:
-    from pipeline.tracking import reachable
+    from pipeline.mlflow_outbox import reachable
 
     return reachable(uri, timeout=3.0)
 
