@@ -217,15 +217,16 @@ def validate(cfg: DictConfig) -> None:
         if not os.access(src, os.R_OK | os.X_OK):
             raise ConfigError(f"data.source={source}", "directory is not readable",
                               "fix its permissions or pass another path")
-        if cfg.data.name == "imagenet" and not any(
+        if cfg.data.name == "imagenet" and not (src / "ILSVRC2012_img_train.tar").is_file() and not any(
                 (src / sub / "train").is_dir() for sub in (".", "ILSVRC/Data/CLS-LOC")):
-            raise ConfigError(f"data.source={source}", "no train/ folder (nor ILSVRC/Data/CLS-LOC/train)",
-                              "pass the folder that holds ImageNet's train/ and val/")
+            raise ConfigError(f"data.source={source}", "no train/ folder (nor ILSVRC/Data/CLS-LOC/train, "
+                              "nor ILSVRC2012_img_train.tar)", "pass the folder that holds ImageNet's "
+                              "train/ and val/, or its downloaded ILSVRC2012 tarballs")
     _check_choice(cfg, "data.augment", ("none", "center", "random_resized_crop"))
     if not (cfg.deepspeed.bf16 == "auto" or isinstance(cfg.deepspeed.bf16, bool)):  # 'false' would be truthy
         raise ConfigError(f"deepspeed.bf16={cfg.deepspeed.bf16}", "must be auto, true or false",
                           "pass deepspeed.bf16=true (unquoted), false or auto")
-    _check_choice(cfg, "data.layout", ("auto", "folders", "kaggle", "devkit"))
+    _check_choice(cfg, "data.layout", ("auto", "folders", "kaggle", "devkit", "tars"))
     if int(cfg.prepare.workers) < 1:
         raise ConfigError(f"prepare.workers={cfg.prepare.workers}", "must be at least 1",
                           "pass prepare.workers=<processes>")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -65,4 +67,29 @@ def build(root: Path, val_layout: str, train_per_class: int = 4, val_per_class: 
         savemat(devkit / "meta.mat", {"synsets": np.array(rows, dtype=dtype)})
         (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text(
             "".join(f"{order.index(w) + 1}\n" for w in labels.values()))
+    return labels
+
+
+def build_tars(root: Path) -> dict:
+    """ImageNet as downloaded, with the same images as ``build(..., "devkit")``:
+    ILSVRC2012_img_train.tar of per-class tars, the flat val tar and the devkit tarball. Members are
+    stored in reverse order, so nothing may depend on the order inside a tarball."""
+    tree = root.parent / f"{root.name}-extracted"
+    labels = build(tree, "devkit")
+    root.mkdir(parents=True)
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
+        for w in reversed(SYNSETS):
+            packed = io.BytesIO()
+            with tarfile.open(fileobj=packed, mode="w") as inner:
+                for f in sorted((tree / "train" / w).iterdir(), reverse=True):
+                    inner.add(f, arcname=f.name)
+            info = tarfile.TarInfo(f"{w}.tar")
+            info.size = len(packed.getvalue())
+            outer.addfile(info, io.BytesIO(packed.getvalue()))
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as val:
+        for f in sorted((tree / "val").iterdir(), reverse=True):
+            val.add(f, arcname=f.name)
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as devkit:
+        devkit.add(tree / "ILSVRC2012_devkit_t12", arcname="ILSVRC2012_devkit_t12")
+    shutil.rmtree(tree)
     return labels

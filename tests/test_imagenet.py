@@ -115,3 +115,54 @@ def test_resize_on_write(tmp_path):
         assert img.size == (24, 32)  # 48x64 with the longer side capped at 32, aspect kept
         meta = json.loads(s["json"])
         assert (meta["width"], meta["height"]) == (48, 64) and "resized" in meta["converted"]
+
+
+def test_the_downloaded_tarballs_are_read_in_place_like_the_extracted_tree(tmp_path):
+    from pipeline.data.imagenet_tars import ImageNetTarSource
+
+    labels = fake.build_tars(tmp_path / "tars")
+    fake.build(tmp_path / "tree", "devkit")  # the same images, extracted
+    packed, extracted = ImageNetTarSource(tmp_path / "tars"), ImageNetSource(tmp_path / "tree")
+    assert packed.class_ids == extracted.class_ids == fake.SYNSETS
+    assert packed.class_names == [fake.WORDS[w] for w in fake.SYNSETS]
+    refs, tree_refs = packed.samples(), extracted.samples()
+    for split in ("train", "val"):
+        assert [(r.key, r.label) for r in refs[split]] == sorted((r.key, r.label) for r in tree_refs[split])
+        by_key = {r.key: r for r in tree_refs[split]}
+        for ref in refs[split]:  # every image read by its offset is the extracted file's bytes
+            assert ref.origin.split(":")[0] == f"ILSVRC2012_img_{split}.tar"
+            assert (tmp_path / "tree" / by_key[ref.key].origin).read_bytes() == _raw(packed, ref)
+    assert {r.key: fake.SYNSETS[r.label] for r in refs["val"]} == labels
+
+    (tmp_path / "tars" / "ILSVRC2012_devkit_t12.tar.gz").unlink()
+    with pytest.raises(LayoutError, match="val labels not found: put ILSVRC2012_devkit_t12.tar.gz"):
+        ImageNetTarSource(tmp_path / "tars")
+    (tmp_path / "tars" / "ILSVRC2012_img_val.tar").unlink()
+    with pytest.raises(LayoutError, match="ILSVRC2012_img_val.tar is missing"):
+        ImageNetTarSource(tmp_path / "tars")
+
+
+def _raw(source, ref) -> bytes:
+    tar, offset, size, _ = ref.origin.split(":", 3)
+    with open(source.source / tar, "rb") as f:
+        f.seek(int(offset))
+        return f.read(int(size))
+
+
+def test_prepare_from_the_tarballs_writes_what_the_extracted_tree_gives(tmp_path):
+    fake.build_tars(tmp_path / "tars")
+    fake.build(tmp_path / "tree", "devkit")
+    shards, out = {}, {}
+    for name in ("tars", "tree"):
+        proc = submit("stage=prepare", "data=imagenet", f"data.source={tmp_path / name}", "data.shard_size=4",
+                      "prepare.workers=2", f"run_root={tmp_path / 'runs'}", f"experiment={name}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        shards[name], out[name] = tmp_path / "runs" / name / "prepare" / "shards", proc.stdout
+    assert "layout tars" in out["tars"] and "layout devkit" in out["tree"]
+    manifest = json.loads((shards["tars"] / "dataset.json").read_text())
+    assert manifest["class_names"] == [fake.WORDS[w] for w in fake.SYNSETS]
+    assert manifest["splits"]["train"]["count"] == 14 and manifest["splits"]["train"]["skipped"] == 1
+    for split in ("train", "val"):
+        packed = {s["__key__"]: (int(s["cls"]), s.get("jpg") or s.get("png")) for s in _read(shards["tars"], split)}
+        extracted = {s["__key__"]: (int(s["cls"]), s.get("jpg") or s.get("png")) for s in _read(shards["tree"], split)}
+        assert packed == extracted and len(packed) == {"train": 14, "val": 6}[split]

@@ -6,6 +6,7 @@ Train is always synset folders ``train/nXXXXXXXX/*.JPEG``. Val comes as one of:
                Localization Challenge; the tree is ``ILSVRC/Data/CLS-LOC/{train,val}``);
   ``devkit``   flat ``val/*.JPEG`` + the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with
                ``meta.mat`` (or a synset list: one WNID per line in ILSVRC2012_ID order).
+Or, not extracted at all, the downloaded tarballs (``tars``: ``pipeline.data.imagenet_tars``).
 Class index = position in the sorted synset ids (torchvision's ``ImageFolder`` order).
 """
 
@@ -15,11 +16,12 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from pipeline.data import images
 from pipeline.data.sources import IMAGE_EXTS, SampleRef, safe_key
 
-LAYOUTS = ("auto", "folders", "kaggle", "devkit")
+LAYOUTS = ("auto", "folders", "kaggle", "devkit", "tars")  # tars: pipeline.data.imagenet_tars
 SYNSET = re.compile(r"^n\d{8}$")
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 
@@ -47,11 +49,12 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
 
 
-def _synsets_from_meta_mat(path: Path) -> tuple[list[str], dict[str, str]]:
-    """WNIDs in ILSVRC2012_ID order (the 1000 leaves) and their words, from the devkit's meta.mat."""
+def _synsets_from_meta_mat(path: Path | BinaryIO) -> tuple[list[str], dict[str, str]]:
+    """WNIDs in ILSVRC2012_ID order (the 1000 leaves) and their words, from the devkit's meta.mat
+    (a path, or the file read out of the devkit's tarball)."""
     from scipy.io import loadmat
 
-    rows = loadmat(str(path), squeeze_me=True)["synsets"]
+    rows = loadmat(path if hasattr(path, "read") else str(path), squeeze_me=True)["synsets"]
     leaves = sorted((int(r["ILSVRC2012_ID"]), str(r["WNID"]), str(r["words"]))
                     for r in rows if int(r["num_children"]) == 0)
     return [w for _, w, _ in leaves], {w: words for _, w, words in leaves}
@@ -76,8 +79,9 @@ class ImageNetSource:
         self.root = kaggle if (kaggle / "train").is_dir() else self.source
         train = self.root / "train"
         if not train.is_dir():
-            raise LayoutError(f"{self.source}: no train/ folder (nor ILSVRC/Data/CLS-LOC/train); "
-                              "pass data.source=<the folder that holds train/ and val/>")
+            raise LayoutError(f"{self.source}: no train/ folder (nor ILSVRC/Data/CLS-LOC/train, nor "
+                              "ILSVRC2012_img_train.tar); pass data.source=<the folder that holds train/ "
+                              "and val/, or the ILSVRC2012 tarballs>")
         self.class_ids = sorted(d.name for d in train.iterdir() if d.is_dir() and SYNSET.match(d.name))
         if not self.class_ids:
             raise LayoutError(f"{train}: no synset folders nXXXXXXXX/; is this ImageNet? "

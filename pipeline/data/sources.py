@@ -153,8 +153,12 @@ def open_source(data: DictConfig, seed: int) -> Source:
                             int(data.jpeg_quality), max_side)
     if data.name == "imagenet":
         from pipeline.data.imagenet import ImageNetSource
+        from pipeline.data.imagenet_tars import ImageNetTarSource, has_tars
 
-        return ImageNetSource(Path(str(data.source)), str(data.layout), int(data.jpeg_quality), max_side)
+        source, layout = Path(str(data.source)), str(data.layout)
+        if layout == "tars" or (layout == "auto" and has_tars(source) and not (source / "train").is_dir()):
+            return ImageNetTarSource(source, int(data.jpeg_quality), max_side)
+        return ImageNetSource(source, layout, int(data.jpeg_quality), max_side)
     raise ValueError(f"data={data.name}: no source implementation; choose data=digits, folder or imagenet")
 
 
