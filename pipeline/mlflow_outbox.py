@@ -54,8 +54,9 @@ def _permanent(error: Exception) -> bool:
     if isinstance(error, FileNotFoundError):
         return True
     if isinstance(error, MlflowException):
-        code = error.get_http_status_code()
-        return 400 <= code < 500 and code != 429
+        # a bad value, a deleted run, a duplicate, too large; not 401/403 (a token being renewed),
+        # 408 or 429, which pass
+        return error.get_http_status_code() in (400, 404, 409, 413, 422)
     return False
 
 
@@ -138,6 +139,10 @@ class Outbox:
                 deadline = time.time() + timeout
             elif time.time() >= deadline:
                 break
+        return self.abandon()
+
+    def abandon(self) -> list[dict[str, Any]]:
+        """Stop at once and return what was not delivered."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()

@@ -159,7 +159,7 @@ class StageRun:
         try:
             left = self._outbox.close(timeout)
         except KeyboardInterrupt:  # a Ctrl-C while waiting for the server: keep the records, then stop
-            left = self._outbox.close(0)
+            left = self._outbox.abandon()
             if left:
                 mlflow_outbox.save(self.stage_dir, self.run_id, self.uri, left)
             raise
