@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +28,10 @@ from pipeline.config import stage_name  # noqa: E402
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
 _PARAM_BATCH = 100  # MLflow's per-request limit on params
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow server did not answer when the stage started; nothing of the stage has run."""
 
 
 class StageKilled(BaseException):
@@ -102,6 +107,7 @@ class StageRun:
             return self
         from mlflow.tracking import MlflowClient
 
+        self._wait_for_server()
         self._client = client = MlflowClient(self.uri)
         for line in mlflow_outbox.send_kept(self.stage_dir.parent, self.uri):
             log.info("MLflow records kept by an earlier execution: %s", line)
@@ -209,6 +215,25 @@ class StageRun:
                               "timestamp": mlflow_outbox.now_ms()})
 
     # -- helpers ------------------------------------------------------------------------------
+    def _wait_for_server(self) -> None:
+        """A job that starts while the server restarts waits for it (asking /health, not MLflow,
+        whose retries give up after ~4 minutes with a traceback) rather than failing its chain."""
+        away = reachable(self.uri)
+        if not away:
+            return
+        wait = float(self.cfg.tracking.start_wait_s)
+        log.warning("MLflow at %s does not answer (%s): waiting up to %g s for it "
+                    "(tracking.start_wait_s)", self.uri, away, wait)
+        deadline = time.time() + wait
+        while away and time.time() < deadline:
+            time.sleep(max(0.0, min(5.0, deadline - time.time())))
+            away = reachable(self.uri)
+        if away:
+            raise TrackingUnavailable(
+                f"tracking.uri={self.uri}: no MLflow server answered within tracking.start_wait_s="
+                f"{wait:g} s ({away}) -- start it (or fix tracking.uri), then run the same command again")
+        log.info("MLflow at %s answers: going on", self.uri)
+
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
 

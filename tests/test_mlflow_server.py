@@ -191,3 +191,34 @@ def test_a_finishing_stage_waits_for_a_slow_upload_while_the_server_answers(serv
     assert time.time() - started > 0.2  # it did wait past the timeout
     assert [(a.path, a.file_size) for a in client.list_artifacts(run_id)] == [("model.pt", 200 << 20)]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_stage_starting_while_the_server_restarts_waits_for_it(tmp_path):
+    """A queued job may start while the server is down: it waits (tracking.start_wait_s) instead
+    of failing after MLflow's own retries, and fails with what to do once the wait is over."""
+    from pipeline.config import compose
+    from pipeline.tracking import StageRun, TrackingUnavailable
+
+    server = Server(tmp_path / "server")  # not started yet
+    cfg = compose(["stage=prepare", f"run_root={tmp_path / 'runs'}", f"tracking.uri={server.url}",
+                   "tracking.system_metrics=false"])
+    sdir = tmp_path / "runs" / "digits" / "prepare"
+    sdir.mkdir(parents=True)
+    started = time.time()
+    starter = threading.Timer(3.0, server.start)
+    starter.start()
+    try:
+        with StageRun(cfg, "prepare", sdir) as run:
+            assert time.time() - started >= 3.0  # it waited for the server
+            run.log_metrics({"images": 7}, step=0)
+        starter.join()
+        got = MlflowClient(tracking_uri=server.url).get_run(run.run_id)
+        assert got.info.status == "FINISHED" and got.data.metrics["images"] == 7
+    finally:
+        starter.cancel()
+        server.stop()
+
+    cfg.tracking.start_wait_s = 1
+    with pytest.raises(TrackingUnavailable, match=r"no MLflow server answered within tracking.start_wait_s=1 s"):
+        with StageRun(cfg, "prepare", sdir):
+            pytest.fail("the stage ran without its server")
