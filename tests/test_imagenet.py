@@ -166,3 +166,22 @@ def test_prepare_from_the_tarballs_writes_what_the_extracted_tree_gives(tmp_path
         packed = {s["__key__"]: (int(s["cls"]), s.get("jpg") or s.get("png")) for s in _read(shards["tars"], split)}
         extracted = {s["__key__"]: (int(s["cls"]), s.get("jpg") or s.get("png")) for s in _read(shards["tree"], split)}
         assert packed == extracted and len(packed) == {"train": 14, "val": 6}[split]
+
+
+def test_the_tarball_listing_is_kept_for_the_next_task_and_redone_when_a_tarball_changes(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.data.imagenet_tars import INDEX, ImageNetTarSource
+
+    fake.build_tars(tmp_path / "tars")
+    first = ImageNetTarSource(tmp_path / "tars", index_dir=tmp_path / "shards").samples()
+    assert (tmp_path / "shards" / INDEX).exists()
+    listings = []
+    real_list = ImageNetTarSource._list
+    monkeypatch.setattr(ImageNetTarSource, "_list", lambda self: listings.append(1) or real_list(self))
+    assert ImageNetTarSource(tmp_path / "tars", index_dir=tmp_path / "shards").samples() == first
+    assert listings == []  # read from the index, not listed again
+    train_tar = tmp_path / "tars" / "ILSVRC2012_img_train.tar"
+    os.utime(train_tar, ns=(train_tar.stat().st_atime_ns, train_tar.stat().st_mtime_ns + 10**9))
+    assert ImageNetTarSource(tmp_path / "tars", index_dir=tmp_path / "shards").samples() == first
+    assert listings == [1]  # a changed tarball is listed again

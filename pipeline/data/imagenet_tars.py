@@ -10,11 +10,16 @@ reads only tar headers; a sample's origin records where its bytes sit in the tar
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gzip
 import io
+import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.data import images
 from pipeline.data.imagenet import GROUND_TRUTH, SYNSET, LayoutError, _find, _synsets_from_meta_mat
 from pipeline.data.sources import IMAGE_EXTS, SampleRef, safe_key
@@ -22,6 +27,7 @@ from pipeline.data.sources import IMAGE_EXTS, SampleRef, safe_key
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
+INDEX = "_imagenet_tars_index.json.gz"  # the listing, keyed by the tarballs' sizes and mtimes
 
 
 def has_tars(source: Path) -> bool:
@@ -41,6 +47,7 @@ class ImageNetTarSource:
     layout: str = "tars"
     class_ids: list[str] = field(default_factory=list)     # sorted WNIDs
     class_names: list[str] = field(default_factory=list)   # their words, same order
+    index_dir: Path | None = None  # where the listing is kept for the next task or rerun (prepare's shards/)
 
     def __post_init__(self) -> None:
         self.source = Path(self.source).expanduser().resolve()
@@ -77,6 +84,28 @@ class ImageNetTarSource:
 
     # -- the Source protocol ------------------------------------------------------------------
     def samples(self) -> dict[str, list[SampleRef]]:
+        """The listing, kept in ``index_dir``: of array tasks starting together one lists (minutes
+        on a network filesystem: a seek per image) and the others wait and read it; a rerun reads it."""
+        if self.index_dir is None:
+            return self._list()
+        path = Path(self.index_dir) / INDEX
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = {n: [(self.source / n).stat().st_size, (self.source / n).stat().st_mtime_ns]
+                 for n in (TRAIN_TAR, VAL_TAR)}
+        with open(path.parent / f".{INDEX}.lock", "a") as lock:
+            with contextlib.suppress(OSError):  # a filesystem without locks: each task lists for itself
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                kept = json.loads(gzip.decompress(path.read_bytes()))
+                if kept["tarballs"] == stamp:
+                    return {split: [SampleRef(*r, split) for r in refs] for split, refs in kept["samples"].items()}
+            refs = self._list()
+            atomic.write_bytes(path, gzip.compress(json.dumps({
+                "tarballs": stamp, "samples": {split: [[r.key, r.label, r.origin] for r in rs]
+                                               for split, rs in refs.items()}}).encode()))
+            return refs
+
+    def _list(self) -> dict[str, list[SampleRef]]:
         index = {w: i for i, w in enumerate(self.class_ids)}
         train: list[SampleRef] = []
         with tarfile.open(self.source / TRAIN_TAR, mode="r:") as outer:

@@ -144,7 +144,8 @@ class FolderSource:
         return images.encode((self.root / ref.origin).read_bytes(), self.jpeg_quality, self.max_side)
 
 
-def open_source(data: DictConfig, seed: int) -> Source:
+def open_source(data: DictConfig, seed: int, index_dir: Path | None = None) -> Source:
+    """``index_dir``: where a source whose listing is slow (ImageNet's tarballs) keeps it."""
     if data.name == "digits":
         return DigitsSource(int(data.resolution), float(data.val_fraction), seed)
     max_side = int(data.max_side) if data.get("max_side") else None
@@ -157,7 +158,7 @@ def open_source(data: DictConfig, seed: int) -> Source:
 
         source, layout = Path(str(data.source)), str(data.layout)
         if layout == "tars" or (layout == "auto" and has_tars(source) and not (source / "train").is_dir()):
-            return ImageNetTarSource(source, int(data.jpeg_quality), max_side)
+            return ImageNetTarSource(source, int(data.jpeg_quality), max_side, index_dir=index_dir)
         return ImageNetSource(source, layout, int(data.jpeg_quality), max_side)
     raise ValueError(f"data={data.name}: no source implementation; choose data=digits, folder or imagenet")
 

@@ -31,7 +31,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         return _verify(out_dir, ctx)
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = open_source(cfg.data, int(cfg.seed))
+    source = open_source(cfg.data, int(cfg.seed), index_dir=out_dir)
     samples = source.samples()
     ctx.log.info("source: %s, layout %s, %d classes, %s", source.name, source.layout,
                  len(source.class_names), ", ".join(f"{s}={len(v)}" for s, v in samples.items()))
