@@ -217,7 +217,9 @@ def validate(cfg: DictConfig) -> None:
         if not os.access(src, os.R_OK | os.X_OK):
             raise ConfigError(f"data.source={source}", "directory is not readable",
                               "fix its permissions or pass another path")
-        if cfg.data.name == "imagenet" and not (src / "ILSVRC2012_img_train.tar").is_file() and not any(
+        from pipeline.data.imagenet_tars import has_tars
+
+        if cfg.data.name == "imagenet" and not has_tars(src) and not any(
                 (src / sub / "train").is_dir() for sub in (".", "ILSVRC/Data/CLS-LOC")):
             raise ConfigError(f"data.source={source}", "no train/ folder (nor ILSVRC/Data/CLS-LOC/train, "
                               "nor ILSVRC2012_img_train.tar)", "pass the folder that holds ImageNet's "

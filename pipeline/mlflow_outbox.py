@@ -110,8 +110,11 @@ def _next_batch(queue: deque) -> list[dict[str, Any]]:
 class Outbox:
     """Sends one run's records in order from a daemon thread; ``put`` never blocks."""
 
-    def __init__(self, client: Any, run_id: str, uri: str, retry_s: float = 30.0):
+    def __init__(self, client: Any, run_id: str, uri: str, retry_s: float = 30.0,
+                 images: Path | None = None):
         self.client, self.run_id, self.uri, self.retry_s = client, run_id, uri, retry_s
+        self.images = images  # where kept image records' PNG files are
+        self.last_error = ""
         self._queue: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -157,8 +160,9 @@ class Outbox:
                     return
                 batch = _next_batch(self._queue)
             try:
-                send(self.client, self.run_id, batch)
+                send(self.client, self.run_id, batch, self.images)
             except Exception as e:  # noqa: BLE001 - any failure: keep the records, the stage goes on
+                self.last_error = str(e)[:300]
                 if _permanent(e):
                     log.warning("MLflow refused a %s record, dropped: %s", batch[0]["kind"], e)
                 else:
@@ -210,10 +214,11 @@ def describe(records: list[dict[str, Any]]) -> str:
     return f"{len(records)} records" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def send_kept(experiment_dir: Path, uri: str) -> list[str]:
+def send_kept(experiment_dir: Path, uri: str, wait_s: float = 5.0) -> list[str]:
     """Send the records kept by earlier executions of any stage of the experiment that logged to
-    ``uri``; returns one line per outbox. A kept outbox is claimed by renaming it, so two stages
-    starting together never send it twice; on failure it is put back for the next try."""
+    ``uri`` (giving up once the server has not answered for ``wait_s``); one line per outbox. A
+    kept outbox is claimed by renaming it, so two stages starting together never send it twice;
+    what does not go is put back for the next try."""
     from mlflow.tracking import MlflowClient
 
     lines = []
@@ -226,21 +231,14 @@ def send_kept(experiment_dir: Path, uri: str) -> list[str]:
         except OSError:  # another process claimed it first
             continue
         kept = _load(claimed)
-        records, client = kept["records"], MlflowClient(uri)
-        try:
-            while records:
-                batch = _next_batch(deque(records))
-                try:
-                    send(client, kept["run_id"], batch, claimed / "images")
-                except Exception as e:  # noqa: BLE001
-                    if not _permanent(e):
-                        raise
-                    log.warning("MLflow refused a kept %s record, dropped: %s", batch[0]["kind"], e)
-                records = records[len(batch):]
-        except Exception as e:  # noqa: BLE001 - still unreachable: keep them for the next submit
-            _put_back(claimed, box, kept, records)
-            lines.append(f"{box.parent.name}: {describe(records)} kept in {box}; MLflow still "
-                         f"does not take them ({str(e)[:200]})")
+        outbox = Outbox(MlflowClient(uri), kept["run_id"], uri, retry_s=1.0, images=claimed / "images")
+        for record in kept["records"]:
+            outbox.put(record)
+        left = outbox.close(wait_s)
+        if left:
+            _put_back(claimed, box, kept, left)
+            lines.append(f"{box.parent.name}: {describe(left)} kept in {box}; MLflow still "
+                         f"does not take them ({outbox.last_error})")
             continue
         shutil.rmtree(claimed)
         lines.append(f"{box.parent.name}: sent {describe(kept['records'])} kept since MLflow was "

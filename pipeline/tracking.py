@@ -162,20 +162,23 @@ class StageRun:
             stopper.join(timeout=15)
         self._outbox.put({"kind": "terminate", "status": status, "end_time": mlflow_outbox.now_ms()})
         timeout = float(self.cfg.tracking.flush_timeout_s)
+        left: list[dict[str, Any]] = []
         try:
             left = self._outbox.close(timeout)
         except KeyboardInterrupt:  # a Ctrl-C while waiting for the server: keep the records, then stop
             left = self._outbox.abandon()
-            if left:
-                mlflow_outbox.save(self.stage_dir, self.run_id, self.uri, left)
             raise
+        finally:
+            self._keep(left, timeout)
+        return False
+
+    def _keep(self, left: list[dict[str, Any]], timeout: float) -> None:
         if left:
             box = mlflow_outbox.save(self.stage_dir, self.run_id, self.uri, left)
             log.warning("MLflow at %s did not take %s within tracking.flush_timeout_s=%g: kept in "
                         "%s; the next submit of experiment '%s' (any stage, or submit status) "
                         "sends them", self.uri, mlflow_outbox.describe(left), timeout, box,
                         self.cfg.experiment)
-        return False
 
     # -- logging API used by stages: queued, never waits on the server --------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

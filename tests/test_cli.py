@@ -171,3 +171,22 @@ def test_console_log_lines_start_on_their_own_line_under_a_progress_bar(handler)
     # the bar's line is cleared (carriage return) first, and redrawn after the log line
     assert (before in "\r\n") == (handler is ConsoleHandler), repr(text)
     assert "steps:  60%" in text[text.index("step 3: val"):]
+
+
+def test_the_filesystem_under_run_root_is_found_for_the_sqlite_on_network_storage_warning(tmp_path):
+    import subprocess
+
+    from pipeline.launch.preflight import filesystem_type
+
+    for path in (tmp_path, tmp_path / "runs" / "not-yet", "/proc/self"):
+        found = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)],
+                               capture_output=True, text=True).stdout.strip()
+        if not found:  # findmnt wants an existing path: the nearest parent is what holds it
+            found = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(tmp_path)],
+                                   capture_output=True, text=True).stdout.strip()
+        assert filesystem_type(path) == found
+    mounts = ("overlay / overlay rw 0 0\nsrv:/export /shared nfs4 rw,vers=4.2 0 0\n"
+              "mds@tcp:/scratch /shared/big\\040disk lustre rw 0 0\n")
+    assert filesystem_type("/shared/vqvae2/runs", mounts) == "nfs4"
+    assert filesystem_type("/shared/big disk/runs", mounts) == "lustre"
+    assert filesystem_type("/sharedx/runs", mounts) == "overlay"  # a prefix of the name is not a parent

@@ -108,22 +108,3 @@ def test_kept_records_are_sent_once_by_the_next_submit_and_older_ones_go_first(s
     assert client.get_run(run_id).info.status == "FINISHED"
     assert any("grid" in a.path for a in client.list_artifacts(run_id, "images"))
     assert send_kept(tmp_path / "exp", uri) == []  # nothing is sent twice
-
-
-def test_the_filesystem_under_run_root_is_found_for_the_sqlite_on_network_storage_warning(tmp_path):
-    import subprocess
-
-    from pipeline.launch.preflight import filesystem_type
-
-    for path in (tmp_path, tmp_path / "runs" / "not-yet", "/proc/self"):
-        found = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)],
-                               capture_output=True, text=True).stdout.strip()
-        if not found:  # findmnt wants an existing path: the nearest parent is what holds it
-            found = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(tmp_path)],
-                                   capture_output=True, text=True).stdout.strip()
-        assert filesystem_type(path) == found
-    mounts = ("overlay / overlay rw 0 0\nsrv:/export /shared nfs4 rw,vers=4.2 0 0\n"
-              "mds@tcp:/scratch /shared/big\\040disk lustre rw 0 0\n")
-    assert filesystem_type("/shared/vqvae2/runs", mounts) == "nfs4"
-    assert filesystem_type("/shared/big disk/runs", mounts) == "lustre"
-    assert filesystem_type("/sharedx/runs", mounts) == "overlay"  # a prefix of the name is not a parent
