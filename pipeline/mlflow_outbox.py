@@ -186,9 +186,11 @@ class Outbox:
                 self.failing_since, failures = None, 0
 
 
-def save(stage_dir: Path, run_id: str, uri: str, records: list[dict[str, Any]]) -> Path:
-    """Keep undelivered records in ``<stage_dir>/mlflow_outbox/`` (after any kept before)."""
-    box = Path(stage_dir) / OUTBOX
+def save(stage_dir: Path, run_id: str, uri: str, records: list[dict[str, Any]],
+         name: str = OUTBOX) -> Path:
+    """Keep undelivered records in ``<stage_dir>/<name>/`` (after any kept before); ``name`` is
+    ``mlflow_outbox`` or, for another node's system metrics, ``mlflow_outbox-<node>``."""
+    box = Path(stage_dir) / name
     (box / "images").mkdir(parents=True, exist_ok=True)
     kept = _load(box)["records"] if (box / RECORDS).exists() else []
     for record in records:
@@ -222,10 +224,11 @@ def send_kept(experiment_dir: Path, uri: str, wait_s: float = 5.0) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     lines = []
-    for box in sorted(Path(experiment_dir).glob(f"*/{OUTBOX}")):
-        if not (box / RECORDS).exists() or _load(box)["tracking_uri"] != uri:
+    for box in sorted(Path(experiment_dir).glob(f"*/{OUTBOX}*")):
+        if ".sending-" in box.name or not (box / RECORDS).exists() or _load(box)["tracking_uri"] != uri:
             continue
-        claimed = box.with_name(f"{OUTBOX}.sending-{os.getpid()}")
+        label = box.parent.name + (f" (node {box.name[len(OUTBOX) + 1:]})" if box.name != OUTBOX else "")
+        claimed = box.with_name(f"{box.name}.sending-{os.getpid()}")
         try:
             box.rename(claimed)
         except OSError:  # another process claimed it first
@@ -237,11 +240,11 @@ def send_kept(experiment_dir: Path, uri: str, wait_s: float = 5.0) -> list[str]:
         left = outbox.close(wait_s)
         if left:
             _put_back(claimed, box, kept, left)
-            lines.append(f"{box.parent.name}: {describe(left)} kept in {box}; MLflow still "
+            lines.append(f"{label}: {describe(left)} kept in {box}; MLflow still "
                          f"does not take them ({outbox.last_error})")
             continue
         shutil.rmtree(claimed)
-        lines.append(f"{box.parent.name}: sent {describe(kept['records'])} kept since MLflow was "
+        lines.append(f"{label}: sent {describe(kept['records'])} kept since MLflow was "
                      f"unreachable")
     return lines
 

@@ -3,8 +3,10 @@
 The run id lives in ``<stage_dir>/mlflow_run.json``. A restarted stage re-opens that run, so its
 metrics continue in one place. Params are immutable in MLflow: a value that changed between
 executions is recorded as a ``changed.<key>`` tag instead of being re-logged. Only rank 0 talks to
-MLflow; every other rank gets a tracker whose methods do nothing. The server must answer when a
-stage starts; after that the stage never waits on it (``pipeline.mlflow_outbox``).
+MLflow (and, in a multi-node job, the first rank of every other node, for its node's system
+metrics: ``pipeline.system_metrics``); every other rank gets a tracker whose methods do nothing.
+The server must answer when a stage starts; after that the stage never waits on it
+(``pipeline.mlflow_outbox``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline import atomic, mlflow_outbox  # noqa: E402
+from pipeline.system_metrics import NodeMetrics, SystemMetrics  # noqa: E402
 from pipeline.mlflow_outbox import reachable  # noqa: E402
 from pipeline.config import stage_name  # noqa: E402
 
@@ -90,19 +92,29 @@ class StageRun:
 
     def __init__(self, cfg: DictConfig, stage: str, stage_dir: Path, task: int = 0):
         self.cfg, self.stage, self.stage_dir = cfg, stage, Path(stage_dir)
-        from pipeline.training.distributed import detect
+        from pipeline.training.distributed import detect, node
 
         # rank 0 (SLURM or torchrun rank, known before the group exists) of array task 0 logs
-        self.enabled = detect().rank == 0 and task == 0
+        env, self.node = detect(), node()
+        self.enabled = env.rank == 0 and task == 0
+        # ... and in a multi-node job local rank 0 of every other node logs its node's system metrics
+        self._node_metrics: NodeMetrics | None = None
+        self._node_leader = (not self.enabled and task == 0 and env.local_rank == 0
+                             and self.node.count > 1 and bool(cfg.tracking.system_metrics))
         self.uri = tracking_uri(cfg)
         self.run_id: str | None = None
         self.attempt = 0  # how many executions of this stage came before this one
         self._client = None
         self._outbox: mlflow_outbox.Outbox | None = None
-        self._monitor = None
+        self._monitor: SystemMetrics | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "StageRun":
+        if self._node_leader and _has_psutil():
+            self._node_metrics = NodeMetrics(
+                self.stage_dir / RUN_FILE, self.node.execution, self.node.name,
+                float(self.cfg.tracking.system_metrics_interval), float(self.cfg.tracking.retry_s),
+                wait_s=float(self.cfg.tracking.start_wait_s) + 300).start()
         if not self.enabled:
             return self
         from mlflow.tracking import MlflowClient
@@ -116,7 +128,7 @@ class StageRun:
         run = self._find_run(record.get("run_id")) if record.get("tracking_uri") == self.uri else None
         if run is not None:
             self.attempt = int(record.get("attempts", 1))
-            self.run_id = run.info.run_id
+            self.run_id, start_time = run.info.run_id, run.info.start_time
             client.update_run(self.run_id, status="RUNNING")
             log.info("resuming MLflow run %s (execution %d of this stage)", self.run_id, self.attempt + 1)
         else:
@@ -127,26 +139,25 @@ class StageRun:
             if name != self.stage:
                 tags["sample_set"] = str(self.cfg.sample_set)
             # the tags MLflow's fluent start_run adds (user, source, git commit) plus ours
-            self.run_id = client.create_run(experiment_id, tags=registry.resolve_tags(tags),
-                                            run_name=name).info.run_id
+            created = client.create_run(experiment_id, tags=registry.resolve_tags(tags), run_name=name)
+            self.run_id, start_time = created.info.run_id, created.info.start_time
             self._log_params(flatten(self.cfg))
         self._outbox = mlflow_outbox.Outbox(client, self.run_id, self.uri, float(self.cfg.tracking.retry_s))
         if run is not None:
             self._reconcile_params(run.data.params)
         atomic.write_json(self.stage_dir / RUN_FILE, {
             "run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id,
-            "attempts": self.attempt + 1})
+            "attempts": self.attempt + 1, "execution": self.node.execution, "start_time": start_time})
         self.set_tags({"executions": self.attempt + 1})
         if self.cfg.tracking.system_metrics and _has_psutil():
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(
-                self.run_id, sampling_interval=float(self.cfg.tracking.system_metrics_interval),
-                resume_logging=run is not None, tracking_uri=self.uri)
-            self._monitor.start()
+            prefix = "system/" if self.node.count == 1 else f"system/{self.node.name}/"
+            self._monitor = SystemMetrics(self.log_metrics, float(self.cfg.tracking.system_metrics_interval),
+                                          start_time, prefix).start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._node_metrics is not None:
+            self._node_metrics.stop(float(self.cfg.tracking.flush_timeout_s))
         if self._outbox is None:
             return False
         status = "FINISHED"
@@ -156,10 +167,8 @@ class StageRun:
         elif exc_type is not None:
             self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
             status = "FAILED"
-        if self._monitor is not None:  # its last batch is sent by itself: wait a little, not for ever
-            stopper = threading.Thread(target=self._monitor.finish, daemon=True)
-            stopper.start()
-            stopper.join(timeout=15)
+        if self._monitor is not None:
+            self._monitor.stop()
         self._outbox.put({"kind": "terminate", "status": status, "end_time": mlflow_outbox.now_ms()})
         timeout = float(self.cfg.tracking.flush_timeout_s)
         left: list[dict[str, Any]] = []

@@ -105,14 +105,16 @@ def test_prepare_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
 def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(server, prepared, tmp_path):
     """The server dies while train_vqvae trains: the training neither waits nor fails, the records it
     could not send are kept in the stage dir, and `submit status` sends them once the server is back:
-    every loss point once, the image history, model.pt and the FINISHED status."""
+    every loss point once, the image history, model.pt, the FINISHED status and the system metrics
+    sampled during the outage."""
     run_root = tmp_path / "runs"
     shutil.copytree(prepared, run_root / "digits" / "prepare")
     sdir = run_root / "digits" / "train_vqvae"
     args = ["stage=train_vqvae", f"run_root={run_root}", f"tracking.uri={server.url}",
             "deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=10",
             "train.max_steps=150", "train.log_every=5", "train.eval_every=50", "train.ckpt_every=50",
-            "train.eval_samples=64", "tracking.flush_timeout_s=5", "tracking.retry_s=1"]
+            "train.eval_samples=64", "tracking.flush_timeout_s=5", "tracking.retry_s=1",
+            "tracking.system_metrics_interval=1"]
     killed_at = []
 
     def kill_once_training_logs():  # after the stage's start, which needs the server
@@ -121,6 +123,7 @@ def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(
             time.sleep(0.05)
         server.stop()
         killed_at.append(json.loads((sdir / "progress.json").read_text())["step"])
+        killed_at.append(time.time())
 
     killer = threading.Thread(target=kill_once_training_logs)
     killer.start()
@@ -129,7 +132,7 @@ def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(
     killer.join()
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert killed_at and killed_at[0] < 150, killed_at
+    assert len(killed_at) == 2 and killed_at[0] < 150, killed_at
     assert (sdir / "done.json").exists() and (sdir / "model.pt").exists()
     kept = json.loads((sdir / "mlflow_outbox" / "records.json").read_text())
     assert "did not take" in out and str(sdir / "mlflow_outbox") in out
@@ -161,6 +164,10 @@ def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(
     assert {"model.pt", "logs", "images"} <= artifacts, artifacts
     images = {a.path for a in client.list_artifacts(run_id, "images")}
     assert len([p for p in images if "val_reconstructions" in p and p.endswith(".png")]) >= 3, images
+    # system metrics went on through the outage (MLflow's own monitor stopped at its first failure)
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    during = [m for m in cpu if m.timestamp > killed_at[1] * 1000 + 2000]
+    assert len(during) >= 2, ([(m.step, m.timestamp) for m in cpu], killed_at)
 
 
 def test_a_local_submit_refuses_a_tracking_server_that_does_not_answer(tmp_path):

@@ -176,19 +176,23 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path, mon
 def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
     proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
                   f"run_root={run_root}", *FAST, "train.max_steps=20", "train.ckpt_every=20", "train.eval_every=20",
-                  "wait=true", cwd=tmp_path, env=slurm, timeout=900)
+                  "tracking.system_metrics_interval=1", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # encode's inputs exist now: its command keeps the cluster and partition, not this job's resources
     assert f"next:    submit stage=encode cluster=slurm cluster.partition=high run_root={run_root} " \
-           "data.num_workers=0\n" in proc.stdout, proc.stdout
+           "data.num_workers=0 tracking.system_metrics_interval=1\n" in proc.stdout, proc.stdout
     job = _job_id(proc.stdout)
     nodes = _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"], slurm).strip()
     assert nodes == "n[1-2]"
     logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
     digests = {re.search(r"identical on all 2 rank\(s\): sha256 (\w+)", p.read_text()).group(1) for p in logs}
     assert len(logs) == 2 and len(digests) == 1
-    _, run = _run(run_root)
+    client, run = _run(run_root)
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
+    # each node's system metrics, named by node: rank 0 logs n1's, the first rank on n2 logs n2's
+    for name in ("n1", "n2"):
+        assert len(client.get_metric_history(run.info.run_id, f"system/{name}/cpu_utilization_percentage")) >= 2
+    assert not [k for k in run.data.metrics if k.startswith("system/cpu")], run.data.metrics
 
 
 def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_path):

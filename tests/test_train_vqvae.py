@@ -78,7 +78,7 @@ def test_learns_logs_and_exports(run_root, tmp_path):
         assert _history(client, run, key), key
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("val_reconstructions" in p for p in images), images
-    # tracking.system_metrics (default true): MLflow's monitor samples the job's CPU and memory
+    # tracking.system_metrics (default true): the job's CPU and memory are sampled
     # every tracking.system_metrics_interval seconds (1 here): about one sample per second of the run,
     # whatever this machine's speed (a quarter of that leaves room for the monitor's start-up)
     cpu = _history(client, run, "system/cpu_utilization_percentage")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.training.distributed import detect, first_host
+from pipeline.training.distributed import detect, first_host, node
 from pipeline.training.engine import lr_factor
 
 
@@ -23,6 +23,21 @@ def test_torchrun_environment_and_single_process():
     assert (info.rank, info.world_size, info.master_addr, info.master_port) == (1, 2, "10.0.0.1", 1234)
     single = detect({})
     assert (single.rank, single.world_size, single.source) == (0, 1, "single") and single.master_port > 0
+
+
+def test_node_of_a_slurm_task_a_torchrun_rank_and_a_single_process():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2",
+           "SLURMD_NODENAME": "gpu004"}
+    assert node(env) == node({**env, "SLURM_PROCID": "8"})  # one node, one execution
+    assert (node(env).index, node(env).count, node(env).name) == (1, 2, "gpu004")
+    # a requeued job is another execution of the same job
+    assert node(env).execution != node({**env, "SLURM_RESTART_COUNT": "1"}).execution
+    rank = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+            "TORCHELASTIC_RUN_ID": "abc"}
+    assert (node(rank).index, node(rank).count, node(rank).name) == (1, 2, "node1")
+    assert node(rank).execution != node({**rank, "TORCHELASTIC_RESTART_COUNT": "2"}).execution
+    assert (node({}).index, node({}).count) == (0, 1)
 
 
 @pytest.mark.parametrize("nodes,first", [("node7", "node7"), ("a[1-3]", "a1"), ("a[09,12]", "a09")])

@@ -88,6 +88,31 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
+@dataclass(frozen=True)
+class Node:
+    index: int  # this process's node in the job
+    count: int  # nodes in the job
+    name: str  # SLURM's node name, else node<index>
+    execution: str  # this execution of the job: a requeued SLURM job or a restarted torchrun is another
+
+
+def node(environ: dict[str, str] | None = None) -> Node:
+    """Which node of the job this process runs on (one process on one machine: node 0 of 1)."""
+    env = os.environ if environ is None else environ
+    info = detect(env)
+    if info.source == "slurm":
+        index = int(env.get("SLURM_NODEID", "0"))
+        return Node(index, int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1),
+                    env.get("SLURMD_NODENAME") or f"node{index}",
+                    f"slurm:{env.get('SLURM_JOB_ID', '')}:{env.get('SLURM_RESTART_COUNT', '0')}")
+    if info.source == "torchrun":
+        per_node = max(1, int(env.get("LOCAL_WORLD_SIZE", info.world_size)))
+        index = int(env.get("GROUP_RANK", info.rank // per_node))
+        return Node(index, max(1, info.world_size // per_node), f"node{index}",
+                    f"torchrun:{env.get('TORCHELASTIC_RUN_ID', '')}:{env.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    return Node(0, 1, "node0", f"single:{os.getpid()}")
+
+
 _EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _saved_env: dict[str, str | None] = {}
 _depth = 0  # setup() calls not yet torn down: the outermost teardown destroys the group
