@@ -52,7 +52,7 @@ def help_text() -> str:
         submit stage=prepare                                   # embedded digits -> shards, local
         submit stage=prepare data=folder data.source=/data/flowers
         submit stage=prepare data=imagenet data.source=/datasets/ILSVRC2012 prepare.workers=16
-        submit stage=prepare verify=true                       # re-read every shard against the manifest
+        submit stage=encode verify=true                        # re-read every shard against the manifest (prepare, encode, sample)
         submit stage=prepare --cfg job                         # print the resolved config, run nothing
         submit stage=train_top_prior model=paper_imagenet256 --help  # that stage's keys: values and meanings
         submit stage=prepare tracking.uri=http://127.0.0.1:5000
@@ -121,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.launch import records
     from pipeline.launch.stage_lock import StageBusy
 
+    # the command `submit status` offers to resume a stage with: the one that produces it
+    remember = (lambda: None) if cfg.verify else (lambda: records.record_command(stage_dir(cfg, stage), args))
     if cfg.cluster.name == "slurm":
-        records.record_command(stage_dir(cfg, stage), args)
+        remember()
         return _submit_to_slurm(cfg, stage, args)
     try:
         with executors.exclusive(cfg, stage):  # held from before anything of this run is written
-            records.record_command(stage_dir(cfg, stage), args)
+            remember()
             result = executors.run(cfg, stage)
     except StageBusy as e:
         print(f"submit: error: {e}", file=sys.stderr)

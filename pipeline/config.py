@@ -225,6 +225,11 @@ def validate(cfg: DictConfig) -> None:
                               "nor ILSVRC2012_img_train.tar)", "pass the folder that holds ImageNet's "
                               "train/ and val/, or its downloaded ILSVRC2012 tarballs")
     _check_choice(cfg, "data.augment", ("none", "center", "random_resized_crop"))
+    from pipeline.stages import VERIFIABLE
+
+    if cfg.verify and str(cfg.stage.name) not in VERIFIABLE:
+        raise ConfigError("verify=true", f"stage={cfg.stage.name} writes no shards to verify",
+                          "pass stage=prepare, stage=encode or stage=sample with verify=true (one stage at a time)")
     if not (cfg.deepspeed.bf16 == "auto" or isinstance(cfg.deepspeed.bf16, bool)):  # 'false' would be truthy
         raise ConfigError(f"deepspeed.bf16={cfg.deepspeed.bf16}", "must be auto, true or false",
                           "pass deepspeed.bf16=true (unquoted), false or auto")

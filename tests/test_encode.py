@@ -79,6 +79,43 @@ def test_array_tasks_cover_every_shard_once_and_corrupt_images_are_accounted(exp
     assert manifest["splits"]["train"]["count"] + skipped == 1437
 
 
+def test_verify_rereads_every_code_shard_and_names_each_bad_one_with_its_fix(experiment, tmp_path):
+    assert submit("stage=encode", f"run_root={experiment}", cwd=tmp_path).returncode == 0
+    sdir = experiment / "digits" / "encode"
+    code_dir = sdir / "shards"
+    kept = {name: (sdir / name).read_text() for name in ("done.json", "command.json")}
+    ok = submit("stage=encode", f"run_root={experiment}", "verify=true", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "verify: 1797 samples" in ok.stdout and "match the manifest" in ok.stdout, ok.stdout[-2000:]
+    # a verify produces nothing: the stage's record of its last run and resume command stay
+    assert {name: (sdir / name).read_text() for name in kept} == kept
+
+    names = [s["name"] for s in codes.read_manifest(code_dir)["splits"]["train"]["shards"]]
+    bad, truncated = code_dir / names[0], code_dir / names[1]
+    samples = list(wds.WebDataset(str(bad), shardshuffle=False, empty_check=False))
+    key = samples[3]["__key__"]
+    samples[3]["top.npy"] = codes.npy_bytes(np.full((4, 4), 40, np.uint8))  # the top codebook has 32
+    with wds.TarWriter(str(bad)) as sink:
+        for sample in samples:
+            sink.write({k: v for k, v in sample.items() if k != "__url__"})
+    truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size // 2])
+    broken = submit("stage=encode", f"run_root={experiment}", "verify=true", cwd=tmp_path)
+    out = broken.stdout + broken.stderr
+    assert broken.returncode == 1 and "verify found 2 problem(s)" in out, out[-3000:]
+    assert (f"{bad}: sample {key}: top.npy holds codes up to 40, the codebook has 32 -- delete it and its "
+            "_stats.json, then rerun `submit stage=encode` to rewrite it") in out, out[-3000:]
+    assert f"{truncated}: unreadable after" in out
+    # array task 1 of 2 reads shards 1, 3, ...: only the truncated one
+    total, problems = codes.verify(code_dir, task=1, tasks=2)
+    assert len(problems) == 1 and problems[0].startswith(f"{truncated}: unreadable"), problems
+
+    for name in names[:2]:  # the fix it names
+        (code_dir / name).unlink()
+        (code_dir / name.replace(".tar", "_stats.json")).unlink()
+    assert submit("stage=encode", f"run_root={experiment}", cwd=tmp_path).returncode == 0
+    assert submit("stage=encode", f"run_root={experiment}", "verify=true", cwd=tmp_path).returncode == 0
+
+
 def test_hflip_adds_mirrored_train_codes_and_a_changed_setting_is_refused(experiment, tmp_path):
     proc = submit("stage=encode", f"run_root={experiment}", "encode.hflip=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -96,6 +96,19 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
     assert old.returncode == 1 and f"move {out.parent} away to draw again" in old.stderr, old.stderr[-2000:]
 
 
+def test_verify_rereads_the_sample_shards(experiment, tmp_path):
+    early = submit("stage=sample", f"run_root={experiment}", *ARGS, "verify=true", cwd=tmp_path)
+    assert early.returncode == 1 and "stage=sample has not finished" in early.stderr, early.stderr[-2000:]
+    assert submit("stage=sample", f"run_root={experiment}", *ARGS, cwd=tmp_path, timeout=600).returncode == 0
+    ok = submit("stage=sample", f"run_root={experiment}", *ARGS, "verify=true", cwd=tmp_path)
+    assert ok.returncode == 0 and "verify: 60 samples" in ok.stdout, ok.stderr[-2000:]
+    gone = experiment / "digits" / "sample" / "shards" / "samples-000002.tar"
+    gone.unlink()
+    broken = submit("stage=sample", f"run_root={experiment}", *ARGS, "verify=true", cwd=tmp_path)
+    assert broken.returncode == 1, broken.stderr[-2000:]
+    assert f"{gone}: missing -- rerun `submit stage=sample` to rewrite it" in broken.stderr
+
+
 def test_array_tasks_draw_the_same_samples_as_one_job(experiment, priors, tmp_path):
     args = [*ARGS, "sample.classes=[1,7]", "sample.shard_size=5"]  # 12 samples: shards of 5, 5, 2
     one = submit("stage=sample", f"run_root={experiment}", *args, cwd=tmp_path, timeout=600)

@@ -78,3 +78,29 @@ def write_manifest(code_dir: Path, manifest: dict[str, Any]) -> None:
     path = Path(code_dir) / MANIFEST
     if not path.exists() or json.loads(path.read_text()) != manifest:
         atomic.write_json(path, manifest)
+
+
+def verify(code_dir: Path, task: int = 0, tasks: int = 1) -> tuple[int, list[str]]:
+    """Re-read the code shards of ``codes.json`` (array task ``task`` of ``tasks``): every code map
+    of the manifest's size with codes below its codebook's size, every label a class; return
+    (samples read, problems found)."""
+    from pipeline.data.shards import verify_tars
+
+    manifest = read_manifest(code_dir)
+    sizes = {"top.npy": (manifest["top_size"], manifest["codebook_size_top"]),
+             "bottom.npy": (manifest["bottom_size"], manifest["codebook_size_bottom"])}
+
+    def check(key: str, ext: str, data: bytes) -> None:
+        if ext in sizes:
+            side, k = sizes[ext]
+            codes = load_npy(data)
+            if codes.shape != (side, side) or codes.dtype.kind not in "ui":
+                raise ValueError(f"sample {key}: {ext} is {codes.dtype} {codes.shape}, expected integer "
+                                 f"({side}, {side})")
+            if codes.size and (codes.min() < 0 or codes.max() >= k):
+                raise ValueError(f"sample {key}: {ext} holds codes up to {codes.max()}, the codebook has {k}")
+        elif ext == "cls" and not 0 <= int(data) < manifest["num_classes"]:
+            raise ValueError(f"sample {key}: label {int(data)}, the manifest has {manifest['num_classes']} classes")
+
+    return verify_tars(code_dir, manifest, check, lambda exts: {"top.npy", "bottom.npy", "cls"} <= exts,
+                       "encode", task, tasks)

@@ -163,35 +163,62 @@ def shard_urls(shard_dir: Path, split: str) -> list[str]:
     return [str(Path(shard_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
 
 
-def verify(shard_dir: Path) -> tuple[int, list[str]]:
-    """Re-read every shard of the manifest; return (samples read, problems found)."""
+def verify(shard_dir: Path, task: int = 0, tasks: int = 1, stage: str = "prepare") -> tuple[int, list[str]]:
+    """Re-read the image shards of the manifest (array task ``task`` of ``tasks``: shards
+    task, task+tasks, ...); return (samples read, problems found). ``stage`` wrote them."""
+    manifest = read_manifest(shard_dir)
+
+    def check(key: str, ext: str, data: bytes) -> None:
+        if ext == "cls":
+            label = int(data)
+            if not 0 <= label < manifest["num_classes"]:
+                raise ValueError(f"sample {key}: label {label}, the manifest has {manifest['num_classes']} classes")
+
+    return verify_tars(shard_dir, manifest, check, lambda exts: "cls" in exts and bool(exts & {"jpg", "png"}),
+                       stage, task, tasks)
+
+
+def verify_tars(shard_dir: Path, manifest: dict, check: Callable[[str, str, bytes], None],
+                complete: Callable[[set[str]], bool], stage: str, task: int = 0,
+                tasks: int = 1) -> tuple[int, list[str]]:
+    """Re-read this task's share of a manifest's shards: every member through ``check(key, ext,
+    data)`` (a ValueError names bad content), the samples whose extensions are ``complete``
+    counted against the manifest. Return (samples read, problems, each with its fix)."""
     import tarfile
 
-    manifest = read_manifest(shard_dir)
+    entries = [shard for entry in manifest["splits"].values() for shard in entry["shards"]][task::tasks]
+    fix = f"rerun `submit stage={stage}` to rewrite it"
     total, problems = 0, []
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            tar = Path(shard_dir) / shard["name"]
-            fix = "rerun `submit stage=prepare` to rewrite it"
-            if not tar.exists():
-                problems.append(f"{tar}: missing -- {fix}")
-                continue
-            keys: dict[str, set[str]] = {}
-            try:
-                with tarfile.open(tar) as tf:
-                    for member in tf:
-                        key, _, ext = member.name.partition(".")
-                        data = tf.extractfile(member).read()
-                        if ext == "cls":
-                            int(data)
-                        keys.setdefault(key, set()).add(ext)
-            except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-                problems.append(f"{tar}: unreadable after {len(keys)} samples ({type(e).__name__}: {e}) "
-                                f"-- delete it and its _stats.json, then {fix}")
-                continue
-            complete = [k for k, exts in keys.items() if "cls" in exts and exts & {"jpg", "png"}]
-            total += len(complete)
-            if len(complete) != shard["count"]:
-                problems.append(f"{tar}: {len(complete)} complete samples, manifest says {shard['count']} "
-                                f"-- delete it and its _stats.json, then {fix}")
+    for shard in entries:
+        tar = Path(shard_dir) / shard["name"]
+        if not tar.exists():
+            problems.append(f"{tar}: missing -- {fix}")
+            continue
+        keys: dict[str, set[str]] = {}
+        try:
+            with tarfile.open(tar) as tf:
+                for member in tf:
+                    key, _, ext = member.name.partition(".")
+                    data = tf.extractfile(member).read()
+                    keys.setdefault(key, set()).add(ext)
+                    try:
+                        check(key, ext, data)
+                    except ValueError as e:
+                        raise _BadContent(str(e)) from None
+        except _BadContent as e:
+            problems.append(f"{tar}: {e} -- delete it and its _stats.json, then {fix}")
+            continue
+        except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+            problems.append(f"{tar}: unreadable after {len(keys)} samples ({type(e).__name__}: {e}) "
+                            f"-- delete it and its _stats.json, then {fix}")
+            continue
+        count = sum(1 for exts in keys.values() if complete(exts))
+        total += count
+        if count != shard["count"]:
+            problems.append(f"{tar}: {count} complete samples, manifest says {shard['count']} "
+                            f"-- delete it and its _stats.json, then {fix}")
     return total, problems
+
+
+class _BadContent(Exception):
+    """A shard member that reads but holds a wrong value."""

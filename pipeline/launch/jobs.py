@@ -98,7 +98,7 @@ class StageJob:
         log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.log"
         handler = _setup_logging(log_file)
         atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
-        if rank == 0 and self.task == 0:  # running again: done only once it finishes again
+        if rank == 0 and self.task == 0 and not cfg.verify:  # running again: done once it finishes again
             (sdir / DONE).unlink(missing_ok=True)
         previous = signal.signal(signal.SIGTERM, _raise_killed)
         try:
@@ -113,7 +113,7 @@ class StageJob:
                 finally:
                     handler.flush()
                     run.log_artifact(log_file, "logs")
-            if result.get("complete", True) and rank == 0:
+            if result.get("complete", True) and rank == 0 and not cfg.verify:
                 # the stage's outputs are final: `stage=all` skips it, `submit status` reports it done
                 atomic.write_json(sdir / DONE, {"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                 "run_id": run.run_id, "log": str(log_file),

@@ -93,3 +93,31 @@ class StageContext:
 def stage_function(name: str) -> Callable[[DictConfig, StageContext], dict[str, Any]]:
     module, func = BUILT[name].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+# Stages whose outputs `verify=true` re-reads against their manifest instead of producing them.
+VERIFIABLE = ("prepare", "encode", "sample")
+
+
+def verify_outputs(ctx: StageContext, out_dir: Path,
+                   check: Callable[..., tuple[int, list[str]]]) -> dict[str, Any]:
+    """``verify=true``: run ``check(out_dir, task=, tasks=)`` on this array task's share of the
+    shards, log every problem with its fix, fail if there is one. Produces nothing."""
+    start = time.time()
+    if not (out_dir / _manifest_name(ctx.stage)).exists():
+        raise FileNotFoundError(f"{out_dir / _manifest_name(ctx.stage)}: stage={ctx.stage} has not finished "
+                                f"(no manifest to verify against) -- run `submit stage={ctx.stage}` first")
+    total, problems = check(out_dir, task=ctx.task, tasks=ctx.tasks)
+    for p in problems:
+        ctx.log.error("verify: %s", p)
+    ctx.run.log_metrics({"verify_samples": total, "verify_problems": len(problems)}, step=ctx.run.attempt)
+    if problems:
+        raise RuntimeError(f"verify found {len(problems)} problem(s); first: {problems[0]}")
+    ctx.log.info("verify: %d samples in %s match the manifest (%.1f s)", total, out_dir, time.time() - start)
+    return {"verify_samples": total, "outputs": str(out_dir)}
+
+
+def _manifest_name(stage: str) -> str:
+    from pipeline.data import codes, shards
+
+    return codes.MANIFEST if stage == "encode" else shards.MANIFEST

@@ -22,15 +22,17 @@ from pipeline.config import stage_dir
 from pipeline.data import codes, shards
 from pipeline.data.streams import ordered_batches
 from pipeline.models import load_exported_digest
-from pipeline.stages import StageContext, record_shard_total, vqvae_model
+from pipeline.stages import StageContext, record_shard_total, verify_outputs, vqvae_model
 from pipeline.training.distributed import detect
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     start = time.time()
+    out_dir = ctx.stage_dir / "shards"
+    if cfg.verify:
+        return verify_outputs(ctx, out_dir, codes.verify)
     image_dir = stage_dir(cfg, "prepare") / "shards"
     images = shards.read_manifest(image_dir)
-    out_dir = ctx.stage_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     device = detect().device
     vqvae_path = vqvae_model(cfg)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline import atomic
 from pipeline.data import grids, shards
 from pipeline.data.sources import Source, open_source, write_options
-from pipeline.stages import StageContext, record_shard_total
+from pipeline.stages import StageContext, record_shard_total, verify_outputs
 
 _worker: dict[str, Any] = {}  # per worker process: the source and the progress queue
 
@@ -28,7 +28,7 @@ _worker: dict[str, Any] = {}  # per worker process: the source and the progress 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     out_dir = ctx.stage_dir / "shards"
     if cfg.verify:
-        return _verify(out_dir, ctx)
+        return verify_outputs(ctx, out_dir, shards.verify)
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.data, int(cfg.seed), index_dir=out_dir)
@@ -94,18 +94,6 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     ctx.log.info("prepare: %(images)d images in %(shards)d shards (%(shards_written)d written now), "
                  "%(images_skipped)d skipped, %(bytes)d bytes, %(seconds).1f s", summary)
     return {**summary, "outputs": str(out_dir), "complete": not pending}
-
-
-def _verify(out_dir: Path, ctx: StageContext) -> dict[str, Any]:
-    start = time.time()
-    total, problems = shards.verify(out_dir)
-    for p in problems:
-        ctx.log.error("verify: %s", p)
-    ctx.run.log_metrics({"verify_samples": total, "verify_problems": len(problems)}, step=ctx.run.attempt)
-    if problems:
-        raise RuntimeError(f"verify found {len(problems)} problem(s); first: {problems[0]}")
-    ctx.log.info("verify: %d samples in %s match the manifest (%.1f s)", total, out_dir, time.time() - start)
-    return {"verify_samples": total, "outputs": str(out_dir)}
 
 
 def _write(out_dir: Path, todo: list[shards.ShardPlan], source: Source, workers: int,

@@ -10,6 +10,7 @@ shard is written atomically with a completion marker, so a requeued task continu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ from pipeline.config import stage_dir
 from pipeline.data import grids, shards
 from pipeline.models import load_exported_digest
 from pipeline.models.sampling import sample_bottom, sample_top
-from pipeline.stages import StageContext, record_shard_total, vqvae_model
+from pipeline.stages import StageContext, record_shard_total, verify_outputs, vqvae_model
 from pipeline.training.distributed import detect
 
 SPLIT = "samples"
@@ -54,6 +55,8 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    if cfg.verify:
+        return verify_outputs(ctx, ctx.stage_dir / "shards", functools.partial(shards.verify, stage="sample"))
     start = time.time()
     device = detect().device
     paths = {"train_vqvae": vqvae_model(cfg), "train_top_prior": stage_dir(cfg, "train_top_prior") / "model.pt",
