@@ -119,8 +119,10 @@ class Outbox:
         self._cond = threading.Condition()
         self._stop = False
         self.failing_since: float | None = None  # when the current outage began
+        self._sending_since: float | None = None  # when the request in flight was sent
         self._thread = threading.Thread(target=self._deliver, daemon=True, name="mlflow-outbox")
         self._thread.start()
+        threading.Thread(target=self._watch, daemon=True, name="mlflow-outbox-watch").start()
 
     def put(self, record: dict[str, Any]) -> None:
         with self._cond:
@@ -159,22 +161,22 @@ class Outbox:
                 if self._stop:
                     return
                 batch = _next_batch(self._queue)
+            self._sending_since = time.time()
             try:
                 send(self.client, self.run_id, batch, self.images)
             except Exception as e:  # noqa: BLE001 - any failure: keep the records, the stage goes on
+                self._sending_since = None
                 self.last_error = str(e)[:300]
                 if _permanent(e):
                     log.warning("MLflow refused a %s record, dropped: %s", batch[0]["kind"], e)
                 else:
                     failures += 1
-                    if self.failing_since is None:
-                        self.failing_since = time.time()
-                        log.warning("MLflow at %s does not take records (%s): holding them and "
-                                    "retrying; the stage goes on", self.uri, str(e)[:300])
+                    self._outage_began(str(e))
                     with self._cond:  # back off, but wake up to stop
                         self._cond.wait_for(lambda: self._stop,
                                             timeout=min(self.retry_s, 2.0 ** min(failures, 10)))
                     continue
+            self._sending_since = None
             with self._cond:
                 for _ in batch:
                     self._queue.popleft()
@@ -184,6 +186,27 @@ class Outbox:
                 log.info("MLflow at %s takes records again after %.0f s of outage (%d more queued)",
                          self.uri, time.time() - self.failing_since, held)
                 self.failing_since, failures = None, 0
+
+    def _outage_began(self, why: str) -> None:
+        with self._cond:
+            if self.failing_since is not None:
+                return
+            self.failing_since = time.time()
+        log.warning("MLflow at %s does not take records (%s): holding them and retrying; the stage "
+                    "goes on", self.uri, why[:300])
+
+    def _watch(self, every: float = 5.0, patience: float = 10.0) -> None:
+        """MLflow retries a request to a server that is down for ~4 minutes before it fails: say so
+        when it happens, not 4 minutes later, by asking /health about a request that takes long."""
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stop, timeout=every):
+                    return
+            since = self._sending_since
+            if since is not None and time.time() - since > patience and self.failing_since is None:
+                away = reachable(self.uri)
+                if away and self._sending_since == since:
+                    self._outage_began(f"{away}; a request has waited {time.time() - since:.0f} s")
 
 
 def save(stage_dir: Path, run_id: str, uri: str, records: list[dict[str, Any]],

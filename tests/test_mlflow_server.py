@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -168,6 +169,31 @@ def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(
     cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
     during = [m for m in cpu if m.timestamp > killed_at[1] * 1000 + 2000]
     assert len(during) >= 2, ([(m.step, m.timestamp) for m in cpu], killed_at)
+
+
+def test_an_outage_is_reported_while_mlflows_own_retries_still_hold_the_request(server, caplog):
+    """MLflow retries a request to a dead server for ~4 minutes before it raises; the stage's log
+    says the server is away within seconds, and the held record arrives once it is back."""
+    from pipeline.mlflow_outbox import Outbox
+
+    client = MlflowClient(tracking_uri=server.url)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    box = Outbox(client, run_id, server.url, retry_s=1)
+    box.put({"kind": "metrics", "metrics": {"loss": 1.0}, "step": 1, "timestamp": 1})
+    assert box.flush(timeout=60)
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="pipeline.mlflow_outbox"):
+        box.put({"kind": "metrics", "metrics": {"loss": 0.5}, "step": 2, "timestamp": 2})
+        deadline = time.time() + 60
+        while box.failing_since is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert box.failing_since is not None, "no outage noticed within 60 s"
+        assert box._sending_since is not None  # reported while MLflow still retries the request
+    assert "does not take records" in caplog.text and "a request has waited" in caplog.text, caplog.text
+    server.start()
+    assert box.flush(timeout=300)
+    assert box.close(timeout=1) == [] and box.failing_since is None
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
 
 
 def test_a_local_submit_refuses_a_tracking_server_that_does_not_answer(tmp_path):
