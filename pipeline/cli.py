@@ -59,7 +59,8 @@ def help_text() -> str:
         submit stage=all data=imagenet data.source=/datasets/ILSVRC2012 model=paper_imagenet256 cluster=slurm
         submit stage=all sample_set=t10 sample.temperature=1.0 # samples of other settings from the same priors, evaluated
         submit stage=all train.max_steps=5000 train_bottom_prior:train.max_steps=8000  # <stage>:key for one stage only
-        submit status                                          # where every stage stands"""), "  "),
+        submit status                                          # where every stage stands
+        submit cancel                                          # cancel the experiment's queued and running SLURM jobs (stage=<s>: one)"""), "  "),
         "", "submit stage=<stage> [group=option ...] --help lists that stage's keys, their values and what they mean;",
         "every key is documented in the YAML files under " + str(config_dir())]
     return "\n".join(lines)
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return _help([a for a in args if a not in ("-h", "--help")])
     if args[:1] == ["status"]:
         return _status(args[1:])
+    if args[:1] == ["cancel"]:
+        return _cancel(args[1:])
     print_cfg = False
     if "--cfg" in args:
         i = args.index("--cfg")
@@ -235,6 +238,29 @@ def _status(overrides: list[str]) -> int:
         return 2
     print(status_table(cfg))
     return 0
+
+
+def _cancel(args: list[str]) -> int:
+    """`submit cancel [stage=<s>]`: cancel the experiment's queued and running SLURM jobs."""
+    from pipeline.launch.cancel import cancel, stages_of
+    from pipeline.stages import ORDER
+
+    stage = next((a.partition("=")[2] for a in args if a.partition("=")[0] == "stage"), None)
+    try:
+        if stage is not None and (stage not in ORDER or stage == "all"):
+            raise ConfigError(f"stage={stage}", "not a stage to cancel",
+                              f"pass one of {', '.join(s for s in ORDER if s != 'all')}, or no stage= for all")
+        cfg = compose(["stage=all", *(a for a in args if a.partition("=")[0] != "stage")])
+    except ConfigError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"submit cancel: experiment '{cfg.experiment}' in {cfg.run_root}")
+    lines, cancelled = cancel(cfg, stages_of(cfg, stage))
+    print("\n".join(lines))
+    if cancelled > 0:
+        print(f"  nothing was deleted: submitting a stage again resumes it from its outputs\n"
+              f"  status:  submit status experiment={cfg.experiment} run_root={cfg.run_root}")
+    return 1 if cancelled < 0 else 0
 
 
 def _chain(args: list[str], print_cfg: bool) -> int:

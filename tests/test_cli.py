@@ -142,6 +142,10 @@ def test_a_stage_running_in_another_process_is_refused_before_anything_is_writte
     with stage_lock.exclusive(sdir, 0, "prepare"):  # this test process is "running" prepare
         chain = submit("stage=all", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
         single = submit("stage=prepare", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
+        cancel = submit("cancel", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
+    # no SLURM job to cancel here: it names the local process and how to stop it
+    assert cancel.returncode == 0 and f"running here in process {os.getpid()} on " in cancel.stdout, cancel.stdout
+    assert "Ctrl-C it in its terminal" in cancel.stdout
     for proc in (chain, single):
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert f"stage=prepare: already running in process {os.getpid()} on " in proc.stderr, proc.stderr

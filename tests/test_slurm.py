@@ -131,6 +131,35 @@ def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_roo
     assert _wait_job(job, slurm) == "CANCELLED"
 
 
+def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing(slurm, tmp_path):
+    run_root = tmp_path / "runs"
+    proc = submit("stage=all", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=100000",
+                  "cluster.time_min=10", cwd=tmp_path, env=slurm, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    jobs = dict(re.findall(r"^\s*(\w+)\s+queued(?: after [\d,]+)?\s+(\d+)", proc.stdout, re.M))
+    assert len(jobs) == 7, proc.stdout
+    try:
+        deadline = time.time() + 300  # prepare done, train_vqvae training, the rest waiting for it
+        while not (run_root / "digits" / "train_vqvae" / "progress.json").exists():
+            assert time.time() < deadline, _sh(["squeue"], slurm)
+            time.sleep(1)
+        cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=300)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        assert re.search(rf"train_vqvae\s+{jobs['train_vqvae']}\s+running -> cancelled", cancel.stdout), cancel.stdout
+        for stage in ("encode", "train_top_prior", "train_bottom_prior", "sample", "evaluate"):
+            assert re.search(rf"{stage}\s+{jobs[stage]}\s+pending -> cancelled", cancel.stdout), cancel.stdout
+        assert not re.search(r"^\s+prepare\s", cancel.stdout, re.M)  # finished: nothing to cancel
+        assert all(not _sh(["squeue", "-h", "-j", job], slurm).strip() for job in jobs.values())
+    finally:
+        _sh(["scancel", *jobs.values()], slurm)
+    # the training got SIGTERM and saved a checkpoint on its way out
+    assert list((run_root / "digits" / "train_vqvae" / "checkpoints").glob("step_*"))
+    assert (run_root / "digits" / "prepare" / "done.json").exists()  # nothing deleted
+    assert (run_root / "digits" / "prepare" / "shards" / "dataset.json").exists()
+    again = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+    assert again.returncode == 0 and "no SLURM job of experiment 'digits' is queued or running" in again.stdout
+
+
 def _run_time_s(job: str, slurm: dict) -> int:
     run_time = re.search(r"RunTime=(?:(\d+)-)?(\d+):(\d+):(\d+)", _sh(["scontrol", "show", "job", job], slurm))
     days, hours, minutes, seconds = (int(x or 0) for x in run_time.groups())
