@@ -75,14 +75,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _source(env: dict[str, str] | os._Environ) -> str:
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "RANK" not in env:
+        return "slurm"
+    return "torchrun" if "RANK" in env and "WORLD_SIZE" in env else "single"
+
+
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "RANK" not in env:
+    if _source(env) == "slurm":
         job = int(env.get("SLURM_JOB_ID", "0"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
                        resolve_host(first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))),
                        20000 + job % 20000, "slurm")  # not MASTER_*: sbatch may export the submitter's
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if _source(env) == "torchrun":
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
@@ -99,16 +105,17 @@ class Node:
 def node(environ: dict[str, str] | None = None) -> Node:
     """Which node of the job this process runs on (one process on one machine: node 0 of 1)."""
     env = os.environ if environ is None else environ
-    info = detect(env)
-    if info.source == "slurm":
+    source = _source(env)
+    if source == "slurm":
         index = int(env.get("SLURM_NODEID", "0"))
         return Node(index, int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1),
                     env.get("SLURMD_NODENAME") or f"node{index}",
                     f"slurm:{env.get('SLURM_JOB_ID', '')}:{env.get('SLURM_RESTART_COUNT', '0')}")
-    if info.source == "torchrun":
-        per_node = max(1, int(env.get("LOCAL_WORLD_SIZE", info.world_size)))
-        index = int(env.get("GROUP_RANK", info.rank // per_node))
-        return Node(index, max(1, info.world_size // per_node), f"node{index}",
+    if source == "torchrun":
+        world = int(env["WORLD_SIZE"])
+        per_node = max(1, int(env.get("LOCAL_WORLD_SIZE", world)))
+        index = int(env.get("GROUP_RANK", int(env["RANK"]) // per_node))
+        return Node(index, max(1, world // per_node), f"node{index}",
                     f"torchrun:{env.get('TORCHELASTIC_RUN_ID', '')}:{env.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     return Node(0, 1, "node0", f"single:{os.getpid()}")
 
