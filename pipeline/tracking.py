@@ -83,6 +83,26 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def execution_tags(n: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where and when execution ``n`` of a stage ran, as run tags: the UI shows which SLURM job (and
+    requeue) or which local process wrote the run, on which nodes, and ``execution.<n>`` keeps each
+    execution's line (a preempted stage's history)."""
+    import socket
+
+    env = os.environ if environ is None else environ
+    host = socket.gethostname()
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    if "SLURM_JOB_ID" not in env:
+        return {"host": host, f"execution.{n}": f"{when} local process {os.getpid()} on {host}"}
+    job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}" if env.get("SLURM_ARRAY_JOB_ID")
+           else env["SLURM_JOB_ID"])
+    nodes = env.get("SLURM_JOB_NODELIST", host)
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    return {"host": host, "slurm.job_id": job, "slurm.nodelist": nodes, "slurm.restart_count": restarts,
+            "slurm.partition": env.get("SLURM_JOB_PARTITION", ""),
+            f"execution.{n}": f"{when} SLURM job {job}{'' if restarts == '0' else f' requeue {restarts}'} on {nodes}"}
+
+
 class StageRun:
     """Context manager around one execution of a stage; sets the MLflow run status truthfully.
 
@@ -148,7 +168,7 @@ class StageRun:
         atomic.write_json(self.stage_dir / RUN_FILE, {
             "run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id,
             "attempts": self.attempt + 1, "execution": self.node.execution, "start_time": start_time})
-        self.set_tags({"executions": self.attempt + 1})
+        self.set_tags({"executions": self.attempt + 1, **execution_tags(self.attempt + 1)})
         if self.cfg.tracking.system_metrics and _has_psutil():
             prefix = "system/" if self.node.count == 1 else f"system/{self.node.name}/"
             self._monitor = SystemMetrics(self.log_metrics, float(self.cfg.tracking.system_metrics_interval),

@@ -134,6 +134,11 @@ def test_rerun_skips_everything_and_resumes_the_same_run(tmp_path):
     history = client.get_metric_history(run_id, "shards_written")
     assert sorted((m.step, m.value) for m in history) == [(0, 8.0), (1, 0.0), (2, 1.0)]
     assert runs[0].data.tags["executions"] == "3"
+    # each execution's line: when, and which process (here: a local submit) on which host
+    tags = runs[0].data.tags
+    assert [k for k in sorted(tags) if k.startswith("execution.")] == ["execution.1", "execution.2", "execution.3"]
+    assert " local process " in tags["execution.3"] and tags["execution.3"].endswith(f" on {tags['host']}")
+    assert tags["log_file"].startswith(str(run_root / "digits" / "prepare" / "logs"))
 
 
 def test_changed_plan_is_refused_and_marks_the_run_failed(tmp_path):

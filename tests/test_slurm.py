@@ -90,6 +90,10 @@ def test_train_on_slurm_and_preemption_requeues_and_resumes(slurm, run_root, tmp
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(steps) == len(set(steps)) and max(steps) == 200
     assert int(resumed.group(2)) == stopped  # the requeued job continued from the saved step
+    # the run says which job ran it, and each execution: the first, then the requeue
+    tags = run.data.tags
+    assert tags["slurm.job_id"] == job and tags["slurm.restart_count"] == "1", tags
+    assert f"SLURM job {job} on " in tags["execution.1"] and f"SLURM job {job} requeue 1 on " in tags["execution.2"]
     assert (run_root / "digits" / "train_vqvae" / "model.pt").exists()
 
 
@@ -218,6 +222,7 @@ def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
     assert len(logs) == 2 and len(digests) == 1
     client, run = _run(run_root)
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
+    assert (run.data.tags["slurm.job_id"], run.data.tags["slurm.nodelist"]) == (job, "n[1-2]")
     # each node's system metrics, named by node: rank 0 logs n1's, the first rank on n2 logs n2's
     for name in ("n1", "n2"):
         assert len(client.get_metric_history(run.info.run_id, f"system/{name}/cpu_utilization_percentage")) >= 2

@@ -107,6 +107,7 @@ class StageJob:
             with StageRun(cfg, self.stage, sdir, self.task) as run:
                 log.info("MLflow run %s at %s (%s)", run.run_id, tracking_uri(cfg),
                          ui_command(tracking_uri(cfg)))
+                run.set_tags({"log_file": str(log_file)})  # this execution's; all are under logs/
                 try:
                     result = stage_function(self.stage)(cfg, StageContext(
                         self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task, self.tasks))
