@@ -240,6 +240,9 @@ def validate(cfg: DictConfig) -> None:
     if "encode" in cfg and cfg.encode.vqvae and not Path(str(cfg.encode.vqvae)).expanduser().is_file():
         raise ConfigError(f"encode.vqvae={cfg.encode.vqvae}", "no such file",
                           "pass the model.pt a train_vqvae stage exported, or drop encode.vqvae to train one")
+    if float(cfg.tracking.progress_every_s) <= 0:
+        raise ConfigError(f"tracking.progress_every_s={cfg.tracking.progress_every_s}",
+                          "must be > 0 seconds", "pass e.g. tracking.progress_every_s=30")
     if float(cfg.tracking.system_metrics_interval) <= 0:
         raise ConfigError(f"tracking.system_metrics_interval={cfg.tracking.system_metrics_interval}",
                           "must be > 0 seconds", "pass e.g. tracking.system_metrics_interval=10")

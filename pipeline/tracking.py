@@ -124,6 +124,7 @@ class StageRun:
         self.uri = tracking_uri(cfg)
         self.run_id: str | None = None
         self.attempt = 0  # how many executions of this stage came before this one
+        self.start_time_ms: int | None = None  # when the run (its first execution) started; None: not logging
         self._client = None
         self._outbox: mlflow_outbox.Outbox | None = None
         self._monitor: SystemMetrics | None = None
@@ -163,6 +164,7 @@ class StageRun:
             self.run_id, start_time = created.info.run_id, created.info.start_time
             self._log_params(flatten(self.cfg))
         self._outbox = mlflow_outbox.Outbox(client, self.run_id, self.uri, float(self.cfg.tracking.retry_s))
+        self.start_time_ms = start_time
         if run is not None:
             self._reconcile_params(run.data.params)
         atomic.write_json(self.stage_dir / RUN_FILE, {

@@ -156,3 +156,18 @@ def test_changed_plan_is_refused_and_marks_the_run_failed(tmp_path):
     assert "PlanMismatch" in run.data.tags["error"]
     assert run.data.params["data.shard_size"] == "256"  # the param was not re-logged...
     assert run.data.tags["changed.data.shard_size"] == "256 -> 100"  # ...the change is a tag
+
+
+def test_progress_of_the_shards_is_logged_to_mlflow_while_they_are_written(tmp_path):
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", f"run_root={run_root}", "tracking.progress_every_s=0.05", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_id = json.loads((run_root / "digits" / "prepare" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_root / 'mlflow.db'}")
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "progress/shards_complete"))
+    steps, done = [s for s, _ in history], [v for _, v in history]
+    # points while writing, then the last one at the end: every shard of the 8
+    assert len(history) >= 2 and done == sorted(done) and done[-1] == 8 and done[0] < 8, history
+    assert steps == sorted(set(steps))  # seconds since the run started
+    assert client.get_run(run_id).data.metrics["progress/fraction"] == 1.0
+    assert client.get_metric_history(run_id, "progress/shards_per_min")

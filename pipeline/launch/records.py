@@ -17,7 +17,7 @@ from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.launch import stage_lock
-from pipeline.stages import ORDER, PROGRESS, vqvae_model
+from pipeline.stages import ORDER, PROGRESS, shard_progress, vqvae_model
 from pipeline.tracking import tracking_uri
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
@@ -215,7 +215,7 @@ def progress_line(sdir: Path, now: float | None = None) -> str:
     try:
         p = json.loads((Path(sdir) / PROGRESS).read_text())
         if "shards_total" in p:
-            return _shards_line(Path(sdir) / "shards", int(p["shards_total"]), float(p["time"]), now)
+            return _shards_line(Path(sdir), now)
         step, max_steps, rate, age = int(p["step"]), int(p["max_steps"]), float(p["steps_per_s"]), now - float(p["time"])
     except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: status goes on without it
         return ""
@@ -226,15 +226,14 @@ def progress_line(sdir: Path, now: float | None = None) -> str:
             f"ETA {'?' if left is None else duration(left)}; updated {duration(age)} ago")
 
 
-def _shards_line(out_dir: Path, total: int, started: float, now: float) -> str:
+def _shards_line(sdir: Path, now: float) -> str:
     """Shards with a completion marker; the rate over those completed since the last task started."""
-    done = [m.stat().st_mtime for m in out_dir.glob("*_stats.json")] if out_dir.is_dir() else []
-    recent = sorted(t for t in done if t >= started)
-    line = f"shards {len(done)} of {total} ({100 * len(done) / max(1, total):.0f}%)"
-    if recent and now > started:
-        per_s = len(recent) / (now - started)
-        line += f", {60 * per_s:.3g} shards/min, ETA {duration(max(0, total - len(done)) / per_s)}"
-    return line + (f"; last shard {duration(now - max(done))} ago" if done else "; none complete yet")
+    p = shard_progress(sdir, now) or {}
+    line = f"shards {p['shards_complete']} of {p['shards_total']} ({100 * p['fraction']:.0f}%)"
+    if "eta_s" in p:
+        line += f", {p['shards_per_min']:.3g} shards/min, ETA {duration(p['eta_s'])}"
+    return line + (f"; last shard {duration(p['last_shard_age_s'])} ago" if "last_shard_age_s" in p
+                   else "; none complete yet")
 
 
 def _send_kept_records(cfg: DictConfig) -> list[str]:

@@ -7,8 +7,12 @@ in ``BUILT`` is refused by ``submit`` with exit code 2 instead of pretending to 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +31,67 @@ def record_shard_total(stage_dir: Path, total: int) -> None:
     from pipeline import atomic
 
     atomic.write_json(stage_dir / PROGRESS, {"shards_total": total, "time": time.time()})
+
+
+def shard_progress(stage_dir: Path, now: float | None = None) -> dict[str, float] | None:
+    """A shard-parallel stage's progress over all its array tasks, from its progress file (the
+    total; when the last task started) and its shards' completion markers: shards_complete,
+    shards_total, fraction, last_shard_age_s, and from the shards completed since that start,
+    shards_per_min and eta_s. None when the stage recorded no total."""
+    now = time.time() if now is None else now
+    try:
+        p = json.loads((Path(stage_dir) / PROGRESS).read_text())
+        total, started = int(p["shards_total"]), float(p["time"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or a training's
+        return None
+    done = []
+    for marker in (Path(stage_dir) / "shards").glob("*_stats.json"):
+        try:
+            done.append(marker.stat().st_mtime)
+        except OSError:  # replaced while listed
+            continue
+    out: dict[str, float] = {"shards_complete": len(done), "shards_total": total,
+                             "fraction": len(done) / max(1, total)}
+    recent = [t for t in done if t >= started]
+    if recent and now > started:
+        per_s = len(recent) / (now - started)
+        out.update(shards_per_min=60 * per_s, eta_s=max(0, total - len(done)) / per_s)
+    if done:
+        out["last_shard_age_s"] = max(0.0, now - max(done))
+    return out
+
+
+@contextmanager
+def logging_progress(ctx: "StageContext", every_s: float) -> Iterator[None]:
+    """While a shard-parallel stage writes, the task that logs to MLflow logs the progress of every
+    task (``progress/shards_complete``, ``fraction``, ``shards_per_min``, ``eta_s``) every
+    ``every_s`` seconds and once at the end, at the step "seconds since the run started" (or one
+past the last step, when faster): a long
+    prepare, encode or sample advances in the MLflow UI, not only in its log."""
+    start_ms = getattr(ctx.run, "start_time_ms", None)
+    if start_ms is None:  # a rank or task that does not log
+        yield
+        return
+    stop, last = threading.Event(), [-1]
+
+    def log_once() -> None:
+        p = shard_progress(ctx.stage_dir)
+        if p is not None:
+            last[0] = max(last[0] + 1, int(time.time() - start_ms / 1000))
+            ctx.run.log_metrics({f"progress/{k}": v for k, v in p.items()}, step=last[0])
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            log_once()
+
+    thread = threading.Thread(target=loop, daemon=True, name="shard-progress")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        log_once()
 
 
 # The pipeline's order (what `submit --help` lists and `stage=all` runs).

@@ -29,7 +29,7 @@ from pipeline.config import stage_dir
 from pipeline.data import grids, shards
 from pipeline.models import load_exported_digest
 from pipeline.models.sampling import sample_bottom, sample_top
-from pipeline.stages import StageContext, record_shard_total, verify_outputs, vqvae_model
+from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs, vqvae_model
 from pipeline.training.distributed import detect
 
 SPLIT = "samples"
@@ -93,7 +93,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     sizes = (int(top_meta["top_size"]),) * 2, (int(bottom_meta["bottom_size"]),) * 2
     t0, drawn = time.time(), 0
     with tqdm(total=sum(len(shard_plan[i]) for i in todo), unit="sample", desc="sample", disable=not todo,
-              mininterval=2.0) as bar:
+              mininterval=2.0) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
         for i in todo:
             g = torch.Generator(device=device).manual_seed(how["seed"] * 1_000_003 + i)
             rows = []
