@@ -46,6 +46,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def metrics_record(metrics: dict[str, float], step: int | None) -> dict[str, Any]:
+    """A queued metrics record, stamped with the time it was logged (MLflow keeps that time)."""
+    return {"kind": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step,
+            "timestamp": now_ms()}
+
+
 def _permanent(error: Exception) -> bool:
     """A record the server refuses (bad value, deleted run, file gone) will never go through:
     drop it instead of blocking every record behind it. Anything else is worth retrying."""

@@ -33,17 +33,15 @@ def _monitors() -> list[Any]:
     from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
     monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-    try:  # NVIDIA (needs nvidia-ml-py and a GPU), else AMD; neither on a CPU machine
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
 
-        monitors.append(GPUMonitor())
-    except Exception:  # noqa: BLE001 - no GPU, no driver or no binding: no GPU metrics
+    for gpus in (GPUMonitor, ROCMMonitor):  # NVIDIA (nvidia-ml-py and a driver), else AMD
         try:
-            from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
-
-            monitors.append(ROCMMonitor())
-        except Exception:  # noqa: BLE001
-            pass
+            monitors.append(gpus())
+            break
+        except Exception:  # noqa: BLE001 - no GPU, driver or binding: no metrics of that kind
+            continue
     return monitors
 
 
@@ -141,8 +139,7 @@ class NodeMetrics:
         log.info("system metrics of node %s go to MLflow run %s", self.node_name, record["run_id"])
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        self._outbox.put({"kind": "metrics", "metrics": metrics, "step": step,
-                          "timestamp": mlflow_outbox.now_ms()})
+        self._outbox.put(mlflow_outbox.metrics_record(metrics, step))
 
     def stop(self, flush_timeout: float) -> None:
         """Stop sampling and send what is queued; keep what the server does not take."""

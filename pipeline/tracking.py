@@ -214,8 +214,7 @@ class StageRun:
     # -- logging API used by stages: queued, never waits on the server --------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self._outbox is not None:
-            self._outbox.put({"kind": "metrics", "metrics": {k: float(v) for k, v in metrics.items()},
-                              "step": step, "timestamp": mlflow_outbox.now_ms()})
+            self._outbox.put(mlflow_outbox.metrics_record(dict(metrics), step))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self._outbox is not None:

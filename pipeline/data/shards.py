@@ -195,6 +195,7 @@ def verify_tars(shard_dir: Path, manifest: dict, check: Callable[[str, str, byte
             problems.append(f"{tar}: missing -- {fix}")
             continue
         keys: dict[str, set[str]] = {}
+        bad = None  # the first member that reads but holds a wrong value
         try:
             with tarfile.open(tar) as tf:
                 for member in tf:
@@ -204,13 +205,14 @@ def verify_tars(shard_dir: Path, manifest: dict, check: Callable[[str, str, byte
                     try:
                         check(key, ext, data)
                     except ValueError as e:
-                        raise _BadContent(str(e)) from None
-        except _BadContent as e:
-            problems.append(f"{tar}: {e} -- delete it and its _stats.json, then {fix}")
-            continue
+                        bad = str(e)
+                        break
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
             problems.append(f"{tar}: unreadable after {len(keys)} samples ({type(e).__name__}: {e}) "
                             f"-- delete it and its _stats.json, then {fix}")
+            continue
+        if bad is not None:
+            problems.append(f"{tar}: {bad} -- delete it and its _stats.json, then {fix}")
             continue
         count = sum(1 for exts in keys.values() if complete(exts))
         total += count
@@ -218,7 +220,3 @@ def verify_tars(shard_dir: Path, manifest: dict, check: Callable[[str, str, byte
             problems.append(f"{tar}: {count} complete samples, manifest says {shard['count']} "
                             f"-- delete it and its _stats.json, then {fix}")
     return total, problems
-
-
-class _BadContent(Exception):
-    """A shard member that reads but holds a wrong value."""
