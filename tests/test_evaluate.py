@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch_fidelity
 from mlflow.tracking import MlflowClient
 
 from conftest import EVAL_ARGS, copy_stages, run_group, submit
@@ -66,7 +67,13 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert "| accept_0.1/fid (classifier-based rejection, 10 samples) |" in report
     assert "| accept_0.1/fid_vs_real_train (classifier-based rejection, 10 samples) |" in report
     first = evaluated["stdout"] + evaluated["stderr"]
-    assert "computing" in first and "reference features" in first
+    # every image set's features are extracted once: real val, reconstructions, samples and one real
+    # train set holding every baseline (before: each rate's kept samples and baseline were extracted anew)
+    extracted = re.findall(r"features of (\S+): computing (\d+) images", first)
+    kinds = {("samples" if n.startswith("samples-") else "recon" if n.startswith("recon-") else n.split("-")[1]): int(k)
+             for n, k in extracted}
+    real = json.loads((out / "results.json").read_text())["real"]
+    assert len(extracted) == 4 and kinds == {"val": real, "recon": real, "samples": 100, "train": 100}, extracted
     assert evaluated["stdout"].rstrip().endswith(f"report:  {out / 'report.md'}") and "next:" not in evaluated["stdout"]
 
     record = json.loads((out / "mlflow_run.json").read_text())
@@ -87,6 +94,41 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert rerun["fid"] == pytest.approx(results["fid"]) and rerun["cas/top1"] == results["cas/top1"]
 
 
+def test_metrics_from_features_are_torch_fidelitys_and_subsets_are_rows(evaluated, tmp_path, caplog):
+    """The metrics computed from features extracted once equal torch-fidelity's calculate_metrics on
+    the images, for a set and for a subset taken as rows of the set's features."""
+    root = evaluated["root"]
+    ext = fidelity.extractor(fidelity.CLASSIFIER, root / "digits" / "evaluate" / "classifier_real" / "model.pt")
+    val = _val(root)
+    half = len(val) // 2
+    a, b = val.subset(list(range(half))), val.subset(list(range(half, len(val))))
+    fa, fb = (fidelity.features(x, ext, cache_name=n, cache_root=tmp_path / "cache", batch_size=37)
+              for x, n in ((a, "a"), (b, "b")))
+    sub = [i for i in range(half) if a.labels[i] % 3]  # two thirds of the classes, out of order below
+    for ours, images in ((fidelity.metrics(fa, fb, ext, kid_subset_size=50, seed=3), a),
+                         (fidelity.metrics(fidelity.rows(fa, sub[::-1]), fb, ext, kid_subset_size=50, seed=3),
+                          a.subset(sub[::-1]))):
+        theirs = torch_fidelity.calculate_metrics(
+            input1=images, input2=b, cuda=False, feature_extractor=ext.name, verbose=False,
+            feature_extractor_weights_path=str(ext.weights), isc=True, fid=True, kid=True, prc=True,
+            isc_splits=fidelity.isc_splits(len(images)), kid_subset_size=50, prc_neighborhood=3, rng_seed=3,
+            save_cpu_ram=True)
+        assert ours == pytest.approx({"fid": theirs["frechet_inception_distance"],
+                                      "isc": theirs["inception_score_mean"],
+                                      "kid": theirs["kernel_inception_distance_mean"],
+                                      "precision": theirs["precision"], "recall": theirs["recall"]}, rel=1e-4)
+    assert ours["fid"] != pytest.approx(fidelity.metrics(fa, fb, ext)["fid"], rel=1e-3)  # a subset differs
+    # a cached name is loaded, not extracted; a cache whose row count does not match is extracted anew
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation.fidelity"):
+        assert torch.equal(fidelity.features(a, ext, cache_name="a", cache_root=tmp_path / "cache")["logits"],
+                           fa["logits"])
+        assert "features of a: reusing the cache" in caplog.text and "computing" not in caplog.text
+        shorter = fidelity.features(a.subset(list(range(half - 1))), ext, cache_name="a", cache_root=tmp_path / "cache")
+    assert "holds %d rows for %d images; extracting again" % (half, half - 1) in caplog.text
+    assert torch.allclose(shorter["logits"], fa["logits"][:half - 1], atol=1e-5)
+    assert len(torch.load(fidelity.cache_files(ext, "a", tmp_path / "cache")[1])) == half - 1
+
+
 def test_real_halves_beat_noise_and_dropped_classes_lower_recall_only(evaluated, tmp_path):
     root = evaluated["root"]
     ext = fidelity.extractor(fidelity.CLASSIFIER, root / "digits" / "evaluate" / "classifier_real" / "model.pt")
@@ -97,9 +139,11 @@ def test_real_halves_beat_noise_and_dropped_classes_lower_recall_only(evaluated,
     noise = ShardImages([str(write_image_shard(tmp_path / "noise.tar", rng.integers(0, 256, (half, 32, 32, 3),
                                                                                        dtype=np.uint8),
                                                [0] * half))], 32, "none")
-    common = dict(reference=b, ext=ext, reference_name="test-val-b", cache_root=tmp_path / "cache")
-    real = fidelity.metrics(a, **common)
-    fake = fidelity.metrics(noise, **common)
+    def metrics(images, name):
+        f = fidelity.features(images, ext, cache_name=name, cache_root=tmp_path / "cache")
+        return fidelity.metrics(f, fidelity.features(b, ext, cache_name="val-b", cache_root=tmp_path / "cache"), ext)
+    real = metrics(a, "val-a")
+    fake = metrics(noise, "noise")
     assert real["fid"] < fake["fid"] / 3
     assert real["precision"] > 0.6 and real["recall"] > 0.6
     # noise covers none of the real digits; its features form one tight clump, which lands inside the
@@ -108,13 +152,13 @@ def test_real_halves_beat_noise_and_dropped_classes_lower_recall_only(evaluated,
     assert fake["recall"] < 0.1 and fake["precision"] < real["precision"] / 2
     # half the classes (mode dropping): what is drawn is as precise as real data, but covers about half
     low = val.subset([int(i) for i in np.flatnonzero(val.labels[:half] < 5)])
-    dropped = fidelity.metrics(low, **common)
+    dropped = metrics(low, "val-a-low")
     assert dropped["precision"] > 0.8 and dropped["recall"] < real["recall"] * 0.7
     assert real["fid"] < dropped["fid"] < fake["fid"]
     # 60 images of 10 classes form one IS split: the score is not capped by tiny splits (6 images each
     # in 10 splits would bound it by 6)
     assert fidelity.isc_splits(60) == 1 and fidelity.isc_splits(500) == 10 and fidelity.isc_splits(10) == 1
-    assert fidelity.metrics(val.subset(list(range(60))), **common)["isc"] > 6.5
+    assert metrics(val.subset(list(range(60))), "val-60")["isc"] > 6.5
 
 
 def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):
@@ -350,8 +394,9 @@ def test_inception_weights_from_a_local_file(evaluated, tmp_path, monkeypatch):
 
     ext = fidelity.extractor(fidelity.INCEPTION, weights)
     val = _val(evaluated["root"], limit=12)
-    m = fidelity.metrics(val.subset(list(range(6))), val.subset(list(range(6, 12))), ext,
-                         reference_name="test-inception", cache_root=tmp_path / "cache")
+    a, b = (fidelity.features(val.subset(list(r)), ext, cache_name=n, cache_root=tmp_path / "cache")
+            for r, n in ((range(6), "test-a"), (range(6, 12), "test-inception")))
+    m = fidelity.metrics(a, b, ext)
     assert all(math.isfinite(v) for v in m.values()) and m["fid"] > 0
     cached = torch.load(fidelity.cache_files(ext, "test-inception", tmp_path / "cache")[0])
     assert cached.shape == (6, 2048) and cached.std(dim=0).mean() > 1e-3  # distinct images, distinct features

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import PRIOR_STAGES as STAGES
 from conftest import copy_stages, save_changed_model, submit
+from pipeline import atomic
 from pipeline.config import ConfigError, compose, stage_dir, validate
 from pipeline.data import shards
 from pipeline.launch import records
@@ -46,6 +47,10 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
     assert entry["count"] == 60 and len(entry["shards"]) == 4
     assert entry["class_counts"] == {str(c): 6 for c in range(10)}
     assert manifest["resolution"] == 32 and manifest["num_classes"] == 10
+    # the models that drew them: evaluate keys its caches by this manifest
+    models = {k: atomic.file_digest(experiment / "digits" / k / "model.pt")[:16]
+              for k in ("train_vqvae", "train_top_prior", "train_bottom_prior")}
+    assert manifest["models"] == models
     drawn = _samples(out)
     assert len(drawn) == 60
     pixels = []

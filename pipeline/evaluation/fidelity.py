@@ -1,24 +1,32 @@
-"""FID, Inception Score, KID, precision and recall with torch-fidelity, on shard datasets.
+"""FID, Inception Score, KID, precision and recall with torch-fidelity, from features extracted once.
 
 Two feature extractors: torch-fidelity's ``inception-v3-compat`` from a local weights file, or
 ``vqvae2-classifier``: a classifier exported by `evaluate` (penultimate features for FID/KID/PR,
-its logits for IS), registered with torch-fidelity. The reference (real) features are cached by
-torch-fidelity under a name made of (data manifest, split, crop, count) and the extractor's weights
-digest, so later evaluations of the same data reuse them.
+its logits for IS), registered with torch-fidelity. Every image set's features are extracted once
+and cached under a name for its content and the extractor's weights digest: subsets (the samples
+kept by rejection, class-matched real baselines) are rows of those features, and a rerun extracts
+nothing. The metrics are torch-fidelity's own functions applied to the features, so the numbers
+are those of ``torch_fidelity.calculate_metrics`` on the same images.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
-import torch_fidelity
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
+from tqdm import tqdm
 
 from pipeline import atomic
 
@@ -72,11 +80,23 @@ def _register() -> None:
         register_feature_extractor(CLASSIFIER, ClassifierFeatures)
 
 
-@dataclass(frozen=True)
+Features = dict[str, torch.Tensor]  # feature name -> (images, dims), rows in the image set's order
+
+
+@dataclass
 class Extractor:
     name: str       # torch-fidelity feature extractor name
     weights: Path   # its weights file
     digest: str     # first 16 hex digits of the weights' sha256
+    _net: FeatureExtractorBase | None = field(default=None, repr=False, compare=False)
+
+    def net(self) -> FeatureExtractorBase:
+        """The network, built on first use (loading Inception's weights once per evaluation)."""
+        if self._net is None:
+            self._net = create_feature_extractor(self.name, list(FEATURES[self.name]),
+                                                 cuda=torch.cuda.is_available(), verbose=False,
+                                                 feature_extractor_weights_path=str(self.weights))
+        return self._net
 
 
 def extractor(name: str, weights: Path) -> Extractor:
@@ -84,9 +104,52 @@ def extractor(name: str, weights: Path) -> Extractor:
     return Extractor(name, Path(weights), atomic.file_digest(Path(weights))[:16])
 
 
-def cache_files(ext: Extractor, reference_name: str, cache_root: Path) -> list[Path]:
-    prefix = f"{reference_name}-{ext.digest}-{ext.name}-features-"
+def cache_files(ext: Extractor, cache_name: str, cache_root: Path) -> list[Path]:
+    """The files of one image set's features: torch-fidelity's cache layout, so caches written by
+    ``calculate_metrics(input2_cache_name=...)`` are read too."""
+    prefix = f"{cache_name}-{ext.digest}-{ext.name}-features-"
     return [cache_root / f"{prefix}{f}.pt" for f in FEATURES[ext.name]]
+
+
+def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Path, batch_size: int = 64,
+             log: logging.Logger | None = None) -> Features:
+    """``ext``'s features of every image of ``images``, loaded from ``cache_root`` when this
+    ``cache_name`` (which must name the images' content) was extracted before, else extracted and
+    cached (atomic writes: an interrupted extraction leaves no cache)."""
+    log = log or logging.getLogger(__name__)
+    files = cache_files(ext, cache_name, cache_root)
+    if all(p.exists() for p in files):
+        out = {f: torch.load(p, map_location="cpu") for f, p in zip(FEATURES[ext.name], files)}
+        if all(len(v) == len(images) for v in out.values()):
+            log.info("features of %s: reusing the cache %s", cache_name, cache_root)
+            return out
+        log.warning("features of %s: the cache holds %d rows for %d images; extracting again", cache_name,
+                    len(next(iter(out.values()))), len(images))
+    log.info("features of %s: computing %d images with %s, caching in %s", cache_name, len(images), ext.name,
+             cache_root)
+    net, cuda = ext.net(), torch.cuda.is_available()
+    parts: dict[str, list[torch.Tensor]] = {f: [] for f in FEATURES[ext.name]}
+    with torch.no_grad(), tqdm(total=len(images), unit="img", desc=f"features {ext.name}", mininterval=2.0) as bar:
+        for batch in DataLoader(images, batch_size=batch_size, num_workers=0, pin_memory=cuda):
+            for f, v in zip(FEATURES[ext.name], net(batch.cuda(non_blocking=True) if cuda else batch)):
+                parts[f].append(v.cpu())
+            bar.update(len(batch))
+    out = {f: torch.cat(v) for f, v in parts.items()}
+    cache_root.mkdir(parents=True, exist_ok=True)
+    for f, p in zip(FEATURES[ext.name], files):
+        tmp = atomic.temp_name(p)
+        try:
+            torch.save(out[f], tmp)
+            atomic.commit(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def rows(feats: Features, indices: Sequence[int]) -> Features:
+    """The features of the images at ``indices`` (a subset, in that order)."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    return {f: v[idx] for f, v in feats.items()}
 
 
 def isc_splits(n: int) -> int:
@@ -96,29 +159,26 @@ def isc_splits(n: int) -> int:
     return max(1, min(10, n // ISC_SPLIT_MIN))
 
 
-def metrics(samples: Dataset, reference: Dataset, ext: Extractor, *, reference_name: str, cache_root: Path,
-            batch_size: int = 64, kid_subset_size: int = 1000, prc_neighborhood: int = 3, seed: int = 0,
-            log: logging.Logger | None = None) -> dict[str, float]:
-    """fid, isc, kid, precision, recall of ``samples`` against ``reference`` (uint8 image datasets)."""
-    log = log or logging.getLogger(__name__)
-    n = min(len(samples), len(reference))
-    if n < 2 or len(samples) <= prc_neighborhood or len(reference) <= prc_neighborhood:
-        raise ValueError(f"too few images for the metrics: {len(samples)} samples, {len(reference)} reference "
+def fid(samples: Features, reference: Features, ext: Extractor) -> float:
+    layer = FEATURES[ext.name][0]
+    stats = [fid_features_to_statistics(f[layer]) for f in (samples, reference)]
+    return float(fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])
+
+
+def metrics(samples: Features, reference: Features, ext: Extractor, *, kid_subset_size: int = 1000,
+            prc_neighborhood: int = 3, seed: int = 0) -> dict[str, float]:
+    """fid, isc, kid, precision, recall of the ``samples`` features against the ``reference``
+    features, as torch-fidelity's calculate_metrics computes them (same seeds and defaults)."""
+    layer, isc_layer = FEATURES[ext.name]
+    n_s, n_r = len(samples[layer]), len(reference[layer])
+    if min(n_s, n_r) < 2 or min(n_s, n_r) <= prc_neighborhood:
+        raise ValueError(f"too few images for the metrics: {n_s} samples, {n_r} reference "
                          f"(need more than eval.prc_neighborhood={prc_neighborhood})")
-    cache_root.mkdir(parents=True, exist_ok=True)
-    files = cache_files(ext, reference_name, cache_root)
-    if all(p.exists() for p in files):
-        log.info("reference features %s: reusing the cache %s", reference_name, files[0].parent)
-    else:
-        log.info("reference features %s: computing %d images with %s, caching in %s", reference_name,
-                 len(reference), ext.name, cache_root)
-    out = torch_fidelity.calculate_metrics(
-        input1=samples, input2=reference, input2_cache_name=f"{reference_name}-{ext.digest}", cache=True,
-        cache_root=str(cache_root), cuda=torch.cuda.is_available(), batch_size=batch_size,
-        feature_extractor=ext.name, feature_extractor_weights_path=str(ext.weights),
-        isc=True, fid=True, kid=True, prc=True, isc_splits=isc_splits(len(samples)),
-        kid_subset_size=min(kid_subset_size, n), prc_neighborhood=prc_neighborhood, rng_seed=seed,
-        save_cpu_ram=not torch.cuda.is_available(), verbose=False)  # loader workers only beside a GPU
-    return {"fid": float(out["frechet_inception_distance"]), "isc": float(out["inception_score_mean"]),
-            "kid": float(out["kernel_inception_distance_mean"]), "precision": float(out["precision"]),
-            "recall": float(out["recall"])}
+    isc = isc_features_to_metric(samples[isc_layer], isc_splits(n_s), shuffle=True, rng_seed=seed)
+    kid = kid_features_to_metric(samples[layer], reference[layer], kid_subset_size=min(kid_subset_size, n_s, n_r),
+                                 rng_seed=seed, verbose=False)
+    prc = prc_features_to_metric(samples[layer], reference[layer], prc_neighborhood=prc_neighborhood,
+                                 save_cpu_ram=not torch.cuda.is_available(), verbose=False)
+    return {"fid": fid(samples, reference, ext), "isc": float(isc["inception_score_mean"]),
+            "kid": float(kid["kernel_inception_distance_mean"]), "precision": float(prc["precision"]),
+            "recall": float(prc["recall"])}

@@ -13,11 +13,15 @@
 6. a report beside the paper's numbers (report.md / report.html) and every number in results.json.
 
 Expensive work is kept: trained classifiers are reused, reconstruction shards carry markers, and
-torch-fidelity caches the real features; a rerun recomputes only the cheap sample metrics.
+every image set's features are extracted once and cached (real val, reconstructions, samples, the
+real train baselines); rejection subsets and baselines are rows of those features, and a rerun
+recomputes only the cheap metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -80,42 +84,57 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     ext = (fidelity.extractor(fidelity.CLASSIFIER, real_path) if e.features == "classifier"
            else fidelity.extractor(fidelity.INCEPTION, Path(str(e.inception_weights)).expanduser()))
-    common = dict(reference=val, ext=ext, cache_root=Path(str(e.cache_root)), batch_size=int(e.batch_size),
-                  kid_subset_size=int(e.kid_subset_size), prc_neighborhood=int(e.prc_neighborhood),
-                  seed=int(cfg.seed), log=ctx.log,
-                  reference_name=f"{cfg.data.name}-val-{manifest_digest(real_manifest)}-{res}{crop}-n{len(val)}"
-                                 + ("-even" if e.max_real else ""))  # max_real: a class-balanced subset
+    cache_root, batch = Path(str(e.cache_root)), int(e.batch_size)
+    score = dict(ext=ext, kid_subset_size=int(e.kid_subset_size), prc_neighborhood=int(e.prc_neighborhood),
+                 seed=int(cfg.seed))
+
+    def features(images: ShardImages, cache_name: str):
+        # every image set is extracted once (cached across reruns and sample sets); subsets are rows
+        return fidelity.features(images, ext, cache_name=cache_name, cache_root=cache_root, batch_size=batch,
+                                 log=ctx.log)
+    real_digest = manifest_digest(real_manifest)
+    val_name = f"{cfg.data.name}-val-{real_digest}-{res}{crop}-n{len(val)}" + ("-even" if e.max_real else "")
+    val_f = features(val, val_name)  # "-even": eval.max_real took a class-balanced subset
 
     vqvae_path = vqvae_model(cfg)
     vqvae, _, vqvae_sha256 = load_exported_digest(vqvae_path, device)
-    recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", int(e.batch_size), ctx.log,
+    recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", batch, ctx.log,
                                     model_id=vqvae_sha256[:16], elsewhere=tuple(d / "reconstructions" for d in others))
     results.update({f"recon/{k}": v for k, v in recon.items()})
-    results["recon/fid"] = fidelity.metrics(ShardImages(recon_urls, res, "none"), **common)["fid"]
+    recon_f = features(ShardImages(recon_urls, res, "none"), f"recon-{vqvae_sha256[:16]}-{val_name}")
+    results["recon/fid"] = fidelity.fid(recon_f, val_f, ext)
 
-    results.update(fidelity.metrics(samples, **common))
+    samples_f = features(samples, f"samples-{manifest_digest(sample_manifest)}-n{len(samples)}")
+    results.update(fidelity.metrics(samples_f, val_f, **score))
+    scores = confidences(real_clf, samples, batch)
+    rates = sorted({float(r) for r in e.accept_rates}, reverse=True)
+    kept_at = {rate: accepted(samples.labels, scores, rate) for rate in rates}
     # FID moves with the image count and the class mix: each real baseline is real train images with
-    # the same count per class as the samples it is set beside
+    # the same count per class as the samples it is set beside; all of them rows of one extraction
     train = ShardImages(shards.shard_urls(real_dir, "train"), res, crop)
-    real_fid: dict[tuple, float] = {}
-
-    def real_train_fid(labels: np.ndarray) -> float:
+    baselines = {}
+    for labels in [samples.labels] + [samples.labels[keep] for keep in kept_at.values()]:
         counts = tuple(zip(*np.unique(labels, return_counts=True)))
-        if counts not in real_fid:
+        if counts not in baselines:
             idx, short = class_matched(train.labels, labels)
             if short:
                 ctx.log.warning("real train baseline: too few train images of classes %s (missing %s); "
                                 "the baseline has %d images for %d samples", list(short), list(short.values()),
                                 len(idx), len(labels))
-            real_fid[counts] = fidelity.metrics(train.subset(idx), **common)["fid"]
-        return real_fid[counts]
+            baselines[counts] = idx
+    union = sorted(set().union(*baselines.values()))
+    train_f = features(train.subset(union), f"{cfg.data.name}-train-{real_digest}-{res}{crop}-{_digest(union)}-n{len(union)}")
+    row = {i: k for k, i in enumerate(union)}
+
+    def real_train_fid(labels: np.ndarray) -> float:
+        idx = baselines[tuple(zip(*np.unique(labels, return_counts=True)))]
+        return fidelity.fid(fidelity.rows(train_f, [row[i] for i in idx]), val_f, ext)
     results["real_train/fid"] = real_train_fid(samples.labels)
     results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
-    scores = confidences(real_clf, samples, int(e.batch_size))
-    for rate in sorted({float(r) for r in e.accept_rates}, reverse=True):
-        name, keep = rate_name(rate), accepted(samples.labels, scores, rate)
+    for rate, keep in kept_at.items():
+        name = rate_name(rate)
         kept = {m: results[m] for m in SAMPLE_METRICS} if len(keep) == len(samples) else \
-            fidelity.metrics(samples.subset(keep), **common)
+            fidelity.metrics(fidelity.rows(samples_f, keep), val_f, **score)
         kept["real_train_fid"] = real_train_fid(samples.labels[keep])
         kept["fid_vs_real_train"] = kept["fid"] / max(kept["real_train_fid"], 1e-12)
         results.update({f"{name}/{m}": v for m, v in kept.items()})
@@ -130,7 +149,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     facts = {"data": cfg.data.name, "resolution": res, "features": ext.name,
              "sampled": report.describe_samples(sample_dir.parent.name, drawn_with)}
-    accept = [rate_name(r) for r in sorted({float(r) for r in e.accept_rates}, reverse=True)]
+    accept = [rate_name(r) for r in rates]
     atomic.write_json(ctx.stage_dir / "results.json", {"results": results, **facts, "samples": len(samples),
                                                        "sampling": drawn_with,
                                                        "real": len(val)})
@@ -144,3 +163,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             "real_top1": results["real/top1"], "recon_psnr": results["recon/psnr"],
             "usage_top": results["recon/usage_top"], "usage_bottom": results["recon/usage_bottom"],
             "seconds": round(time.time() - start, 2), "outputs": str(ctx.stage_dir)}
+
+
+def _digest(indices: list[int]) -> str:
+    return hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]

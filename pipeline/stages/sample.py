@@ -112,7 +112,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                                "samples_per_s": round(drawn / seconds, 2) if drawn else 0.0,
                                "seconds": round(time.time() - start, 2)}
     if complete:
-        manifest = _manifest(out_dir, names, vq_meta, top_meta, how, cfg)
+        manifest = _manifest(out_dir, names, vq_meta, top_meta, made_with, cfg)
         if not (out_dir / shards.MANIFEST).exists() or shards.read_manifest(out_dir) != manifest:
             atomic.write_json(out_dir / shards.MANIFEST, manifest)
         ctx.run.log_artifact(out_dir / shards.MANIFEST)
@@ -195,7 +195,8 @@ def _write_shard(out_dir: Path, name: str, rows: list[tuple[int, int, bytes]], m
         "skipped": [], "class_counts": counts, "bytes": tar.stat().st_size, "made_with": made_with})
 
 
-def _manifest(out_dir: Path, names: list[str], vq_meta: dict, top_meta: dict, how: dict, cfg: DictConfig) -> dict:
+def _manifest(out_dir: Path, names: list[str], vq_meta: dict, top_meta: dict, made_with: dict,
+              cfg: DictConfig) -> dict:
     stats = [json.loads(shards.stats_path(out_dir, n).read_text()) for n in names]
     counts: dict[str, int] = {}
     for s in stats:
@@ -207,5 +208,8 @@ def _manifest(out_dir: Path, names: list[str], vq_meta: dict, top_meta: dict, ho
     return {"format": shards.FORMAT, "dataset": f"samples of experiment {cfg.experiment}", "layout": "samples",
             "class_names": list(top_meta["class_names"]), "num_classes": int(top_meta["num_classes"]),
             "class_ids": list(top_meta["class_names"]), "resolution": int(vq_meta["resolution"]),
-            "seed": how["seed"], "shard_size": int(cfg.sample.shard_size), "sampling": how,
-            "splits": {SPLIT: entry}}
+            "seed": made_with["sampling"]["seed"], "shard_size": int(cfg.sample.shard_size),
+            "sampling": made_with["sampling"], "splits": {SPLIT: entry},
+            # the models that drew them: evaluate's caches (CAS classifier, features) are keyed by
+            # this manifest, and samples redrawn by retrained priors must not reuse them
+            "models": made_with["models"]}
