@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,11 @@ NAMES = ["recon/mse", "recon/psnr", "recon/fid", "fid", "isc", "kid", "precision
          "cas/top5", "real/top1", "real/top5", "accept_1.0/fid", "accept_0.5/fid", "accept_0.1/fid",
          "accept_0.5/precision", "accept_0.5/recall", "accept_0.5/isc", "recon/usage_top", "recon/usage_bottom",
          "real_train/fid", "fid/vs_real_train", "cas/vs_real", "accept_0.1/real_train_fid", "accept_0.5/fid_vs_real_train"]
+
+
+def _kind(cache_name: str) -> str:
+    """Which image set an evaluate feature cache name is of: val, recon, samples or train."""
+    return cache_name.split("-")[0] if cache_name.startswith(("recon-", "samples-")) else cache_name.split("-")[1]
 
 
 def _val(root, limit=None):
@@ -70,8 +76,7 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     # every image set's features are extracted once: real val, reconstructions, samples and one real
     # train set holding every baseline (before: each rate's kept samples and baseline were extracted anew)
     extracted = re.findall(r"features of (\S+): computing (\d+) images", first)
-    kinds = {("samples" if n.startswith("samples-") else "recon" if n.startswith("recon-") else n.split("-")[1]): int(k)
-             for n, k in extracted}
+    kinds = {_kind(n): int(k) for n, k in extracted}
     real = json.loads((out / "results.json").read_text())["real"]
     assert len(extracted) == 4 and kinds == {"val": real, "recon": real, "samples": 100, "train": 100}, extracted
     assert evaluated["stdout"].rstrip().endswith(f"report:  {out / 'report.md'}") and "next:" not in evaluated["stdout"]
@@ -211,6 +216,26 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     digests = re.findall(r"identical on all 2 rank\(s\): sha256 ([0-9a-f]{16})", proc.stdout + proc.stderr)
     assert len(digests) == 4 and len(set(digests)) == 2, digests  # two classifiers, each logged by both ranks
     assert (root / "digits" / "evaluate" / "results.json").exists()
+    log = proc.stdout + proc.stderr
+    # every image set's features: half the rows on each rank, each set extracted once
+    val = _val(root)
+    halves = re.findall(r"features of (\S+): computing (\d+) images.*\(rows (\d+)\.\.(\d+) of (\d+): rank (\d) of 2\)",
+                        log)
+    for kind in ("val", "recon", "samples", "train"):
+        mine = sorted((int(r), int(lo), int(hi), int(n)) for s, _, lo, hi, n, r in halves if _kind(s) == kind)
+        count = 100 if kind in ("samples", "train") else len(val)
+        assert mine == [(0, 0, count // 2, count), (1, count // 2, count, count)], (kind, halves)
+    # rank 0 joined the halves in order: the cached val features are those of one process over all rows
+    ext = fidelity.extractor(fidelity.CLASSIFIER, root / "digits" / "evaluate" / "classifier_real" / "model.pt")
+    cache = root / "fidelity_cache"
+    (joined,) = [p for p in cache.glob(f"*-val-*-{ext.digest}-{ext.name}-features-penultimate.pt")
+                 if not p.name.startswith("recon-")]
+    single = fidelity.features(val, ext, cache_name="one-process", cache_root=tmp_path / "cache")
+    assert torch.allclose(torch.load(joined), single["penultimate"], atol=1e-5)
+    assert not list(cache.glob("*.part-*"))  # the ranks' parts are removed once joined
+    # the reconstruction shards are split over the ranks too: each written once
+    recon = re.findall(r"reconstructed (\S+):", log)
+    assert sorted(recon) == sorted({Path(u).name for u in shards.shard_urls(root / "digits" / "prepare" / "shards", "val")})
 
 
 def test_settings_left_out_of_the_recipe_leave_the_weights_identical(evaluated, tmp_path):

@@ -103,6 +103,9 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         restarted += float(stats["restarted"])
     torch.save({"embed": q.embed, "cluster": q.cluster_size, "usage": q.usage_ema,
                 "restarted": restarted}, os.path.join(out_dir, f"rank{rank}.pt"))
+    q.eval()  # an eval forward is rank-local: here rank 0 encodes three batches, rank 1 one
+    for _ in range(3 - 2 * rank):
+        q(torch.randn(2, 4, 5, 5))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
@@ -29,6 +29,7 @@ from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
 from pipeline import atomic
+from pipeline.training import distributed
 
 CLASSIFIER = "vqvae2-classifier"
 INCEPTION = "inception-v3-compat"
@@ -112,10 +113,12 @@ def cache_files(ext: Extractor, cache_name: str, cache_root: Path) -> list[Path]
 
 
 def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Path, batch_size: int = 64,
-             log: logging.Logger | None = None) -> Features:
+             log: logging.Logger | None = None, rank: int = 0, world_size: int = 1) -> Features:
     """``ext``'s features of every image of ``images``, loaded from ``cache_root`` when this
     ``cache_name`` (which must name the images' content) was extracted before, else extracted and
-    cached (atomic writes: an interrupted extraction leaves no cache)."""
+    cached. With ``world_size`` > 1 every rank calls this: rank r extracts the r-th of world_size
+    contiguous blocks into a part file (kept: a requeued job extracts only the missing blocks) and
+    every rank returns all the rows. Writes are atomic: an interrupted extraction leaves no cache."""
     log = log or logging.getLogger(__name__)
     files = cache_files(ext, cache_name, cache_root)
     if all(p.exists() for p in files):
@@ -125,8 +128,38 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
             return out
         log.warning("features of %s: the cache holds %d rows for %d images; extracting again", cache_name,
                     len(next(iter(out.values()))), len(images))
-    log.info("features of %s: computing %d images with %s, caching in %s", cache_name, len(images), ext.name,
-             cache_root)
+    n = len(images)
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    parts = [[p.with_name(f"{p.name}.part-{r}-of-{world_size}") for p in files] for r in range(world_size)]
+    ok, error = True, None
+    if all(p.exists() for p in parts[rank]):
+        log.info("features of %s: rows %d..%d were extracted before (rank %d of %d)", cache_name, lo, hi, rank,
+                 world_size)
+    else:
+        log.info("features of %s: computing %d images with %s, caching in %s%s", cache_name, hi - lo, ext.name,
+                 cache_root, f" (rows {lo}..{hi} of {n}: rank {rank} of {world_size})" if world_size > 1 else "")
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            for p, v in zip(parts[rank], _extract(Subset(images, range(lo, hi)), ext, batch_size).values()):
+                _save(v, p)
+        except Exception as e:  # every rank must reach the agreement below, or the others would wait
+            ok, error = False, e
+    if not (distributed.all_true(ok) if world_size > 1 else ok):
+        raise error or RuntimeError(f"features of {cache_name}: another rank failed to extract its rows "
+                                    "(its log says why)")
+    out = {f: torch.cat([torch.load(part[i], map_location="cpu") for part in parts])
+           for i, f in enumerate(FEATURES[ext.name])}
+    if world_size > 1:
+        distributed.all_true(True)  # every rank has read the parts before rank 0 removes them
+    if rank == 0:
+        for f, p in zip(FEATURES[ext.name], files):
+            _save(out[f], p)
+            for part in p.parent.glob(f"{p.name}.part-*"):  # this world size's and any earlier one's
+                part.unlink(missing_ok=True)
+    return out
+
+
+def _extract(images: Dataset, ext: Extractor, batch_size: int) -> Features:
     net, cuda = ext.net(), torch.cuda.is_available()
     parts: dict[str, list[torch.Tensor]] = {f: [] for f in FEATURES[ext.name]}
     with torch.no_grad(), tqdm(total=len(images), unit="img", desc=f"features {ext.name}", mininterval=2.0) as bar:
@@ -134,16 +167,17 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
             for f, v in zip(FEATURES[ext.name], net(batch.cuda(non_blocking=True) if cuda else batch)):
                 parts[f].append(v.cpu())
             bar.update(len(batch))
-    out = {f: torch.cat(v) for f, v in parts.items()}
-    cache_root.mkdir(parents=True, exist_ok=True)
-    for f, p in zip(FEATURES[ext.name], files):
-        tmp = atomic.temp_name(p)
-        try:
-            torch.save(out[f], tmp)
-            atomic.commit(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return out
+    # a rank with no rows (fewer images than ranks): torch.cat skips a 1-d empty tensor
+    return {f: torch.cat(v) if v else torch.zeros(0) for f, v in parts.items()}
+
+
+def _save(tensor: torch.Tensor, path: Path) -> None:
+    tmp = atomic.temp_name(path)
+    try:
+        torch.save(tensor, tmp)
+        atomic.commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def rows(feats: Features, indices: Sequence[int]) -> Features:

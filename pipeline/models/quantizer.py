@@ -103,7 +103,9 @@ class VectorQuantizer(nn.Module):
             if self.training and not bool(self.initialised):
                 self._init_from(flat.detach())
             codes = self.assign(flat)
-            counts = _all_reduce(torch.bincount(codes, minlength=self.K).float())
+            counts = torch.bincount(codes, minlength=self.K).float()
+            if self.training:  # the codebook update needs every rank's counts; an eval forward must
+                counts = _all_reduce(counts)  # not be a collective (ranks encode different amounts)
             restarted = torch.zeros((), device=z.device)
             if self.training:
                 if self.mode == "ema":

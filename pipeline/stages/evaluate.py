@@ -54,7 +54,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     start = time.time()
-    e, device, res = cfg.eval, detect().device, int(cfg.data.resolution)
+    e, env, res = cfg.eval, detect(), int(cfg.data.resolution)
+    device = env.device
     real_dir, sample_dir = stage_dir(cfg, "prepare") / "shards", stage_dir(cfg, "sample") / "shards"
     real_manifest, sample_manifest = shards.read_manifest(real_dir), shards.read_manifest(sample_dir)
     if int(sample_manifest["num_classes"]) != int(real_manifest["num_classes"]) or \
@@ -89,9 +90,10 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                  seed=int(cfg.seed))
 
     def features(images: ShardImages, cache_name: str):
-        # every image set is extracted once (cached across reruns and sample sets); subsets are rows
+        # every image set is extracted once (cached across reruns and sample sets), its rows split
+        # over the ranks; subsets are rows
         return fidelity.features(images, ext, cache_name=cache_name, cache_root=cache_root, batch_size=batch,
-                                 log=ctx.log)
+                                 log=ctx.log, rank=env.rank, world_size=env.world_size)
     real_digest = manifest_digest(real_manifest)
     val_name = f"{cfg.data.name}-val-{real_digest}-{res}{crop}-n{len(val)}" + ("-even" if e.max_real else "")
     val_f = features(val, val_name)  # "-even": eval.max_real took a class-balanced subset
@@ -99,7 +101,8 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     vqvae_path = vqvae_model(cfg)
     vqvae, _, vqvae_sha256 = load_exported_digest(vqvae_path, device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", batch, ctx.log,
-                                    model_id=vqvae_sha256[:16], elsewhere=tuple(d / "reconstructions" for d in others))
+                                    model_id=vqvae_sha256[:16], elsewhere=tuple(d / "reconstructions" for d in others),
+                                    rank=env.rank, world_size=env.world_size)
     results.update({f"recon/{k}": v for k, v in recon.items()})
     recon_f = features(ShardImages(recon_urls, res, "none"), f"recon-{vqvae_sha256[:16]}-{val_name}")
     results["recon/fid"] = fidelity.fid(recon_f, val_f, ext)
