@@ -5,7 +5,8 @@ status are queued here and sent in order by one thread. When the server does not
 restart, a network cut, a locked sqlite file) the records stay queued and are retried; the stage
 goes on. Whatever is still unsent when the stage ends is saved in ``<stage_dir>/mlflow_outbox/``
 (images as PNG files) and sent by the next ``submit`` of the experiment. Re-sending a record is
-harmless: MLflow keeps one copy of a metric point or tag, and an artifact overwrites itself.
+harmless: MLflow keeps one copy of a metric point or tag, an artifact overwrites itself, and a
+stepped image already there is not logged again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -91,13 +93,23 @@ def send(client: Any, run_id: str, records: list[dict[str, Any]], images: Path |
                 image = f.copy()
         if record["step"] is None:
             client.log_image(run_id, image, artifact_file=record["key"])
-        else:
+        elif not _image_logged(client, run_id, record):
             client.log_image(run_id, image, key=record["key"], step=record["step"],
                              timestamp=record["timestamp"])
     elif kind == "terminate":
         client.set_terminated(run_id, record["status"], end_time=record["end_time"])
     else:
         raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+
+def _image_logged(client: Any, run_id: str, record: dict[str, Any]) -> bool:
+    """Whether the run holds this stepped image already. MLflow names its file by key, step and
+    timestamp, then a random uuid: a re-send (an answer lost in an outage, a record kept by a killed
+    stage) would add a second image at the step instead of overwriting the first."""
+    key = "[~#]".join(re.escape(part) for part in record["key"].split("/"))  # MLflow's "/" stand-ins
+    name = re.compile(rf"{key}(?P<s>[+%])step(?P=s){record['step']}(?P=s)timestamp(?P=s){record['timestamp']}"
+                      r"(?P=s)[^/]*\.png")
+    return any(name.fullmatch(a.path.rsplit("/", 1)[-1]) for a in client.list_artifacts(run_id, "images"))
 
 
 def _next_batch(queue: deque) -> list[dict[str, Any]]:

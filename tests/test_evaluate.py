@@ -235,7 +235,8 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     assert not list(cache.glob("*.part-*"))  # the ranks' parts are removed once joined
     # the reconstruction shards are split over the ranks too: each written once
     recon = re.findall(r"reconstructed (\S+):", log)
-    assert sorted(recon) == sorted({Path(u).name for u in shards.shard_urls(root / "digits" / "prepare" / "shards", "val")})
+    val_tars = {Path(u).name for u in shards.shard_urls(root / "digits" / "prepare" / "shards", "val")}
+    assert sorted(recon) == sorted(val_tars)
 
 
 def test_settings_left_out_of_the_recipe_leave_the_weights_identical(evaluated, tmp_path):

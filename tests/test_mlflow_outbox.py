@@ -4,6 +4,7 @@ records the store refuses, records kept for later and sent by the next submit.""
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import mlflow_outbox
-from pipeline.mlflow_outbox import OUTBOX, RECORDS, Outbox, save, send_kept
+from pipeline.mlflow_outbox import OUTBOX, RECORDS, Outbox, save, send, send_kept
 
 
 @pytest.fixture
@@ -56,6 +57,20 @@ def test_records_arrive_in_order_and_a_refused_one_does_not_block_the_rest(store
     assert run.data.tags["t"] == "v" and run.info.status == "KILLED" and run.info.end_time == 9999
     assert [a.path for a in client.list_artifacts(run_id, "files")] == ["files/a.txt"]
     assert any("grid" in a.path for a in client.list_artifacts(run_id, "images"))
+
+
+def test_an_image_sent_again_is_logged_once(store):
+    """A re-sent image record (its answer lost in an outage, or kept by a killed stage) does not
+    add a second image at its step; another step or another logging of the step does."""
+    uri, client, run_id = store
+    record = {"kind": "image", "image": Image.new("RGB", (4, 4)), "key": "samples/grid", "step": 7,
+              "timestamp": 11}
+    for again in (record, record, {**record, "step": 70}, {**record, "step": 8}, {**record, "timestamp": 12}):
+        send(client, run_id, [again])
+    pngs = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
+    assert sorted(re.sub(r"\+[0-9a-f-]{36}\.png$", "", p) for p in pngs) == sorted([
+        "images/samples~grid+step+70+timestamp+11", "images/samples~grid+step+7+timestamp+11",
+        "images/samples~grid+step+7+timestamp+12", "images/samples~grid+step+8+timestamp+11"])
 
 
 def test_an_unreachable_server_keeps_every_record(dead_uri, tmp_path):

@@ -2,8 +2,8 @@
 image shards (one per val shard, written atomically with a marker) so reconstruction FID reads
 them like any other image set, and a requeued job keeps the shards it finished. Ranks split the
 shards. A marker names its source shard, its images and the VQ-VAE: another val subset or another
-model is reconstructed anew. Codebook usage is the share of each level's codes that at least one val image uses (counts kept in
-the markers)."""
+model is reconstructed anew. Codebook usage is the share of each level's codes that at least one
+val image uses (counts kept in the markers)."""
 
 from __future__ import annotations
 

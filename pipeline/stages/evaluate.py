@@ -89,7 +89,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     score = dict(ext=ext, kid_subset_size=int(e.kid_subset_size), prc_neighborhood=int(e.prc_neighborhood),
                  seed=int(cfg.seed))
 
-    def features(images: ShardImages, cache_name: str):
+    def features(images: ShardImages, cache_name: str) -> fidelity.Features:
         # every image set is extracted once (cached across reruns and sample sets), its rows split
         # over the ranks; subsets are rows
         return fidelity.features(images, ext, cache_name=cache_name, cache_root=cache_root, batch_size=batch,
@@ -115,23 +115,14 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     # FID moves with the image count and the class mix: each real baseline is real train images with
     # the same count per class as the samples it is set beside; all of them rows of one extraction
     train = ShardImages(shards.shard_urls(real_dir, "train"), res, crop)
-    baselines = {}
-    for labels in [samples.labels] + [samples.labels[keep] for keep in kept_at.values()]:
-        counts = tuple(zip(*np.unique(labels, return_counts=True)))
-        if counts not in baselines:
-            idx, short = class_matched(train.labels, labels)
-            if short:
-                ctx.log.warning("real train baseline: too few train images of classes %s (missing %s); "
-                                "the baseline has %d images for %d samples", list(short), list(short.values()),
-                                len(idx), len(labels))
-            baselines[counts] = idx
+    baselines = _baselines(train.labels, [samples.labels] + [samples.labels[k] for k in kept_at.values()], ctx)
     union = sorted(set().union(*baselines.values()))
-    train_f = features(train.subset(union), f"{cfg.data.name}-train-{real_digest}-{res}{crop}-{_digest(union)}-n{len(union)}")
+    train_f = features(train.subset(union),
+                       f"{cfg.data.name}-train-{real_digest}-{res}{crop}-{_digest(union)}-n{len(union)}")
     row = {i: k for k, i in enumerate(union)}
 
     def real_train_fid(labels: np.ndarray) -> float:
-        idx = baselines[tuple(zip(*np.unique(labels, return_counts=True)))]
-        return fidelity.fid(fidelity.rows(train_f, [row[i] for i in idx]), val_f, ext)
+        return fidelity.fid(fidelity.rows(train_f, [row[i] for i in baselines[_counts(labels)]]), val_f, ext)
     results["real_train/fid"] = real_train_fid(samples.labels)
     results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
     for rate, keep in kept_at.items():
@@ -166,6 +157,25 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             "real_top1": results["real/top1"], "recon_psnr": results["recon/psnr"],
             "usage_top": results["recon/usage_top"], "usage_bottom": results["recon/usage_bottom"],
             "seconds": round(time.time() - start, 2), "outputs": str(ctx.stage_dir)}
+
+
+def _counts(labels: np.ndarray) -> tuple:
+    return tuple(zip(*np.unique(labels, return_counts=True)))
+
+
+def _baselines(pool: np.ndarray, label_sets: list[np.ndarray], ctx: StageContext) -> dict[tuple, list[int]]:
+    """For each distinct class mix of ``label_sets``: the real train images (indices into ``pool``,
+    their labels) with the same count per class."""
+    out: dict[tuple, list[int]] = {}
+    for labels in label_sets:
+        if _counts(labels) not in out:
+            idx, short = class_matched(pool, labels)
+            if short:
+                ctx.log.warning("real train baseline: too few train images of classes %s (missing %s); "
+                                "the baseline has %d images for %d samples", list(short), list(short.values()),
+                                len(idx), len(labels))
+            out[_counts(labels)] = idx
+    return out
 
 
 def _digest(indices: list[int]) -> str:
