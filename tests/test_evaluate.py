@@ -109,6 +109,7 @@ def test_metrics_from_features_are_torch_fidelitys_and_subsets_are_rows(evaluate
     a, b = val.subset(list(range(half))), val.subset(list(range(half, len(val))))
     fa, fb = (fidelity.features(x, ext, cache_name=n, cache_root=tmp_path / "cache", batch_size=37)
               for x, n in ((a, "a"), (b, "b")))
+    assert not list((tmp_path / "cache").glob("*.part-*"))  # one process writes no parts
     sub = [i for i in range(half) if a.labels[i] % 3]  # two thirds of the classes, out of order below
     for ours, images in ((fidelity.metrics(fa, fb, ext, kid_subset_size=50, seed=3), a),
                          (fidelity.metrics(fidelity.rows(fa, sub[::-1]), fb, ext, kid_subset_size=50, seed=3),

@@ -130,9 +130,10 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
                     len(next(iter(out.values()))), len(images))
     n = len(images)
     lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    # only several ranks need part files: the other ranks' blocks come through them
     parts = [[p.with_name(f"{p.name}.part-{r}-of-{world_size}") for p in files] for r in range(world_size)]
-    ok, error = True, None
-    if all(p.exists() for p in parts[rank]):
+    mine, ok, error = None, True, None
+    if world_size > 1 and all(p.exists() for p in parts[rank]):
         log.info("features of %s: rows %d..%d were extracted before (rank %d of %d)", cache_name, lo, hi, rank,
                  world_size)
     else:
@@ -140,15 +141,16 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
                  cache_root, f" (rows {lo}..{hi} of {n}: rank {rank} of {world_size})" if world_size > 1 else "")
         try:
             cache_root.mkdir(parents=True, exist_ok=True)
-            for p, v in zip(parts[rank], _extract(Subset(images, range(lo, hi)), ext, batch_size).values()):
+            mine = _extract(Subset(images, range(lo, hi)), ext, batch_size)
+            for p, v in zip(parts[rank], mine.values()) if world_size > 1 else ():
                 _save(v, p)
         except Exception as e:  # every rank must reach the agreement below, or the others would wait
             ok, error = False, e
     if not (distributed.all_true(ok) if world_size > 1 else ok):
         raise error or RuntimeError(f"features of {cache_name}: another rank failed to extract its rows "
                                     "(its log says why)")
-    out = {f: torch.cat([torch.load(part[i], map_location="cpu") for part in parts])
-           for i, f in enumerate(FEATURES[ext.name])}
+    out = {f: torch.cat([mine[f] if r == rank and mine is not None else torch.load(part[i], map_location="cpu")
+                         for r, part in enumerate(parts)]) for i, f in enumerate(FEATURES[ext.name])}
     if world_size > 1:
         distributed.all_true(True)  # every rank has read the parts before rank 0 removes them
     if rank == 0:

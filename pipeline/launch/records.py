@@ -212,10 +212,11 @@ def progress_line(sdir: Path, now: float | None = None) -> str:
     ``shards 12 of 40 (30%), ...`` (a shard-parallel stage) from the stage's progress file; empty if
     it has none."""
     now = time.time() if now is None else now
+    shards = shard_progress(Path(sdir), now)
+    if shards is not None:
+        return _shards_line(shards)
     try:
         p = json.loads((Path(sdir) / PROGRESS).read_text())
-        if "shards_total" in p:
-            return _shards_line(Path(sdir), now)
         step, max_steps, rate, age = int(p["step"]), int(p["max_steps"]), float(p["steps_per_s"]), now - float(p["time"])
     except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: status goes on without it
         return ""
@@ -226,9 +227,8 @@ def progress_line(sdir: Path, now: float | None = None) -> str:
             f"ETA {'?' if left is None else duration(left)}; updated {duration(age)} ago")
 
 
-def _shards_line(sdir: Path, now: float) -> str:
+def _shards_line(p: dict[str, float]) -> str:
     """Shards with a completion marker; the rate over those completed since the last task started."""
-    p = shard_progress(sdir, now) or {}
     line = f"shards {p['shards_complete']} of {p['shards_total']} ({100 * p['fraction']:.0f}%)"
     if "eta_s" in p:
         line += f", {p['shards_per_min']:.3g} shards/min, ETA {duration(p['eta_s'])}"

@@ -66,8 +66,8 @@ def logging_progress(ctx: "StageContext", every_s: float) -> Iterator[None]:
     """While a shard-parallel stage writes, the task that logs to MLflow logs the progress of every
     task (``progress/shards_complete``, ``fraction``, ``shards_per_min``, ``eta_s``) every
     ``every_s`` seconds and once at the end, at the step "seconds since the run started" (or one
-past the last step, when faster): a long
-    prepare, encode or sample advances in the MLflow UI, not only in its log."""
+    past the last step, when faster): a long prepare, encode or sample advances in the MLflow UI,
+    not only in its log."""
     start_ms = getattr(ctx.run, "start_time_ms", None)
     if start_ms is None:  # a rank or task that does not log
         yield
