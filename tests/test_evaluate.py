@@ -111,7 +111,9 @@ def test_metrics_from_features_are_torch_fidelitys_and_subsets_are_rows(evaluate
               for x, n in ((a, "a"), (b, "b")))
     assert not list((tmp_path / "cache").glob("*.part-*"))  # one process writes no parts
     sub = [i for i in range(half) if a.labels[i] % 3]  # two thirds of the classes, out of order below
-    for ours, images in ((fidelity.metrics(fa, fb, ext, kid_subset_size=50, seed=3), a),
+    # the reference statistics, computed once, give the FID of computing them each time
+    stats = fidelity.fid_statistics(fb, ext)
+    for ours, images in ((fidelity.metrics(fa, fb, ext, kid_subset_size=50, seed=3, reference_stats=stats), a),
                          (fidelity.metrics(fidelity.rows(fa, sub[::-1]), fb, ext, kid_subset_size=50, seed=3),
                           a.subset(sub[::-1]))):
         theirs = torch_fidelity.calculate_metrics(
@@ -124,6 +126,8 @@ def test_metrics_from_features_are_torch_fidelitys_and_subsets_are_rows(evaluate
                                       "kid": theirs["kernel_inception_distance_mean"],
                                       "precision": theirs["precision"], "recall": theirs["recall"]}, rel=1e-4)
     assert ours["fid"] != pytest.approx(fidelity.metrics(fa, fb, ext)["fid"], rel=1e-3)  # a subset differs
+    assert fidelity.fid(fa, fb, ext, stats) == fidelity.fid(fa, fb, ext)
+    assert fidelity.fid(fa, fb, ext, fidelity.fid_statistics(fa, ext)) < 1e-6  # the statistics are used
     # a cached name is loaded, not extracted; a cache whose row count does not match is extracted anew
     with caplog.at_level(logging.INFO, logger="pipeline.evaluation.fidelity"):
         assert torch.equal(fidelity.features(a, ext, cache_name="a", cache_root=tmp_path / "cache")["logits"],
@@ -182,6 +186,41 @@ def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):
         assert scores[k].min() >= scores[d].max()
 
 
+def _score_share(rank: int, world: int, init_file: str, model_path: str, shards_dir: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, _ = load_exported(model_path)
+    rows = []  # the images this rank's classifier saw
+    model.register_forward_hook(lambda module, args, output: rows.append(len(args[0])))
+    val = ShardImages(shards.shard_urls(Path(shards_dir), "val"), 32, "none")
+    top = accuracy(model, val, 16, rank=rank, world_size=world)
+    seen_by_accuracy = sum(rows)
+    scores = confidences(model, val, 16, rank=rank, world_size=world)
+    torch.save({"top": top, "scores": scores, "rows": (seen_by_accuracy, sum(rows) - seen_by_accuracy)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_split_the_classifier_passes_and_agree_with_one_process(evaluated, tmp_path):
+    """accuracy and confidences on 2 gloo ranks: each rank classifies its contiguous half of the
+    images once per pass, and every rank returns what one process computes over all of them."""
+    root = evaluated["root"]
+    model_path = root / "digits" / "evaluate" / "classifier_real" / "model.pt"
+    shards_dir = root / "digits" / "prepare" / "shards"
+    torch.multiprocessing.spawn(_score_share, args=(2, str(tmp_path / "init"), str(model_path), str(shards_dir),
+                                                   str(tmp_path)), nprocs=2, join=True)
+    model, _ = load_exported(model_path)
+    val = _val(root)
+    n, one_top, one_scores = len(val), accuracy(model, val, 16), confidences(model, val, 16)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        share = n // 2 if rank == 0 else n - n // 2
+        assert out["rows"] == (share, share)
+        assert out["top"] == pytest.approx(one_top, abs=1e-12)  # counts summed over the ranks
+        assert out["scores"].shape == (n,)
+        np.testing.assert_allclose(out["scores"], one_scores, atol=1e-5)  # all rows, in order
+
+
 def test_a_finished_classifier_is_shared_only_for_the_same_data_and_recipe(evaluated, tmp_path):
     root = evaluated["root"]
     real_dir = root / "digits" / "prepare" / "shards"
@@ -216,8 +255,12 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     # the digest is 16 hex digits: the two ranks' lines may interleave before a newline ("...a2dd2a13:25:04")
     digests = re.findall(r"identical on all 2 rank\(s\): sha256 ([0-9a-f]{16})", proc.stdout + proc.stderr)
     assert len(digests) == 4 and len(set(digests)) == 2, digests  # two classifiers, each logged by both ranks
-    assert (root / "digits" / "evaluate" / "results.json").exists()
-    log = proc.stdout + proc.stderr
+    results = json.loads((root / "digits" / "evaluate" / "results.json").read_text())["results"]
+    # each rank's own log file: the ranks' lines interleave mid-line on the shared stdout
+    log = "\n".join(f.read_text() for f in (root / "digits" / "evaluate" / "logs").glob("*.log"))
+    # the classifier passes are split over the ranks too and sum to one process's numbers
+    real, _ = load_exported(root / "digits" / "evaluate" / "classifier_real" / "model.pt")
+    assert results["real/top1"] == pytest.approx(accuracy(real, _val(root))[0], abs=1e-12)
     # every image set's features: half the rows on each rank, each set extracted once
     val = _val(root)
     halves = re.findall(r"features of (\S+): computing (\d+) images.*\(rows (\d+)\.\.(\d+) of (\d+): rank (\d) of 2\)",

@@ -36,28 +36,36 @@ def _images(dataset: ShardImages, batch_size: int) -> Iterator[tuple[torch.Tenso
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset: ShardImages, batch_size: int = 256) -> tuple[float, float]:
-    """(top-1, top-5) of ``model`` on every image of ``dataset``."""
+def accuracy(model: nn.Module, dataset: ShardImages, batch_size: int = 256, *, rank: int = 0,
+             world_size: int = 1) -> tuple[float, float]:
+    """(top-1, top-5) of ``model`` on every image of ``dataset``. With ``world_size`` > 1 every rank
+    calls this: each classifies its contiguous block of the images and the counts are summed."""
     device = next(model.parameters()).device
-    hits, n = torch.zeros(2, dtype=torch.float64), 0
+    hits = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     k = min(5, model.num_classes)
-    for x, y in _images(dataset, batch_size):
+    for x, y in _images(_share(dataset, rank, world_size), batch_size):
         top = model(x.to(device, next(model.parameters()).dtype)).float().topk(k, dim=1).indices.cpu()
-        hits += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item()],
+        hits += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(), len(y)],
                              dtype=torch.float64)
-        n += len(y)
-    return float(hits[0] / n), float(hits[1] / n)
+    hits = distributed.all_sum(hits)
+    return float(hits[0] / hits[2]), float(hits[1] / hits[2])
 
 
 @torch.no_grad()
-def confidences(model: nn.Module, dataset: ShardImages, batch_size: int = 256) -> np.ndarray:
-    """The classifier's probability of each image's own label (its intended class, for samples)."""
+def confidences(model: nn.Module, dataset: ShardImages, batch_size: int = 256, *, rank: int = 0,
+                world_size: int = 1) -> np.ndarray:
+    """The classifier's probability of each image's own label (its intended class, for samples). With
+    ``world_size`` > 1 every rank calls this, scores its block, and every rank returns all scores."""
     device = next(model.parameters()).device
-    out = []
-    for x, y in _images(dataset, batch_size):
+    out = [torch.zeros(0)]
+    for x, y in _images(_share(dataset, rank, world_size), batch_size):
         p = F.softmax(model(x.to(device, next(model.parameters()).dtype)).float(), dim=1).cpu()
         out.append(p.gather(1, y[:, None])[:, 0])
-    return torch.cat(out).numpy()
+    return distributed.all_concat(torch.cat(out)).numpy()
+
+
+def _share(dataset: ShardImages, rank: int, world_size: int) -> ShardImages:
+    return dataset if world_size == 1 else dataset.subset(distributed.block(len(dataset), rank, world_size))
 
 
 class ClassifierTask:
@@ -102,7 +110,7 @@ class ClassifierTask:
         if self.val_subset is None:  # class-balanced: val shards may be written class by class
             limit = int(self.cfg.train.eval_samples)
             self.val_subset = self.val.balanced(limit)
-        top1, top5 = accuracy(model, self.val_subset)
+        top1, top5 = accuracy(model, self.val_subset, rank=self.dist.rank, world_size=self.dist.world_size)
         return {"val_top1": top1, "val_top5": top5}
 
     def export_meta(self) -> dict[str, Any]:

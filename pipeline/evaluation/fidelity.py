@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -129,7 +130,8 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
         log.warning("features of %s: the cache holds %d rows for %d images; extracting again", cache_name,
                     len(next(iter(out.values()))), len(images))
     n = len(images)
-    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    share = distributed.block(n, rank, world_size)
+    lo, hi = share.start, share.stop
     # only several ranks need part files: the other ranks' blocks come through them
     parts = [[p.with_name(f"{p.name}.part-{r}-of-{world_size}") for p in files] for r in range(world_size)]
     mine, ok, error = None, True, None
@@ -141,7 +143,7 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
                  cache_root, f" (rows {lo}..{hi} of {n}: rank {rank} of {world_size})" if world_size > 1 else "")
         try:
             cache_root.mkdir(parents=True, exist_ok=True)
-            mine = _extract(Subset(images, range(lo, hi)), ext, batch_size)
+            mine = _extract(Subset(images, share), ext, batch_size)
             for p, v in zip(parts[rank], mine.values()) if world_size > 1 else ():
                 _save(v, p)
         except Exception as e:  # every rank must reach the agreement below, or the others would wait
@@ -195,14 +197,24 @@ def isc_splits(n: int) -> int:
     return max(1, min(10, n // ISC_SPLIT_MIN))
 
 
-def fid(samples: Features, reference: Features, ext: Extractor) -> float:
-    layer = FEATURES[ext.name][0]
-    stats = [fid_features_to_statistics(f[layer]) for f in (samples, reference)]
+FidStatistics = dict[str, np.ndarray]  # torch-fidelity's mean "mu" and covariance "sigma"
+
+
+def fid_statistics(feats: Features, ext: Extractor) -> FidStatistics:
+    """The mean and covariance of the FID layer: computed once for a reference set that many FIDs
+    share (a 2048x2048 covariance over 50,000 ImageNet val features takes seconds each time)."""
+    return fid_features_to_statistics(feats[FEATURES[ext.name][0]])
+
+
+def fid(samples: Features, reference: Features, ext: Extractor, reference_stats: FidStatistics | None = None) -> float:
+    """FID of ``samples`` against ``reference`` (``reference_stats``: its fid_statistics, if known)."""
+    stats = fid_statistics(samples, ext), (fid_statistics(reference, ext) if reference_stats is None
+                                           else reference_stats)
     return float(fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])
 
 
 def metrics(samples: Features, reference: Features, ext: Extractor, *, kid_subset_size: int = 1000,
-            prc_neighborhood: int = 3, seed: int = 0) -> dict[str, float]:
+            prc_neighborhood: int = 3, seed: int = 0, reference_stats: FidStatistics | None = None) -> dict[str, float]:
     """fid, isc, kid, precision, recall of the ``samples`` features against the ``reference``
     features, as torch-fidelity's calculate_metrics computes them (same seeds and defaults)."""
     layer, isc_layer = FEATURES[ext.name]
@@ -215,6 +227,6 @@ def metrics(samples: Features, reference: Features, ext: Extractor, *, kid_subse
                                  rng_seed=seed, verbose=False)
     prc = prc_features_to_metric(samples[layer], reference[layer], prc_neighborhood=prc_neighborhood,
                                  save_cpu_ram=not torch.cuda.is_available(), verbose=False)
-    return {"fid": fid(samples, reference, ext), "isc": float(isc["inception_score_mean"]),
+    return {"fid": fid(samples, reference, ext, reference_stats), "isc": float(isc["inception_score_mean"]),
             "kid": float(kid["kernel_inception_distance_mean"]), "precision": float(prc["precision"]),
             "recall": float(prc["recall"])}

@@ -74,6 +74,8 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     num_classes, names = int(real_manifest["num_classes"]), list(real_manifest["class_names"])
     results: dict[str, float] = {}
 
+    # every rank takes its share of each pass over images (classifier, extractor, VQ-VAE)
+    ranks, batch = dict(rank=env.rank, world_size=env.world_size), int(e.batch_size)
     real_task = ClassifierTask(cfg, shards.shard_urls(real_dir, "train"), val, num_classes, names,
                                f"real train {manifest_digest(real_manifest)}")
     # the real-data classifier and the reconstructions do not depend on the samples: other sample
@@ -81,11 +83,11 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     others = tuple(d for d in sorted(ctx.stage_dir.parent.glob("evaluate*")) if d != ctx.stage_dir)
     real_path = train_or_reuse(cfg, ctx, "classifier_real", real_task, elsewhere=others)
     real_clf, _ = load_exported(real_path, device)
-    results["real/top1"], results["real/top5"] = accuracy(real_clf, val, int(e.batch_size))
+    results["real/top1"], results["real/top5"] = accuracy(real_clf, val, batch, **ranks)
 
     ext = (fidelity.extractor(fidelity.CLASSIFIER, real_path) if e.features == "classifier"
            else fidelity.extractor(fidelity.INCEPTION, Path(str(e.inception_weights)).expanduser()))
-    cache_root, batch = Path(str(e.cache_root)), int(e.batch_size)
+    cache_root = Path(str(e.cache_root))
     score = dict(ext=ext, kid_subset_size=int(e.kid_subset_size), prc_neighborhood=int(e.prc_neighborhood),
                  seed=int(cfg.seed))
 
@@ -93,23 +95,24 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         # every image set is extracted once (cached across reruns and sample sets), its rows split
         # over the ranks; subsets are rows
         return fidelity.features(images, ext, cache_name=cache_name, cache_root=cache_root, batch_size=batch,
-                                 log=ctx.log, rank=env.rank, world_size=env.world_size)
+                                 log=ctx.log, **ranks)
     real_digest = manifest_digest(real_manifest)
     val_name = f"{cfg.data.name}-val-{real_digest}-{res}{crop}-n{len(val)}" + ("-even" if e.max_real else "")
     val_f = features(val, val_name)  # "-even": eval.max_real took a class-balanced subset
+    score["reference_stats"] = val_stats = fidelity.fid_statistics(val_f, ext)  # shared by every FID below
 
     vqvae_path = vqvae_model(cfg)
     vqvae, _, vqvae_sha256 = load_exported_digest(vqvae_path, device)
     recon, recon_urls = reconstruct(vqvae, val, ctx.stage_dir / "reconstructions", batch, ctx.log,
                                     model_id=vqvae_sha256[:16], elsewhere=tuple(d / "reconstructions" for d in others),
-                                    rank=env.rank, world_size=env.world_size)
+                                    **ranks)
     results.update({f"recon/{k}": v for k, v in recon.items()})
     recon_f = features(ShardImages(recon_urls, res, "none"), f"recon-{vqvae_sha256[:16]}-{val_name}")
-    results["recon/fid"] = fidelity.fid(recon_f, val_f, ext)
+    results["recon/fid"] = fidelity.fid(recon_f, val_f, ext, val_stats)
 
     samples_f = features(samples, f"samples-{manifest_digest(sample_manifest)}-n{len(samples)}")
     results.update(fidelity.metrics(samples_f, val_f, **score))
-    scores = confidences(real_clf, samples, batch)
+    scores = confidences(real_clf, samples, batch, **ranks)
     rates = sorted({float(r) for r in e.accept_rates}, reverse=True)
     kept_at = {rate: accepted(samples.labels, scores, rate) for rate in rates}
     # FID moves with the image count and the class mix: each real baseline is real train images with
@@ -122,7 +125,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     row = {i: k for k, i in enumerate(union)}
 
     def real_train_fid(labels: np.ndarray) -> float:
-        return fidelity.fid(fidelity.rows(train_f, [row[i] for i in baselines[_counts(labels)]]), val_f, ext)
+        return fidelity.fid(fidelity.rows(train_f, [row[i] for i in baselines[_counts(labels)]]), val_f, ext, val_stats)
     results["real_train/fid"] = real_train_fid(samples.labels)
     results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
     for rate, keep in kept_at.items():
@@ -138,17 +141,17 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     cas_task = ClassifierTask(cfg, shards.shard_urls(sample_dir, "samples"), val, num_classes, names,
                               f"samples {manifest_digest(sample_manifest)}")
     cas, _ = load_exported(train_or_reuse(cfg, ctx, "classifier_samples", cas_task), device)
-    results["cas/top1"], results["cas/top5"] = accuracy(cas, val, int(e.batch_size))
+    results["cas/top1"], results["cas/top5"] = accuracy(cas, val, batch, **ranks)
     results["cas/vs_real"] = results["cas/top1"] / max(results["real/top1"], 1e-12)
 
     facts = {"data": cfg.data.name, "resolution": res, "features": ext.name,
              "sampled": report.describe_samples(sample_dir.parent.name, drawn_with)}
     accept = [rate_name(r) for r in rates]
-    atomic.write_json(ctx.stage_dir / "results.json", {"results": results, **facts, "samples": len(samples),
-                                                       "sampling": drawn_with,
-                                                       "real": len(val)})
-    atomic.write_text(ctx.stage_dir / "report.md", report.markdown(results, accept, facts))
-    atomic.write_text(ctx.stage_dir / "report.html", report.html_table(results, accept, facts))
+    if env.rank == 0:  # every rank holds the same numbers
+        atomic.write_json(ctx.stage_dir / "results.json", {"results": results, **facts, "samples": len(samples),
+                                                           "sampling": drawn_with, "real": len(val)})
+        atomic.write_text(ctx.stage_dir / "report.md", report.markdown(results, accept, facts))
+        atomic.write_text(ctx.stage_dir / "report.html", report.html_table(results, accept, facts))
     ctx.run.log_metrics(results, step=ctx.run.attempt)
     for name in ("results.json", "report.md", "report.html"):
         ctx.run.log_artifact(ctx.stage_dir / name)

@@ -210,3 +210,27 @@ def all_true(flag: bool) -> bool:
 def any_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on some rank."""
     return not all_true(not flag)
+
+
+def block(n: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` items: shares differ by at most one item and, in rank
+    order, cover 0..n once."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (``t`` itself in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    out = t.clone().cuda() if dist.get_backend() == "nccl" else t.clone()
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def all_concat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (CPU rows; counts may differ) concatenated in rank order, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts)
