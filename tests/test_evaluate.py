@@ -80,6 +80,9 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     real = json.loads((out / "results.json").read_text())["real"]
     assert len(extracted) == 4 and kinds == {"val": real, "recon": real, "samples": 100, "train": 100}, extracted
     assert evaluated["stdout"].rstrip().endswith(f"report:  {out / 'report.md'}") and "next:" not in evaluated["stdout"]
+    # every long pass over images shows a progress bar with its image count (on stderr, as tqdm does)
+    bars = re.findall(r"(reconstruct|accuracy|confidences):\s+\d+%\|[^|]*\|\s*\d+/(\d+) ", evaluated["stderr"])
+    assert {("reconstruct", str(real)), ("accuracy", str(real)), ("confidences", "100")} <= set(bars), set(bars)
 
     record = json.loads((out / "mlflow_run.json").read_text())
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -94,7 +97,7 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert "reusing the cache" in log and "computing" not in log
     assert "classifier_real: reusing the trained classifier" in log
     assert "classifier_samples: reusing the trained classifier" in log
-    assert "reconstructed" not in log  # the reconstruction shards are kept
+    assert "reconstructed" not in log and "reconstruct:" not in log  # the reconstruction shards are kept
     rerun = json.loads((out / "results.json").read_text())["results"]
     assert rerun["fid"] == pytest.approx(results["fid"]) and rerun["cas/top1"] == results["cas/top1"]
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from pipeline.data.shard_images import ShardImages
 from pipeline.data.streams import TrainLoader, private_generator
@@ -28,11 +29,14 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _images(dataset: ShardImages, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _images(dataset: ShardImages, batch_size: int, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     labels = torch.from_numpy(dataset.labels)
-    for i, x in enumerate(DataLoader(dataset, batch_size=batch_size, num_workers=0,
-                                        generator=private_generator())):
-        yield x.float().div_(127.5).sub_(1.0), labels[i * batch_size:i * batch_size + len(x)]
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, generator=private_generator())
+    # leave=False: during a classifier's training the bar comes and goes under the training's bar
+    with tqdm(total=len(dataset), unit="img", desc=desc, leave=False, mininterval=2.0) as bar:
+        for i, x in enumerate(loader):
+            yield x.float().div_(127.5).sub_(1.0), labels[i * batch_size:i * batch_size + len(x)]
+            bar.update(len(x))
 
 
 @torch.no_grad()
@@ -43,7 +47,7 @@ def accuracy(model: nn.Module, dataset: ShardImages, batch_size: int = 256, *, r
     device = next(model.parameters()).device
     hits = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     k = min(5, model.num_classes)
-    for x, y in _images(_share(dataset, rank, world_size), batch_size):
+    for x, y in _images(_share(dataset, rank, world_size), batch_size, "accuracy"):
         top = model(x.to(device, next(model.parameters()).dtype)).float().topk(k, dim=1).indices.cpu()
         hits += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(), len(y)],
                              dtype=torch.float64)
@@ -58,7 +62,7 @@ def confidences(model: nn.Module, dataset: ShardImages, batch_size: int = 256, *
     ``world_size`` > 1 every rank calls this, scores its block, and every rank returns all scores."""
     device = next(model.parameters()).device
     out = [torch.zeros(0)]
-    for x, y in _images(_share(dataset, rank, world_size), batch_size):
+    for x, y in _images(_share(dataset, rank, world_size), batch_size, "confidences"):
         p = F.softmax(model(x.to(device, next(model.parameters()).dtype)).float(), dim=1).cpu()
         out.append(p.gather(1, y[:, None])[:, 0])
     return distributed.all_concat(torch.cat(out)).numpy()

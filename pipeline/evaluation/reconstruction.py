@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.data.shard_images import ShardImages, write_image_shard
@@ -42,9 +43,12 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
                       "keys": hashlib.sha256(keys.encode()).hexdigest()[:16]}))      # run_root reuses
     ok, error = True, None
     try:
-        for n, (name, tar, indices, source) in enumerate(jobs):
-            if n % world_size == rank and not any(_finished(Path(d), name, source) for d in (out_dir, *elsewhere)):
-                _reconstruct_shard(vqvae, val.subset(indices), out_dir, name, source, batch_size)
+        todo = [job for n, job in enumerate(jobs) if n % world_size == rank
+                and not any(_finished(Path(d), job[0], job[3]) for d in (out_dir, *elsewhere))]
+        with tqdm(total=sum(len(job[2]) for job in todo), unit="img", desc="reconstruct", disable=not todo,
+                  mininterval=2.0) as bar:
+            for name, tar, indices, source in todo:
+                _reconstruct_shard(vqvae, val.subset(indices), out_dir, name, source, batch_size, bar)
                 log.info("reconstructed %s: %d images", Path(tar).name, len(indices))
     except Exception as e:  # every rank must reach the agreement below, or the others would wait
         ok, error = False, e
@@ -70,7 +74,7 @@ def _sizes(vqvae: nn.Module) -> dict[str, int]:
 
 
 def _reconstruct_shard(vqvae: nn.Module, part: ShardImages, out_dir: Path, name: str, source: dict,
-                       batch_size: int) -> None:
+                       batch_size: int, bar: tqdm) -> None:
     device = next(vqvae.parameters()).device
     images, err = [], 0.0
     used = {level: np.zeros(k, dtype=np.int64) for level, k in _sizes(vqvae).items()}
@@ -83,6 +87,7 @@ def _reconstruct_shard(vqvae: nn.Module, part: ShardImages, out_dir: Path, name:
             used[level] += torch.bincount(codes.flatten().cpu(), minlength=len(used[level])).numpy()
         err += float(((recon - real) ** 2).sum())
         images.append(((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        bar.update(len(x))
     write_image_shard(out_dir / f"{name}.tar", np.concatenate(images), list(part.labels), [e.key for e in part.entries])
     stats = {"source": source, "sq_err": err, "values": int(sum(im.size for im in images)),
              **{f"codes_{level}": c.tolist() for level, c in used.items()}}
