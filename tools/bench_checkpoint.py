@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Checkpoint save and load time of the trained models, through the training's own path
+(DeepSpeed engine + CheckpointManager), with the optimizer state allocated as after a step.
+
+    python tools/bench_checkpoint.py                                     # paper_imagenet256, all three
+    python tools/bench_checkpoint.py --models top_prior --dir /shared/scratch/ckpt-bench
+    python tools/bench_checkpoint.py --preset tiny_digits
+
+What it answers: does a stop request leave the time to save? A preempted or timed-out job gets USR2
+``cluster.signal_delay_s`` (120 s) before SLURM kills it, a ``scancel``/``submit cancel`` SIGTERM
+and then ``KillWait`` (SLURM's default 30 s) before SIGKILL: the current step plus the save must
+fit. Run it with ``--dir`` on the filesystem that holds ``run_root`` on the cluster: a checkpoint
+goes where the stage directory is. ``save`` is until the manager returns (the data is in the page
+cache: a process killed after it loses nothing); ``+ sync`` adds writing it to the disk (what a
+node crash would need). One process, fp32 weights + AdamW state (ZeRO shards the optimizer state
+over the ranks: each rank writes its share, so a ZeRO-1/2 save on N ranks writes about 1/N of it
+per rank). The gradients are zero: the sizes, not the values, set the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.config import config_dir
+from pipeline.models import build, parameter_count
+from pipeline.training import distributed
+from pipeline.training.checkpoint import CheckpointManager
+from pipeline.training.engine import deepspeed_config
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int) -> dict[str, float]:
+    import deepspeed
+
+    model = build(which, model_cfg, num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cfg = OmegaConf.load(config_dir() / "deepspeed" / "default.yaml")
+    cfg.zero_stage, cfg.bf16 = zero_stage, False
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(OmegaConf.create(
+        {"deepspeed": cfg})))
+    # one step with zero gradients: AdamW allocates its two moments per parameter, as in training
+    engine.backward(sum(p.sum() * 0.0 for p in engine.module.parameters()))
+    engine.step()
+    ckpts = CheckpointManager(out / which, rank=0, world_size=1, keep=1)
+    t0 = time.perf_counter()
+    path = ckpts.save(engine, 1, {"samples": 0})
+    saved = time.perf_counter() - t0
+    os.sync()
+    synced = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ckpts.load(engine)
+    loaded = time.perf_counter() - t0
+    result = {"params": parameter_count(model), "bytes": _size(path), "save_s": saved, "sync_s": synced,
+              "load_s": loaded}
+    del engine, model, optimizer
+    shutil.rmtree(out / which)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="paper_imagenet256")
+    ap.add_argument("--models", default="vqvae,top_prior,bottom_prior")
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--zero-stage", type=int, default=0)
+    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary dir)")
+    args = ap.parse_args()
+    model_cfg = OmegaConf.load(config_dir() / "model" / f"{args.preset}.yaml")
+    base = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"preset {args.preset}, ZeRO {args.zero_stage}, writing under {base}")
+    print(f"{'model':<14}{'params':>14}{'checkpoint':>12}{'save':>9}{'+ sync':>9}{'load':>9}")
+    with distributed.process_group():
+        for which in args.models.split(","):
+            r = measure(which, model_cfg, args.num_classes, base, args.zero_stage)
+            print(f"{which:<14}{r['params']:>14,}{r['bytes'] / 2**30:>9.2f}GiB{r['save_s']:>8.1f}s"
+                  f"{r['sync_s']:>8.1f}s{r['load_s']:>8.1f}s", flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
