@@ -255,12 +255,13 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     proc = run_group(cmd, cwd=tmp_path, timeout=900,
                      env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    # the digest is 16 hex digits: the two ranks' lines may interleave before a newline ("...a2dd2a13:25:04")
-    digests = re.findall(r"identical on all 2 rank\(s\): sha256 ([0-9a-f]{16})", proc.stdout + proc.stderr)
+    # each rank's own log file: the ranks' lines interleave mid-line on the shared stdout
+    logs = sorted((root / "digits" / "evaluate" / "logs").glob("*.log"))
+    assert sorted(f.name.endswith("-rank1.log") for f in logs) == [False, True], logs
+    log = "\n".join(f.read_text() for f in logs)
+    digests = re.findall(r"identical on all 2 rank\(s\): sha256 ([0-9a-f]{16})", log)
     assert len(digests) == 4 and len(set(digests)) == 2, digests  # two classifiers, each logged by both ranks
     results = json.loads((root / "digits" / "evaluate" / "results.json").read_text())["results"]
-    # each rank's own log file: the ranks' lines interleave mid-line on the shared stdout
-    log = "\n".join(f.read_text() for f in (root / "digits" / "evaluate" / "logs").glob("*.log"))
     # the classifier passes are split over the ranks too and sum to one process's numbers
     real, _ = load_exported(root / "digits" / "evaluate" / "classifier_real" / "model.pt")
     assert results["real/top1"] == pytest.approx(accuracy(real, _val(root))[0], abs=1e-12)
