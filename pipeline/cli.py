@@ -243,6 +243,7 @@ def _status(overrides: list[str]) -> int:
 def _cancel(args: list[str]) -> int:
     """`submit cancel [stage=<s>]`: cancel the experiment's queued and running SLURM jobs."""
     from pipeline.launch.cancel import cancel, stages_of
+    from pipeline.launch.records import SlurmUnavailable
     from pipeline.stages import ORDER
 
     stage = next((a.partition("=")[2] for a in args if a.partition("=")[0] == "stage"), None)
@@ -255,7 +256,11 @@ def _cancel(args: list[str]) -> int:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
     print(f"submit cancel: experiment '{cfg.experiment}' in {cfg.run_root}")
-    lines, cancelled = cancel(cfg, stages_of(cfg, stage))
+    try:
+        lines, cancelled = cancel(cfg, stages_of(cfg, stage))
+    except SlurmUnavailable as e:
+        print(f"submit: error: {e} -- nothing was cancelled; run it again once `squeue` answers", file=sys.stderr)
+        return 1
     print("\n".join(lines))
     if cancelled > 0:
         print(f"  nothing was deleted: submitting a stage again resumes it from its outputs\n"
@@ -284,7 +289,11 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         records.record_command(stage_dir(cfg, stage), args)
     start = time.time()
     if cfg.cluster.name == "slurm":
-        rows = chain.submit_slurm(cfgs)
+        try:
+            rows = chain.submit_slurm(cfgs)
+        except records.SlurmUnavailable as e:
+            print(f"submit: error: {e} -- nothing was queued; submit again once `squeue` answers", file=sys.stderr)
+            return 2
         print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the jobs whose "
               "outputs it reads; a failure cancels what depends on it)")
         for r in rows:

@@ -278,3 +278,41 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     # the failed stage is rerun by the command that queued it, data=folder and all (status has only run_root)
     ready = status.stdout.split("can run now")[1].splitlines()[1:]
     assert ready == ["  " + shlex.join(["submit", *bad_args])], status.stdout
+
+
+def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_path, monkeypatch):
+    """squeue fails when the controller is unreachable or overloaded: "not in the queue" would let
+    submit start a stage a second time beside its live job. Only the controller's "Invalid job id"
+    (or no SLURM set up) means gone; anything else refuses, naming the job and squeue's words."""
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    assert records.queue_state("999999") is None  # the real controller holds no such job
+    # the same cluster's config with the controller's port pointing where nothing listens
+    conf = Path(slurm["SLURM_CONF"]).read_text()
+    away = re.sub(r"^SlurmctldPort=\d+$", "SlurmctldPort=26799", conf, flags=re.M)
+    assert away != conf
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "slurm.conf").write_text(away + "\nMessageTimeout=2\nTCPTimeout=1\n")
+    unreachable = {"SLURM_CONF": str(tmp_path / "etc" / "slurm.conf")}
+    monkeypatch.setenv("SLURM_CONF", unreachable["SLURM_CONF"])
+    with pytest.raises(records.SlurmUnavailable, match=r"squeue -j 4242 failed 2 times \(.*Unable to contact "
+                                                       r"slurm controller.*whether job 4242 is still queued"):
+        records.queue_state("4242", pause_s=0)
+
+    run_root = tmp_path / "runs"
+    prepare = run_root / "digits" / "prepare"
+    prepare.mkdir(parents=True)
+    records.add_job(prepare, "4242")
+    before = (prepare / records.JOBS).read_text()
+    one = submit("stage=prepare", "cluster=slurm", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
+    assert one.returncode == 2, one.stdout + one.stderr
+    assert "stage=prepare: squeue -j 4242 failed 2 times" in one.stderr and "nothing was submitted" in one.stderr
+    chain = submit("stage=all", "cluster=slurm", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
+    assert chain.returncode == 2 and "nothing was queued" in chain.stderr, chain.stdout + chain.stderr
+    cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
+    assert cancel.returncode == 1 and "nothing was cancelled" in cancel.stderr, cancel.stdout + cancel.stderr
+    assert (prepare / records.JOBS).read_text() == before  # no job added
+    assert [p.parent.name for p in (run_root / "digits").glob(f"*/{records.JOBS}")] == ["prepare"]  # nor queued
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
+    # the controller unreachable and no accounting record of the job: its state is unknown, not "failed"
+    assert status.returncode == 0 and re.search(r"^prepare\s+unknown \(squeue failed\)\s+4242", status.stdout,
+                                                re.M), status.stdout

@@ -147,9 +147,12 @@ def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     rows = [{"stage": s, "status": "already done", "job": ""} for s in done]
     rows += [{"stage": s, "status": "not needed (encode.vqvae)", "job": ""} for s in skip]
     queued: dict[str, str] = {}
+    # every stage's queue state before anything is queued: a squeue that fails (SlurmUnavailable)
+    # stops the chain with nothing of it submitted
+    lives = {stage: records.live_job(stage_dir(cfg, stage)) for stage in todo}
     for stage in todo:
         after = sorted({queued[p] for p, _ in NEEDS.get(stage, ()) if p in queued}, key=int)
-        live = records.live_job(stage_dir(cfg, stage))
+        live = lives[stage]
         if live:  # queued by an earlier command: depend on it rather than run the stage twice at once
             queued[stage] = live[0]
             rows.append({"stage": stage, "status": f"already {live[1].lower()}", "job": live[0], "live": True})

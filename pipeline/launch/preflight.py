@@ -100,7 +100,11 @@ def _tracking_answers(cfg: DictConfig) -> None:
 def _not_queued(cfg: DictConfig, stage: str) -> None:
     """A second job (or a local run) on a stage whose SLURM job is still queued or running would
     write the same checkpoints and outputs."""
-    live = records.live_job(stage_dir(cfg, stage))
+    try:
+        live = records.live_job(stage_dir(cfg, stage))
+    except records.SlurmUnavailable as e:
+        raise ConfigError(f"stage={stage_name(cfg, stage)}", str(e), "submit again once `squeue` answers: "
+                          "nothing was submitted (a second job beside a live one would write the same outputs)")
     if live:
         job, state = live
         raise ConfigError(f"stage={stage_name(cfg, stage)}", f"its SLURM job {job} is still {state}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -20,6 +21,7 @@ from pipeline.launch import stage_lock
 from pipeline.stages import ORDER, PROGRESS, shard_progress, vqvae_model
 from pipeline.tracking import tracking_uri
 
+log = logging.getLogger(__name__)
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
 COMMAND = "command.json"  # the `submit` arguments (and working dir) that last ran or queued a stage
 
@@ -82,19 +84,53 @@ def live_job(sdir: Path) -> tuple[str, str] | None:
     return (job, state) if state else None
 
 
-def queue_state(job_id: str) -> str | None:
-    """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it left."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                             timeout=30).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return None  # no SLURM client here: nothing can be in its queue
-    return ("RUNNING" if "RUNNING" in out else out[0]) if out else None
+class SlurmUnavailable(RuntimeError):
+    """squeue did not answer whether a job is queued (the controller unreachable or timing out):
+    a caller must not take it for "gone", or it would run the stage a second time beside the job."""
+
+
+# squeue's words for "no SLURM configured here": nothing can be in its queue
+_NO_SLURM = ("Could not establish a configuration source", "Unable to process configuration file")
+
+
+def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None:
+    """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it has
+    left (the controller says "Invalid job id" for a job it no longer holds) or where no SLURM is
+    set up. Raises SlurmUnavailable when squeue fails otherwise ``tries`` times."""
+    error = ""
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(pause_s)
+        try:
+            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                  timeout=60)
+        except OSError:
+            return None  # no SLURM client here: nothing can be in its queue
+        except subprocess.TimeoutExpired:
+            error = "no answer in 60 s"
+            continue
+        out = proc.stdout.split()
+        if proc.returncode == 0:
+            return ("RUNNING" if "RUNNING" in out else out[0]) if out else None
+        if "Invalid job id" in proc.stderr or any(words in proc.stderr for words in _NO_SLURM):
+            return None
+        error = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
+    raise SlurmUnavailable(f"squeue -j {job_id} failed {tries} times ({error}): whether job {job_id} is still "
+                           "queued is unknown")
 
 
 def wait_for_job(job_id: str, poll_s: float = 5.0) -> str:
-    """Block until the job has left the queue; its final state from accounting."""
-    while queue_state(job_id):
+    """Block until the job has left the queue; its final state from accounting. A squeue that fails
+    for a while (a busy or restarting controller) is waited out, not read as the job's end."""
+    warned = False
+    while True:
+        try:
+            if not queue_state(job_id):
+                break
+        except SlurmUnavailable as e:
+            if not warned:
+                log.warning("%s; still waiting", e)
+                warned = True
         time.sleep(poll_s)
     for _ in range(12):  # accounting may not have recorded the end yet
         state = slurm_state(job_id)
@@ -157,9 +193,18 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
     if (sdir / DONE).exists():
         row["status"] = "done"
     elif job:
-        state = slurm_state(job)
-        word = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "pending", "COMPLETING": "running",
-                "COMPLETED": "incomplete"}.get(state, "failed")
+        try:  # the queue first: it needs no accounting (sacct may be disabled on the cluster)
+            queued, unanswered = queue_state(job, tries=1), False
+        except SlurmUnavailable:
+            queued, unanswered = None, True
+        state = queued or slurm_state(job)
+        if queued:  # CONFIGURING, SUSPENDED, REQUEUE_HOLD, ...: still in the queue
+            word = "running" if state in ("RUNNING", "COMPLETING") else "pending"
+        elif unanswered and state == "UNKNOWN":  # neither squeue nor sacct answered: not "failed"
+            word, state = "unknown", "squeue failed"
+        else:
+            word = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "pending", "COMPLETING": "running",
+                    "COMPLETED": "incomplete"}.get(state, "failed")
         row["status"], row["job"] = f"{word} ({state})", job
     elif run_status:
         row["status"] = {"FAILED": "failed", "KILLED": "stopped", "RUNNING": "running or crashed",
