@@ -5,6 +5,7 @@
     python tools/bench_checkpoint.py                                     # paper_imagenet256, all three
     python tools/bench_checkpoint.py --models top_prior --dir /shared/scratch/ckpt-bench
     python tools/bench_checkpoint.py --preset tiny_digits
+    torchrun --nproc-per-node 8 tools/bench_checkpoint.py --zero-stage 2 --dir /shared/scratch   # 8 ranks
 
 What it answers: does a stop request leave the time to save? A preempted or timed-out job gets USR2
 ``cluster.signal_delay_s`` (120 s) before SLURM kills it, a ``scancel``/``submit cancel`` SIGTERM
@@ -12,9 +13,9 @@ and then ``KillWait`` (SLURM's default 30 s) before SIGKILL: the current step pl
 fit. Run it with ``--dir`` on the filesystem that holds ``run_root`` on the cluster: a checkpoint
 goes where the stage directory is. ``save`` is until the manager returns (the data is in the page
 cache: a process killed after it loses nothing); ``+ sync`` adds writing it to the disk (what a
-node crash would need). One process, fp32 weights + AdamW state (ZeRO shards the optimizer state
-over the ranks: each rank writes its share, so a ZeRO-1/2 save on N ranks writes about 1/N of it
-per rank). The gradients are zero: the sizes, not the values, set the cost.
+node crash would need); the times are rank 0's. fp32 weights + AdamW state; under torchrun with
+``--zero-stage 1`` or ``2`` each rank writes its shard of the optimizer state. The gradients are
+zero: the sizes, not the values, set the cost.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int) -> dict[str, float]:
+def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int,
+            info: distributed.DistEnv) -> dict[str, float]:
     import deepspeed
 
     model = build(which, model_cfg, num_classes)
@@ -53,7 +55,7 @@ def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int)
     # one step with zero gradients: AdamW allocates its two moments per parameter, as in training
     engine.backward(sum(p.sum() * 0.0 for p in engine.module.parameters()))
     engine.step()
-    ckpts = CheckpointManager(out / which, rank=0, world_size=1, keep=1)
+    ckpts = CheckpointManager(out / which, rank=info.rank, world_size=info.world_size, keep=1)
     t0 = time.perf_counter()
     path = ckpts.save(engine, 1, {"samples": 0})
     saved = time.perf_counter() - t0
@@ -65,7 +67,9 @@ def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int)
     result = {"params": parameter_count(model), "bytes": _size(path), "save_s": saved, "sync_s": synced,
               "load_s": loaded}
     del engine, model, optimizer
-    shutil.rmtree(out / which)
+    distributed.all_true(True)  # every rank has loaded before rank 0 removes the files
+    if info.rank == 0:
+        shutil.rmtree(out / which)
     return result
 
 
@@ -78,16 +82,19 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary dir)")
     args = ap.parse_args()
     model_cfg = OmegaConf.load(config_dir() / "model" / f"{args.preset}.yaml")
-    base = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"preset {args.preset}, ZeRO {args.zero_stage}, writing under {base}")
-    print(f"{'model':<14}{'params':>14}{'checkpoint':>12}{'save':>9}{'+ sync':>9}{'load':>9}")
-    with distributed.process_group():
+    with distributed.process_group() as info:
+        # one directory for all ranks (under torchrun: --dir on a filesystem they share)
+        base = (args.dir or Path(tempfile.gettempdir())) / f"ckpt-bench-{info.master_port}"
+        say = print if info.rank == 0 else (lambda *a, **k: None)
+        say(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"preset {args.preset}, ZeRO {args.zero_stage}, {info.world_size} rank(s), writing under {base}")
+        say(f"{'model':<14}{'params':>14}{'checkpoint':>12}{'save':>9}{'+ sync':>9}{'load':>9}")
         for which in args.models.split(","):
-            r = measure(which, model_cfg, args.num_classes, base, args.zero_stage)
-            print(f"{which:<14}{r['params']:>14,}{r['bytes'] / 2**30:>9.2f}GiB{r['save_s']:>8.1f}s"
-                  f"{r['sync_s']:>8.1f}s{r['load_s']:>8.1f}s", flush=True)
-    shutil.rmtree(base, ignore_errors=True)
+            r = measure(which, model_cfg, args.num_classes, base, args.zero_stage, info)
+            say(f"{which:<14}{r['params']:>14,}{r['bytes'] / 2**30:>9.2f}GiB{r['save_s']:>8.1f}s"
+                f"{r['sync_s']:>8.1f}s{r['load_s']:>8.1f}s", flush=True)
+        if info.rank == 0:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
