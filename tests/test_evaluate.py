@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch_fidelity
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from conftest import EVAL_ARGS, copy_stages, run_group, submit
 from pipeline.config import compose
@@ -27,7 +28,7 @@ from pipeline.evaluation.classifier import (NOT_RECIPE, ClassifierTask, accuracy
                                              recipe_changes, same_classifier, train_or_reuse)
 from pipeline.evaluation.reconstruction import reconstruct
 from pipeline.evaluation.report import sample_sets_table
-from pipeline.evaluation.rejection import accepted, class_matched
+from pipeline.evaluation.rejection import accepted, class_matched, extremes
 from pipeline.models import load_exported
 from pipeline.stages import StageContext
 from pipeline.tracking import StageRun
@@ -89,7 +90,20 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     metrics = client.get_run(record["run_id"]).data.metrics
     assert set(NAMES) <= set(metrics)
     assert "classifier_real/loss" in metrics and "classifier_samples/val_top1" in metrics
-    assert {"report.md", "report.html", "results.json"} <= {a.path for a in client.list_artifacts(record["run_id"])}
+    assert {"report.md", "report.html", "results.json", "rejection.png"} <= {
+        a.path for a in client.list_artifacts(record["run_id"])}
+    # the rejection grid: a row per class, the most confident sample first, the least confident last
+    clf, _ = load_exported(out / "classifier_real" / "model.pt")
+    samples = ShardImages(shards.shard_urls(root / "digits" / "sample" / "shards", "samples"), 32, "none")
+    scores = confidences(clf, samples)
+    grid = np.array(Image.open(out / "rejection.png").convert("RGB"))
+    cell = 2 * 34  # 32² samples in a 1-pixel frame, shown twice as large
+    assert grid.shape == (10 * cell, 11 * cell, 3)  # 10 classes; 5 best, a gap, 5 worst
+    for c, col in ((0, 0), (0, 10), (9, 0)):
+        idx = np.flatnonzero(samples.labels == c)
+        want = idx[np.argmax(scores[idx])] if col == 0 else idx[np.argmin(scores[idx])]
+        shown = grid[c * cell + 2:(c + 1) * cell - 2:2, col * cell + 2:(col + 1) * cell - 2:2]
+        assert np.array_equal(shown, samples[want].permute(1, 2, 0).numpy()), (c, col)
 
     again = submit("stage=evaluate", f"run_root={root}", *EVAL_ARGS, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -172,6 +186,13 @@ def test_real_halves_beat_noise_and_dropped_classes_lower_recall_only(evaluated,
     # in 10 splits would bound it by 6)
     assert fidelity.isc_splits(60) == 1 and fidelity.isc_splits(500) == 10 and fidelity.isc_splits(10) == 1
     assert metrics(val.subset(list(range(60))), "val-60")["isc"] > 6.5
+
+
+def test_extremes_are_each_class_best_and_worst_never_twice():
+    labels = np.array([1, 0, 1, 0, 0, 2, 0])
+    scores = np.array([0.9, 0.2, 0.1, 0.8, 0.5, 0.7, 0.5])
+    assert extremes(labels, scores, 2, 10) == [([3, 4], [6, 1]), ([0, 2], []), ([5], [])]
+    assert extremes(labels, scores, 1, 2) == [([3], [1]), ([0], [2])]  # the first classes only
 
 
 def test_rejection_keeps_half_of_each_class_and_raises_confidence(evaluated):

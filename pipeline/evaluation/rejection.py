@@ -18,6 +18,19 @@ def accepted(labels: np.ndarray, scores: np.ndarray, rate: float) -> list[int]:
     return sorted(keep)
 
 
+def extremes(labels: np.ndarray, scores: np.ndarray, per_side: int, max_classes: int) -> list[tuple[list[int], list[int]]]:
+    """Per class (the first ``max_classes`` present, in class order): the indices of its ``per_side``
+    highest-scoring samples (highest first) and of its ``per_side`` lowest (lowest last), never the
+    same sample twice; ties broken by index, as in ``accepted``."""
+    out = []
+    for c in np.unique(labels)[:max_classes]:
+        idx = np.flatnonzero(labels == c)
+        ranked = idx[np.argsort(-scores[idx], kind="stable")].tolist()
+        best = ranked[:per_side]
+        out.append((best, ranked[max(len(best), len(ranked) - per_side):]))
+    return out
+
+
 def rate_name(rate: float) -> str:
     """``accept_<rate>`` as it appears in metric names: accept_1.0, accept_0.5, accept_0.1."""
     return f"accept_{float(rate)}"

@@ -7,7 +7,8 @@
    FID of real train images with the samples' count per class vs real val: the floor a perfect model
    would reach;
 4. classifier-based rejection: the same metrics for the samples kept at each ``eval.accept_rates``,
-   each FID beside that of real train images with the kept count per class (FID depends on both);
+   each FID beside that of real train images with the kept count per class (FID depends on both),
+   and a grid of each class's most and least confident samples (rejection.png, in MLflow too);
 5. Classification Accuracy Score: the same classifier recipe trained on the samples only, tested on
    the real val split;
 6. a report beside the paper's numbers (report.md / report.html) and every number in results.json.
@@ -21,22 +22,25 @@ recomputes only the cheap metrics.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
+from PIL import Image
 
 from pipeline import atomic
 from pipeline.config import stage_dir
-from pipeline.data import shards
+from pipeline.data import grids, shards
 from pipeline.data.shard_images import ShardImages
 from pipeline.evaluation import fidelity, report
 from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, manifest_digest, train_or_reuse
 from pipeline.evaluation.reconstruction import reconstruct
-from pipeline.evaluation.rejection import accepted, class_matched, rate_name
+from pipeline.evaluation.rejection import accepted, class_matched, extremes, rate_name
 from pipeline.models import load_exported, load_exported_digest
 from pipeline.stages import StageContext, vqvae_model
 from pipeline.training import distributed
@@ -138,6 +142,11 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         results[f"{name}/kept"] = float(len(keep))
         results[f"{name}/confidence"] = float(np.mean(scores[keep]))
 
+    if env.rank == 0:  # what rejection keeps and drops, per class, in the MLflow UI
+        grid = _rejection_grid(samples, scores)
+        atomic.write_bytes(ctx.stage_dir / "rejection.png", _png(grid))
+        ctx.run.log_image(grid, "rejection.png")
+
     cas_task = ClassifierTask(cfg, shards.shard_urls(sample_dir, "samples"), val, num_classes, names,
                               f"samples {manifest_digest(sample_manifest)}")
     cas, _ = load_exported(train_or_reuse(cfg, ctx, "classifier_samples", cas_task), device)
@@ -179,6 +188,26 @@ def _baselines(pool: np.ndarray, label_sets: list[np.ndarray], ctx: StageContext
                                 len(idx), len(labels))
             out[_counts(labels)] = idx
     return out
+
+
+def _rejection_grid(samples: ShardImages, scores: np.ndarray, per_side: int = 5) -> Image.Image:
+    """One row per class: its samples the real classifier is most sure of (most first), a grey
+    cell, then those it is least sure of (least last): rejection keeps from the left."""
+    rows = []
+    for best, worst in extremes(samples.labels, scores, per_side, grids.GRID_CLASSES):
+        cells = [samples[i] for i in best]
+        gap = torch.full_like(cells[0], grids.GUTTER)
+        row = torch.stack(cells + [gap] + [samples[i] for i in worst]).float() / 127.5 - 1
+        if row.shape[-1] > 128:  # 20 rows of 11 ImageNet samples at 256² would be a 15-megapixel image
+            row = torch.nn.functional.interpolate(row, size=(128, 128), mode="bilinear", antialias=True)
+        rows.append(row)
+    return grids.grid(rows, max(1, 64 // rows[0].shape[-1]))
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _digest(indices: list[int]) -> str:
