@@ -149,15 +149,21 @@ def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing
             time.sleep(1)
         cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=300)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
-        assert re.search(rf"train_vqvae\s+{jobs['train_vqvae']}\s+running -> cancelled", cancel.stdout), cancel.stdout
+        # the running training got SIGTERM alone (no SIGKILL after KillWait) and stopped with a checkpoint
+        stopped = re.search(rf"train_vqvae\s+{jobs['train_vqvae']}\s+running -> stopped, checkpoint at step (\d+) "
+                            r"\(SLURM state FAILED\)", cancel.stdout)
+        assert stopped, cancel.stdout
         for stage in ("encode", "train_top_prior", "train_bottom_prior", "sample", "evaluate"):
             assert re.search(rf"{stage}\s+{jobs[stage]}\s+pending -> cancelled", cancel.stdout), cancel.stdout
         assert not re.search(r"^\s+prepare\s", cancel.stdout, re.M)  # finished: nothing to cancel
         assert all(not _sh(["squeue", "-h", "-j", job], slurm).strip() for job in jobs.values())
     finally:
         _sh(["scancel", *jobs.values()], slurm)
-    # the training got SIGTERM and saved a checkpoint on its way out
-    assert list((run_root / "digits" / "train_vqvae" / "checkpoints").glob("step_*"))
+    # the training saved a checkpoint on its way out: the step the cancel names, not one of ckpt_every
+    latest = (run_root / "digits" / "train_vqvae" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{int(stopped.group(1)):08d}", latest
+    (log,) = (run_root / "digits" / "train_vqvae" / "logs").glob("*.log")
+    assert f"stop requested (SIGTERM); checkpoint saved at step {int(stopped.group(1))}" in log.read_text()
     assert (run_root / "digits" / "prepare" / "done.json").exists()  # nothing deleted
     assert (run_root / "digits" / "prepare" / "shards" / "dataset.json").exists()
     again = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)

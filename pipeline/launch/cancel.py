@@ -1,21 +1,28 @@
 """`submit cancel`: cancel the SLURM jobs of an experiment that are still queued or running.
 
 A chain queued by `submit stage=all` is one job per stage; this finds them in the stage
-directories (``jobs.json``) and cancels the live ones with one ``scancel``. A cancelled training
-gets SIGTERM and checkpoints at its next step if SLURM's KillWait leaves it the time; submitted
-again, every stage resumes from its outputs (nothing is deleted). A stage running in a local
-``submit`` is named with how to stop it (this cannot reach that terminal).
+directories (``jobs.json``) and cancels the queued ones with one ``scancel``. The running ones get
+SIGTERM alone (``scancel --signal=TERM``: no SIGKILL after SLURM's KillWait), so a training saves a
+checkpoint at its next step however long the save takes; one still running after
+``cancel_grace_s`` is cancelled outright. Submitted again, every stage resumes from its outputs
+(nothing is deleted). A stage running in a local ``submit`` is named with how to stop it (this
+cannot reach that terminal).
 """
 
 from __future__ import annotations
 
 import subprocess
+import time
 
 from omegaconf import DictConfig
 
 from pipeline.config import stage_dir, stage_name
 from pipeline.launch import records, stage_lock
 from pipeline.stages import ORDER
+
+
+# scancel's words for a job that ended between squeue and scancel
+_GONE = ("Invalid job id", "already completing or completed")
 
 
 def stages_of(cfg: DictConfig, stage: str | None) -> list[str]:
@@ -45,10 +52,26 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
                         + (f" ({', '.join(stage_name(cfg, s) for s in stages)})"
                            if len(stages) < len(ORDER) - 1 else "")], 0
     ids = [job for _, job, _ in live]
-    proc = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        return lines + [f"  scancel {' '.join(ids)} failed: {(proc.stderr or proc.stdout).strip()}"], -1
-    for stage, job, before in live:  # a training may still be saving its checkpoint (KillWait bounds it)
-        now = records.wait_for_job(job, poll_s=1.0)
-        lines.append(f"  {stage_name(cfg, stage):<20}{job:<10}{before.lower()} -> {now.lower()}")
+    running = [job for _, job, state in live if state == "RUNNING"]
+    # queued jobs (and an array's queued tasks) go at once; running ones get SIGTERM alone, with no
+    # SIGKILL after KillWait: a training saves a checkpoint at its next step however long that takes
+    for how, jobs in ((["--state=PENDING"], ids), (["--state=RUNNING", "--signal=TERM"], running)):
+        proc = subprocess.run(["scancel", *how, *jobs], capture_output=True, text=True, timeout=60) if jobs else None
+        errors = [e for e in (proc.stderr.splitlines() if proc and proc.returncode else [])
+                  if e.strip() and not any(gone in e for gone in _GONE)]  # ended meanwhile: nothing to do
+        if errors:
+            return lines + [f"  scancel {' '.join(how + jobs)} failed: {' '.join(errors)}"], -1
+    deadline = time.time() + float(cfg.cancel_grace_s)
+    for stage, job, before in live:
+        now = records.wait_for_job(job, poll_s=1.0, timeout_s=max(0.0, deadline - time.time()))
+        if now is None:  # not stopped within cancel_grace_s: cancelled outright (SIGKILL after KillWait)
+            subprocess.run(["scancel", job], capture_output=True, text=True, timeout=60)
+            how = f"{records.wait_for_job(job, poll_s=1.0).lower()} after cancel_grace_s={cfg.cancel_grace_s}"
+        elif job in running:  # it ended on the SIGTERM (a stopped stage exits non-zero: FAILED)
+            latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
+            saved = f", checkpoint at step {int(latest.read_text().strip()[5:])}" if latest.exists() else ""
+            how = f"stopped{saved} (SLURM state {now})"
+        else:
+            how = now.lower()
+        lines.append(f"  {stage_name(cfg, stage):<20}{job:<10}{before.lower()} -> {how}")
     return lines, len(live)

@@ -123,6 +123,7 @@ class StageJob:
             return {**result, "stage_dir": str(sdir), "log": str(log_file), "run_id": run.run_id,
                     "tracking_uri": tracking_uri(cfg)}
         except StageStopped as stopped:
+            log.warning("%s", stopped)  # in the stage's own log too, not only the job's stderr
             _requeue_if_scheduled(stopped, rank)
             raise
         finally:

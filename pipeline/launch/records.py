@@ -119,11 +119,14 @@ def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None
                            "queued is unknown")
 
 
-def wait_for_job(job_id: str, poll_s: float = 5.0) -> str:
-    """Block until the job has left the queue; its final state from accounting. A squeue that fails
-    for a while (a busy or restarting controller) is waited out, not read as the job's end."""
-    warned = False
+def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = None) -> str | None:
+    """Block until the job has left the queue; its final state from accounting (None if it is still
+    queued after ``timeout_s``). A squeue that fails for a while (a busy or restarting controller) is
+    waited out, not read as the job's end."""
+    warned, deadline = False, None if timeout_s is None else time.time() + timeout_s
     while True:
+        if deadline is not None and time.time() >= deadline:
+            return None
         try:
             if not queue_state(job_id):
                 break
