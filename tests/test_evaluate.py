@@ -73,6 +73,8 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     assert "different dataset" in report
     assert "| accept_0.1/fid (classifier-based rejection, 10 samples) |" in report
     assert "| accept_0.1/fid_vs_real_train (classifier-based rejection, 10 samples) |" in report
+    assert "![rejection.png](rejection.png)" in report and (out / "rejection.png").exists()
+    assert '<img src="rejection.png"' in (out / "report.html").read_text()
     first = evaluated["stdout"] + evaluated["stderr"]
     # every image set's features are extracted once: real val, reconstructions, samples and one real
     # train set holding every baseline (before: each rate's kept samples and baseline were extracted anew)

@@ -36,6 +36,9 @@ NOTE = ("Paper column: VQ-VAE-2 on ImageNet 256x256 (CAS with a ResNet-50). This
         "scale, shown for orientation only. The paper gives FID, IS, precision and recall as curves over "
         "rejection rates rather than single values, so those cells are left empty.")
 SAMPLES = "Samples evaluated: {sampled}."
+GRID = "rejection.png"  # written by evaluate beside the report
+REJECTION = ("Classifier-based rejection, one row per class: the samples the real-data classifier is most "
+             "sure of (most first), then those it is least sure of (least last).")
 
 
 def describe_samples(name: str, sampling: dict[str, Any]) -> str:
@@ -59,15 +62,16 @@ def rows(results: dict[str, float], accept: list[str]) -> list[tuple[str, str, s
 def markdown(results: dict[str, float], accept: list[str], facts: dict[str, Any]) -> str:
     lines = ["| metric | this run | VQ-VAE-2 paper (ImageNet 256²) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(results, accept)]
-    return "\n".join(lines) + "\n\n" + SAMPLES.format(**facts) + "\n\n" + NOTE.format(**facts) + "\n"
+    return ("\n".join(lines) + "\n\n" + SAMPLES.format(**facts) + "\n\n" + NOTE.format(**facts) + "\n\n"
+            + f"{REJECTION}\n\n![{GRID}]({GRID})\n")
 
 
 def html_table(results: dict[str, float], accept: list[str], facts: dict[str, Any]) -> str:
     body = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows(results, accept))
     return ("<html><body><table border=1 cellpadding=4><tr><th>metric</th><th>this run</th>"
             f"<th>VQ-VAE-2 paper (ImageNet 256&sup2;)</th></tr>{body}</table><p>{html.escape(SAMPLES.format(**facts))}</p>"
-            f"<p>{html.escape(NOTE.format(**facts))}"
-            "</p></body></html>\n")
+            f"<p>{html.escape(NOTE.format(**facts))}</p><p>{html.escape(REJECTION)}</p>"
+            f'<img src="{GRID}" alt="{GRID}"></body></html>\n')
 
 
 def _drawn_with(evaluate_dir: Path) -> dict[str, Any]:

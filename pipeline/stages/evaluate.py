@@ -144,8 +144,8 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     if env.rank == 0:  # what rejection keeps and drops, per class, in the MLflow UI
         grid = _rejection_grid(samples, scores)
-        atomic.write_bytes(ctx.stage_dir / "rejection.png", _png(grid))
-        ctx.run.log_image(grid, "rejection.png")
+        atomic.write_bytes(ctx.stage_dir / report.GRID, _png(grid))  # the reports show it
+        ctx.run.log_image(grid, report.GRID)
 
     cas_task = ClassifierTask(cfg, shards.shard_urls(sample_dir, "samples"), val, num_classes, names,
                               f"samples {manifest_digest(sample_manifest)}")
