@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.images import png_bytes
 from pipeline.data.streams import private_generator
 from pipeline.data.transforms import load_crop
 
@@ -155,7 +156,6 @@ class ShardImages(IndexedShards):
 
 def write_image_shard(path: Path, images: np.ndarray, labels: list[int], keys: list[str] | None = None) -> Path:
     """uint8 (N, H, W, 3) images -> a PNG tar shard, atomically (reconstructions, reference sets)."""
-    import io
 
     import webdataset as wds
     from PIL import Image
@@ -167,9 +167,8 @@ def write_image_shard(path: Path, images: np.ndarray, labels: list[int], keys: l
     with open(tmp, "wb") as stream:
         sink = wds.TarWriter(stream)
         for i, (img, c) in enumerate(zip(images, labels)):
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            sink.write({"__key__": keys[i] if keys else f"s{i:06d}", "png": buf.getvalue(), "cls": int(c)})
+            sink.write({"__key__": keys[i] if keys else f"s{i:06d}", "png": png_bytes(Image.fromarray(img)),
+                        "cls": int(c)})
         sink.close()
     atomic.commit(tmp, path)
     return path

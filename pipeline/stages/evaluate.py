@@ -22,7 +22,6 @@ recomputes only the cheap metrics.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from PIL import Image
 from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.data import grids, shards
+from pipeline.data.images import png_bytes
 from pipeline.data.shard_images import ShardImages
 from pipeline.evaluation import fidelity, report
 from pipeline.evaluation.classifier import ClassifierTask, accuracy, confidences, manifest_digest, train_or_reuse
@@ -144,7 +144,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     if env.rank == 0:  # what rejection keeps and drops, per class, in the MLflow UI
         grid = _rejection_grid(samples, scores)
-        atomic.write_bytes(ctx.stage_dir / report.GRID, _png(grid))  # the reports show it
+        atomic.write_bytes(ctx.stage_dir / report.GRID, png_bytes(grid))  # the reports show it
         ctx.run.log_image(grid, report.GRID)
 
     cas_task = ClassifierTask(cfg, shards.shard_urls(sample_dir, "samples"), val, num_classes, names,
@@ -202,12 +202,6 @@ def _rejection_grid(samples: ShardImages, scores: np.ndarray, per_side: int = 5)
             row = torch.nn.functional.interpolate(row, size=(128, 128), mode="bilinear", antialias=True)
         rows.append(row)
     return grids.grid(rows, max(1, 64 // rows[0].shape[-1]))
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _digest(indices: list[int]) -> str:

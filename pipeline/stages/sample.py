@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.data import grids, shards
+from pipeline.data.images import png_bytes
 from pipeline.models import load_exported_digest
 from pipeline.models.sampling import sample_bottom, sample_top
 from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs, vqvae_model
@@ -134,12 +134,7 @@ def _draw(vqvae, top_prior, bottom_prior, classes: torch.Tensor, sizes, g: torch
         bottom = sample_bottom(bottom_prior, top, classes, sizes[1], generator=g, **filt)
         x = vqvae.decode_codes(top, bottom)
     pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = []
-    for p in pixels:
-        buf = io.BytesIO()
-        Image.fromarray(p).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return [png_bytes(Image.fromarray(p)) for p in pixels]
 
 
 # Where other settings' samples go: the drawn ones stay, the priors are not trained again.
