@@ -168,6 +168,11 @@ def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing
     assert (run_root / "digits" / "prepare" / "shards" / "dataset.json").exists()
     again = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
     assert again.returncode == 0 and "no SLURM job of experiment 'digits' is queued or running" in again.stdout
+    # the stopped training is not reported as a failure, and status offers to resume it
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+    assert re.search(rf"^train_vqvae\s+stopped \(FAILED\)\s+{jobs['train_vqvae']}\s+step {int(stopped.group(1))}\s",
+                     status.stdout, re.M), status.stdout
+    assert "can run now" in status.stdout and "submit stage=all" in status.stdout
 
 
 def _run_time_s(job: str, slurm: dict) -> int:

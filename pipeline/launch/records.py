@@ -208,6 +208,8 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
         else:
             word = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "pending", "COMPLETING": "running",
                     "COMPLETED": "incomplete"}.get(state, "failed")
+            if word == "failed" and run_status == "KILLED":  # asked to stop (submit cancel, scancel)
+                word = "stopped"
         row["status"], row["job"] = f"{word} ({state})", job
     elif run_status:
         row["status"] = {"FAILED": "failed", "KILLED": "stopped", "RUNNING": "running or crashed",
