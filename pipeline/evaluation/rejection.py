@@ -18,7 +18,8 @@ def accepted(labels: np.ndarray, scores: np.ndarray, rate: float) -> list[int]:
     return sorted(keep)
 
 
-def extremes(labels: np.ndarray, scores: np.ndarray, per_side: int, max_classes: int) -> list[tuple[list[int], list[int]]]:
+def extremes(labels: np.ndarray, scores: np.ndarray, per_side: int,
+             max_classes: int) -> list[tuple[list[int], list[int]]]:
     """Per class (the first ``max_classes`` present, in class order): the indices of its ``per_side``
     highest-scoring samples (highest first) and of its ``per_side`` lowest (lowest last), never the
     same sample twice; ties broken by index, as in ``accepted``."""

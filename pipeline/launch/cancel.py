@@ -51,11 +51,13 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
         return lines + [f"  no SLURM job of experiment '{cfg.experiment}' is queued or running"
                         + (f" ({', '.join(stage_name(cfg, s) for s in stages)})"
                            if len(stages) < len(ORDER) - 1 else "")], 0
-    ids = [job for _, job, _ in live]
     running = [job for _, job, state in live if state == "RUNNING"]
-    # queued jobs (and an array's queued tasks) go at once; running ones get SIGTERM alone, with no
-    # SIGKILL after KillWait: a training saves a checkpoint at its next step however long that takes
-    for how, jobs in ((["--state=PENDING"], ids), (["--state=RUNNING", "--signal=TERM"], running)):
+    others = [job for _, job, _ in live if job not in running]  # pending, configuring, suspended, ...
+    # jobs not running (and a running array's queued tasks) go at once; running ones get SIGTERM
+    # alone, no SIGKILL after KillWait: a training saves a checkpoint at its next step however long
+    # that takes
+    calls = (([], others), (["--state=PENDING"], running), (["--state=RUNNING", "--signal=TERM"], running))
+    for how, jobs in calls:
         proc = subprocess.run(["scancel", *how, *jobs], capture_output=True, text=True, timeout=60) if jobs else None
         errors = [e for e in (proc.stderr.splitlines() if proc and proc.returncode else [])
                   if e.strip() and not any(gone in e for gone in _GONE)]  # ended meanwhile: nothing to do
