@@ -159,7 +159,8 @@ def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing
         assert all(not _sh(["squeue", "-h", "-j", job], slurm).strip() for job in jobs.values())
     finally:
         _sh(["scancel", *jobs.values()], slurm)
-    # the training saved a checkpoint on its way out: the step the cancel names, not one of ckpt_every
+    # the training saved a checkpoint on its way out: the latest is the step the cancel names, and the
+    # stage's own log says it stopped on SIGTERM
     latest = (run_root / "digits" / "train_vqvae" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{int(stopped.group(1)):08d}", latest
     (log,) = (run_root / "digits" / "train_vqvae" / "logs").glob("*.log")
