@@ -324,7 +324,20 @@ def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_
     assert cancel.returncode == 1 and "nothing was cancelled" in cancel.stderr, cancel.stdout + cancel.stderr
     assert (prepare / records.JOBS).read_text() == before  # no job added
     assert [p.parent.name for p in (run_root / "digits").glob(f"*/{records.JOBS}")] == ["prepare"]  # nor queued
-    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
-    # the controller unreachable and no accounting record of the job: its state is unknown, not "failed"
-    assert status.returncode == 0 and re.search(r"^prepare\s+unknown \(squeue failed\)\s+4242", status.stdout,
-                                                re.M), status.stdout
+    # a second stage with a job: status asks squeue once (each failing call waits out the controller's
+    # timeout), counted by a wrapper in front of the real squeue
+    records.add_job(run_root / "digits" / "train_vqvae", "4243")
+    wrapper = tmp_path / "bin" / "squeue"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "squeue.calls"}\nexec {shutil.which("squeue")} "$@"\n')
+    wrapper.chmod(0o755)
+    counted = {**unreachable, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=counted)
+    # the controller unreachable and no accounting record of the jobs: their state is unknown, not "failed"
+    assert status.returncode == 0, status.stdout + status.stderr
+    for stage, job in (("prepare", 4242), ("train_vqvae", 4243)):
+        assert re.search(rf"^{stage}\s+unknown \(squeue failed\)\s+{job}", status.stdout, re.M), status.stdout
+    calls = (tmp_path / "squeue.calls").read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("-h -j 4242"), calls
+    assert re.search(r"^SLURM: squeue -j 4242 failed \(.*Unable to contact slurm controller.*\): whether job 4242 is "
+                     r"still queued is unknown; squeue was not asked again", status.stdout, re.M), status.stdout

@@ -115,7 +115,7 @@ def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None
         if "Invalid job id" in proc.stderr or any(words in proc.stderr for words in _NO_SLURM):
             return None
         error = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
-    raise SlurmUnavailable(f"squeue -j {job_id} failed {tries} times ({error}): whether job {job_id} is still "
+    raise SlurmUnavailable(f"squeue -j {job_id} failed{f' {tries} times' if tries > 1 else ''} ({error}): whether job {job_id} is still "
                            "queued is unknown")
 
 
@@ -182,7 +182,23 @@ def _mlflow_status(sdir: Path) -> tuple[str, str]:
         return info["run_id"], "UNKNOWN"
 
 
-def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
+class QueueOnce:
+    """squeue for one status table: once it fails, the other stages' jobs are not asked, since each
+    try waits out the controller's timeout (~18 s by default) and the answer would be the same."""
+
+    def __init__(self) -> None:
+        self.error: SlurmUnavailable | None = None
+
+    def __call__(self, job_id: str) -> str | None:
+        if self.error is None:
+            try:
+                return queue_state(job_id, tries=1)
+            except SlurmUnavailable as e:
+                self.error = e
+        raise self.error
+
+
+def stage_status(cfg: DictConfig, stage: str, queue: QueueOnce | None = None) -> dict[str, Any]:
     from pipeline.launch.jobs import DONE
 
     sdir = stage_dir(cfg, stage)
@@ -197,7 +213,7 @@ def stage_status(cfg: DictConfig, stage: str) -> dict[str, Any]:
         row["status"] = "done"
     elif job:
         try:  # the queue first: it needs no accounting (sacct may be disabled on the cluster)
-            queued, unanswered = queue_state(job, tries=1), False
+            queued, unanswered = (queue or QueueOnce())(job), False
         except SlurmUnavailable:
             queued, unanswered = None, True
         state = queued or slurm_state(job)
@@ -307,7 +323,8 @@ def status_table(cfg: DictConfig) -> str:
     from pipeline.stages import BUILT, missing_inputs
 
     mlflow_lines = _send_kept_records(cfg)
-    rows = [stage_status(cfg, s) for s in ORDER if s != "all"]
+    queue = QueueOnce()
+    rows = [stage_status(cfg, s, queue) for s in ORDER if s != "all"]
     head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
     lines += [f"{stage_name(cfg, r['stage']):<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}"
@@ -325,6 +342,9 @@ def status_table(cfg: DictConfig) -> str:
     if any(line for _, line in running):
         lines.append("progress of the running stages:")
         lines += [f"  {stage_name(cfg, s)}: {line}" for s, line in running if line]
+    if queue.error:
+        lines.append(f"SLURM: {queue.error}; squeue was not asked again for the other stages' jobs (their "
+                     "states are from accounting, sacct, where it answers)")
     if mlflow_lines:
         lines += [f"MLflow ({tracking_uri(cfg)}):"] + [f"  {line}" for line in mlflow_lines]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
