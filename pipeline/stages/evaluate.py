@@ -92,9 +92,6 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     ext = (fidelity.extractor(fidelity.CLASSIFIER, real_path) if e.features == "classifier"
            else fidelity.extractor(fidelity.INCEPTION, Path(str(e.inception_weights)).expanduser()))
     cache_root = Path(str(e.cache_root))
-    score = dict(ext=ext, kid_subset_size=int(e.kid_subset_size), prc_neighborhood=int(e.prc_neighborhood),
-                 seed=int(cfg.seed))
-
     def features(images: ShardImages, cache_name: str) -> fidelity.Features:
         # every image set is extracted once (cached across reruns and sample sets), its rows split
         # over the ranks; subsets are rows
@@ -103,7 +100,9 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     real_digest = manifest_digest(real_manifest)
     val_name = f"{cfg.data.name}-val-{real_digest}-{res}{crop}-n{len(val)}" + ("-even" if e.max_real else "")
     val_f = features(val, val_name)  # "-even": eval.max_real took a class-balanced subset
-    score["reference_stats"] = val_stats = fidelity.fid_statistics(val_f, ext)  # shared by every FID below
+    val_stats = fidelity.fid_statistics(val_f, ext)  # shared by every FID below
+    score = dict(ext=ext, reference_stats=val_stats, kid_subset_size=int(e.kid_subset_size),
+                 prc_neighborhood=int(e.prc_neighborhood), seed=int(cfg.seed))
 
     vqvae_path = vqvae_model(cfg)
     vqvae, _, vqvae_sha256 = load_exported_digest(vqvae_path, device)
