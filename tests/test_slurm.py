@@ -176,6 +176,30 @@ def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing
     assert "can run now" in status.stdout and "submit stage=all" in status.stdout
 
 
+def test_cancel_ends_a_job_in_its_setup_lines_at_once(slurm, tmp_path):
+    """A job SLURM shows RUNNING while its sbatch script runs cluster.setup has no srun step that
+    SIGTERM could reach (scancel signals steps only) and no training to checkpoint: it is cancelled
+    outright, not waited on for cancel_grace_s (600 s, longer than this test's timeout)."""
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", "cluster=slurm", f"run_root={run_root}", "cluster.setup=['sleep 600']",
+                  cwd=tmp_path, env=slurm)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = _job_id(proc.stdout)
+    try:
+        deadline = time.time() + 120
+        while "RUNNING" not in _sh(["squeue", "-h", "-j", job, "-o", "%T"], slurm):
+            assert time.time() < deadline, _sh(["squeue"], slurm)
+            time.sleep(1)
+        cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        assert re.search(rf"prepare\s+{job}\s+running -> cancelled \(in its setup lines: no step had started\)",
+                         cancel.stdout), cancel.stdout
+        assert not _sh(["squeue", "-h", "-j", job], slurm).strip()  # its queued array tasks too
+    finally:
+        _sh(["scancel", job], slurm)
+    assert not (run_root / "digits" / "prepare" / "done.json").exists()
+
+
 def _run_time_s(job: str, slurm: dict) -> int:
     run_time = re.search(r"RunTime=(?:(\d+)-)?(\d+):(\d+):(\d+)", _sh(["scontrol", "show", "job", job], slurm))
     days, hours, minutes, seconds = (int(x or 0) for x in run_time.groups())

@@ -1,10 +1,10 @@
 """`submit cancel`: cancel the SLURM jobs of an experiment that are still queued or running.
 
 A chain queued by `submit stage=all` is one job per stage; this finds them in the stage
-directories (``jobs.json``) and cancels the queued ones with one ``scancel``. The running ones get
-SIGTERM alone (``scancel --signal=TERM``: no SIGKILL after SLURM's KillWait), so a training saves a
-checkpoint at its next step however long the save takes; one still running after
-``cancel_grace_s`` is cancelled outright. Submitted again, every stage resumes from its outputs
+directories (``jobs.json``) and cancels the queued ones with one ``scancel``, with those still in
+their sbatch script's setup lines. The running ones get SIGTERM alone (``scancel --signal=TERM``: no
+SIGKILL after SLURM's KillWait), so a training saves a checkpoint at its next step however long the
+save takes; one still running after ``cancel_grace_s`` is cancelled outright. Submitted again, every stage resumes from its outputs
 (nothing is deleted). A stage running in a local ``submit`` is named with how to stop it (this
 cannot reach that terminal).
 """
@@ -35,6 +35,18 @@ def stages_of(cfg: DictConfig, stage: str | None) -> list[str]:
     return [s for s in ORDER if s != "all"]
 
 
+def _step_started(job: str) -> bool:
+    """Whether the job runs an ``srun`` step (``JOB.0``; an array's ``JOB_TASK.0``) beside its batch
+    script. Where squeue does not say, it is taken to run one (SIGTERM then, not a hard cancel)."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    steps = [line.rpartition(".")[2] for line in proc.stdout.split()]
+    return proc.returncode != 0 or any(step.isdigit() for step in steps)
+
+
 def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
     """Cancel the live jobs of ``stages``; (lines to print, jobs cancelled, -1 if scancel failed)."""
     live, lines = [], []
@@ -51,7 +63,9 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
         return lines + [f"  no SLURM job of experiment '{cfg.experiment}' is queued or running"
                         + (f" ({', '.join(stage_name(cfg, s) for s in stages)})"
                            if len(stages) < len(ORDER) - 1 else "")], 0
-    running = [job for _, job, state in live if state == "RUNNING"]
+    # a job still in its sbatch script's setup lines has no step for SIGTERM to reach (scancel
+    # signals steps only) and nothing to checkpoint: it goes at once with those not running
+    running = [job for _, job, state in live if state == "RUNNING" and _step_started(job)]
     others = [job for _, job, _ in live if job not in running]  # pending, configuring, suspended, ...
     # jobs not running (and a running array's queued tasks) go at once; running ones get SIGTERM
     # alone, no SIGKILL after KillWait: a training saves a checkpoint at its next step however long
@@ -73,6 +87,8 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
             latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
             saved = f", checkpoint at step {int(latest.read_text().strip()[5:])}" if latest.exists() else ""
             how = f"stopped{saved} (SLURM state {now})"
+        elif before == "RUNNING":
+            how = f"{now.lower()} (in its setup lines: no step had started)"
         else:
             how = now.lower()
         lines.append(f"  {stage_name(cfg, stage):<20}{job:<10}{before.lower()} -> {how}")
