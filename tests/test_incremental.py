@@ -78,3 +78,26 @@ def test_cached_and_naive_sampling_draw_identical_codes(attn_layers):
     assert torch.equal(maps["naive"][0], maps["cached"][0])
     assert torch.equal(maps["naive"][1], maps["cached"][1])
     assert len(torch.unique(maps["cached"][1])) > 4  # real samples, not a constant map
+
+
+def test_the_cached_sampler_under_bf16_autocast_as_sample_runs_it_on_a_gpu():
+    """On a GPU `sample` runs the priors under bf16 autocast. CPU autocast takes the same bf16 matmul
+    and convolution paths: the fp32 caches take bf16 rows, the logits stay within bf16 rounding of the
+    full forward's under the same autocast (a wrong prefix is ~100x further off), and it samples."""
+    torch.manual_seed(5)
+    top, bottom = _top(2), _bottom()
+    codes, classes = torch.randint(0, 16, (3, 5, 7)), torch.randint(0, 5, (3,))
+    top_codes, size = torch.randint(0, 8, (3, 3, 4)), (6, 8)
+    bottom_codes = torch.randint(0, 16, (3, *size))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, wrong = top(codes, classes), top(torch.roll(codes, 1, dims=2), classes)
+        assert full.dtype == torch.bfloat16  # autocast did reach the prior
+        assert _max_error(top.stack, top.conditions(classes), codes, full) <= 0.05
+        assert _max_error(top.stack, top.conditions(classes), codes, wrong) > 0.5
+        cond = bottom.conditions(bottom.condition(top_codes, size), classes)
+        assert _max_error(bottom.stack, cond, bottom_codes, bottom(bottom_codes, top_codes, classes)) <= 0.05
+        g = torch.Generator().manual_seed(11)
+        t = sample_top(top, classes, (4, 4), generator=g)
+        b = sample_bottom(bottom, t, classes, (8, 8), generator=g)
+    assert b.shape == (3, 8, 8) and b.dtype == torch.long and 0 <= b.min() and b.max() < 16
+    assert len(torch.unique(b)) > 4
