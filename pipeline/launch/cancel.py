@@ -4,9 +4,9 @@ A chain queued by `submit stage=all` is one job per stage; this finds them in th
 directories (``jobs.json``) and cancels the queued ones with one ``scancel``, with those still in
 their sbatch script's setup lines. The running ones get SIGTERM alone (``scancel --signal=TERM``: no
 SIGKILL after SLURM's KillWait), so a training saves a checkpoint at its next step however long the
-save takes; one still running after ``cancel_grace_s`` is cancelled outright. Submitted again, every stage resumes from its outputs
-(nothing is deleted). A stage running in a local ``submit`` is named with how to stop it (this
-cannot reach that terminal).
+save takes; one still running after ``cancel_grace_s`` is cancelled outright. Submitted again,
+every stage resumes from its outputs (nothing is deleted). A stage running in a local ``submit``
+is named with how to stop it (this cannot reach that terminal).
 """
 
 from __future__ import annotations

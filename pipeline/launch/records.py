@@ -115,8 +115,9 @@ def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None
         if "Invalid job id" in proc.stderr or any(words in proc.stderr for words in _NO_SLURM):
             return None
         error = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
-    raise SlurmUnavailable(f"squeue -j {job_id} failed{f' {tries} times' if tries > 1 else ''} ({error}): whether job {job_id} is still "
-                           "queued is unknown")
+    times = f" {tries} times" if tries > 1 else ""
+    raise SlurmUnavailable(f"squeue -j {job_id} failed{times} ({error}): whether job {job_id} is still queued "
+                           "is unknown")
 
 
 def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = None) -> str | None:

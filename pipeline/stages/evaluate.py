@@ -92,6 +92,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     ext = (fidelity.extractor(fidelity.CLASSIFIER, real_path) if e.features == "classifier"
            else fidelity.extractor(fidelity.INCEPTION, Path(str(e.inception_weights)).expanduser()))
     cache_root = Path(str(e.cache_root))
+
     def features(images: ShardImages, cache_name: str) -> fidelity.Features:
         # every image set is extracted once (cached across reruns and sample sets), its rows split
         # over the ranks; subsets are rows
