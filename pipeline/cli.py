@@ -216,6 +216,8 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
     for job in jobs:
         try:
             job.results()  # every task of the job (one per rank)
+        except KeyboardInterrupt:
+            return _stopped_waiting(cfg, stage)
         except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
             failed += 1
             print(f"submit: job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
@@ -302,7 +304,10 @@ def _chain(args: list[str], print_cfg: bool) -> int:
               f"  open:    {ui_command_for(tracking_uri(cfg))}")
         if cfg.wait:
             for r in rows:
-                error = _chain_job_error(r)
+                try:
+                    error = _chain_job_error(r)
+                except KeyboardInterrupt:
+                    return _stopped_waiting(cfg, None)
                 if error:
                     print(f"submit: stage {r['stage']} {error}", file=sys.stderr)
                     return 1
@@ -318,6 +323,17 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         return 130 if ctrl_c else 1
     _print_finished(cfg, rows, time.time() - start)
     return 0
+
+
+def _stopped_waiting(cfg, stage: str | None) -> int:
+    """Ctrl-C while `wait=true` waits on SLURM: the jobs are the cluster's, they go on."""
+    where = " ".join(filter(None, [f"experiment={cfg.experiment}",
+                                   f"sample_set={cfg.sample_set}" if cfg.get("sample_set") else "",
+                                   f"run_root={cfg.run_root}"]))
+    print(f"\nsubmit: stopped waiting (Ctrl-C); the SLURM jobs go on\n  watch:   submit status {where}\n"
+          f"  stop:    submit cancel {f'stage={stage} ' if stage else ''}{where}   # a training saves a "
+          "checkpoint first", file=sys.stderr)
+    return 130
 
 
 def _chain_job_error(row: dict) -> str | None:

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -198,6 +199,36 @@ def test_cancel_ends_a_job_in_its_setup_lines_at_once(slurm, tmp_path):
     finally:
         _sh(["scancel", job], slurm)
     assert not (run_root / "digits" / "prepare" / "done.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["prepare", "all"])
+def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage):
+    """wait=true only watches: Ctrl-C ends the wait with exit 130 and says how to watch or stop the
+    jobs, which stay queued (no traceback, nothing cancelled)."""
+    run_root = tmp_path / "runs"
+    env = {**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([SUBMIT, f"stage={stage}", "cluster=slurm", f"run_root={run_root}", "wait=true",
+                             "cluster.setup=['sleep 600']"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        printed = ""
+        while "open:" not in printed:  # the last line before the wait
+            line = proc.stdout.readline()
+            assert line, printed + proc.stderr.read()
+            printed += line
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        job = json.loads((run_root / "digits" / "prepare" / records.JOBS).read_text())[-1]["job_id"]
+        assert proc.returncode == 130, printed + out + err
+        assert "submit: stopped waiting (Ctrl-C); the SLURM jobs go on" in err and "Traceback" not in err, err
+        where = f"experiment=digits run_root={run_root}"
+        assert f"watch:   submit status {where}" in err
+        assert f"stop:    submit cancel {'stage=prepare ' if stage == 'prepare' else ''}{where}" in err
+        assert _sh(["squeue", "-h", "-j", job, "-o", "%T"], slurm).split(), "the job was cancelled"
+    finally:
+        proc.kill()
+        submit("cancel", f"run_root={run_root}", "cancel_grace_s=5", cwd=tmp_path, env=slurm, timeout=120)
 
 
 def _run_time_s(job: str, slurm: dict) -> int:
