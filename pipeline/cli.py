@@ -245,7 +245,7 @@ def _status(overrides: list[str]) -> int:
 def _cancel(args: list[str]) -> int:
     """`submit cancel [stage=<s>]`: cancel the experiment's queued and running SLURM jobs."""
     from pipeline.launch.cancel import cancel, stages_of
-    from pipeline.launch.records import SlurmUnavailable
+    from pipeline.launch.records import SlurmUnavailable, experiment_args
     from pipeline.stages import ORDER
 
     stage = next((a.partition("=")[2] for a in args if a.partition("=")[0] == "stage"), None)
@@ -266,7 +266,7 @@ def _cancel(args: list[str]) -> int:
     print("\n".join(lines))
     if cancelled > 0:
         print(f"  nothing was deleted: submitting a stage again resumes it from its outputs\n"
-              f"  status:  submit status experiment={cfg.experiment} run_root={cfg.run_root}")
+              f"  status:  submit status {experiment_args(cfg)}")
     return 1 if cancelled < 0 else 0
 
 
@@ -300,7 +300,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
               "outputs it reads; a failure cancels what depends on it)")
         for r in rows:
             print(f"  {stage_name(cfg, r['stage']):<20}{r['status']:<28}{r['job']}")
-        print(f"  watch:   submit status experiment={cfg.experiment} run_root={cfg.run_root}\n"
+        print(f"  watch:   submit status {records.experiment_args(cfg)}\n"
               f"  open:    {ui_command_for(tracking_uri(cfg))}")
         if cfg.wait:
             for r in rows:
@@ -318,7 +318,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
         print(f"submit: stage=all stopped: {type(e).__name__}: {e}\n  fix the cause and rerun the same command: "
               "finished stages are skipped, a training stage resumes from its last checkpoint\n"
-              f"  status:  submit status experiment={cfg.experiment} run_root={cfg.run_root}", file=sys.stderr)
+              f"  status:  submit status {records.experiment_args(cfg)}", file=sys.stderr)
         ctrl_c = isinstance(e, KeyboardInterrupt) or getattr(e, "signum", None) == signal.SIGINT
         return 130 if ctrl_c else 1
     _print_finished(cfg, rows, time.time() - start)
@@ -327,9 +327,9 @@ def _chain(args: list[str], print_cfg: bool) -> int:
 
 def _stopped_waiting(cfg, stage: str | None) -> int:
     """Ctrl-C while `wait=true` waits on SLURM: the jobs are the cluster's, they go on."""
-    where = " ".join(filter(None, [f"experiment={cfg.experiment}",
-                                   f"sample_set={cfg.sample_set}" if cfg.get("sample_set") else "",
-                                   f"run_root={cfg.run_root}"]))
+    from pipeline.launch import records
+
+    where = records.experiment_args(cfg)
     print(f"\nsubmit: stopped waiting (Ctrl-C); the SLURM jobs go on\n  watch:   submit status {where}\n"
           f"  stop:    submit cancel {f'stage={stage} ' if stage else ''}{where}   # a training saves a "
           "checkpoint first", file=sys.stderr)

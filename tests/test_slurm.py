@@ -201,14 +201,14 @@ def test_cancel_ends_a_job_in_its_setup_lines_at_once(slurm, tmp_path):
     assert not (run_root / "digits" / "prepare" / "done.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["prepare", "all"])
-def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage):
+@pytest.mark.parametrize("stage,named", [("prepare", ""), ("all", "sample_set=t2")])
+def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage, named):
     """wait=true only watches: Ctrl-C ends the wait with exit 130 and says how to watch or stop the
-    jobs, which stay queued (no traceback, nothing cancelled)."""
+    jobs (a sample set's commands name it), which stay queued (no traceback, nothing cancelled)."""
     run_root = tmp_path / "runs"
     env = {**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([SUBMIT, f"stage={stage}", "cluster=slurm", f"run_root={run_root}", "wait=true",
-                             "cluster.setup=['sleep 600']"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             "cluster.setup=['sleep 600']", *filter(None, [named])], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         printed = ""
@@ -222,13 +222,14 @@ def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage
         job = json.loads((run_root / "digits" / "prepare" / records.JOBS).read_text())[-1]["job_id"]
         assert proc.returncode == 130, printed + out + err
         assert "submit: stopped waiting (Ctrl-C); the SLURM jobs go on" in err and "Traceback" not in err, err
-        where = f"experiment=digits run_root={run_root}"
+        where = f"experiment=digits {named + ' ' if named else ''}run_root={run_root}"
         assert f"watch:   submit status {where}" in err
         assert f"stop:    submit cancel {'stage=prepare ' if stage == 'prepare' else ''}{where}" in err
         assert _sh(["squeue", "-h", "-j", job, "-o", "%T"], slurm).split(), "the job was cancelled"
     finally:
         proc.kill()
-        submit("cancel", f"run_root={run_root}", "cancel_grace_s=5", cwd=tmp_path, env=slurm, timeout=120)
+        for extra in {"", named}:  # a set's sample and evaluate are cancelled with its name
+            submit("cancel", f"run_root={run_root}", *filter(None, [extra]), cwd=tmp_path, env=slurm, timeout=120)
 
 
 def _run_time_s(job: str, slurm: dict) -> int:

@@ -108,7 +108,7 @@ def _not_queued(cfg: DictConfig, stage: str) -> None:
     if live:
         job, state = live
         raise ConfigError(f"stage={stage_name(cfg, stage)}", f"its SLURM job {job} is still {state}",
-                          f"wait for it (submit status experiment={cfg.experiment} run_root={cfg.run_root}) "
+                          f"wait for it (submit status {records.experiment_args(cfg)}) "
                           f"or cancel it first: scancel {job}")
 
 

@@ -39,6 +39,13 @@ def shared_overrides(args: list[str]) -> list[str]:
     return [a for a, k in zip(args, keys) if k != "stage" and (k in _SHARED_KEYS or k.startswith(_SHARED_PREFIXES))]
 
 
+def experiment_args(cfg: DictConfig) -> str:
+    """The overrides naming this experiment's stage dirs, for the `submit status` / `submit cancel`
+    commands printed to the user (a sample set's sample and evaluate dirs carry its name)."""
+    named = f" sample_set={cfg.sample_set}" if cfg.get("sample_set") else ""
+    return f"experiment={cfg.experiment}{named} run_root={cfg.run_root}"
+
+
 def record_command(sdir: Path, args: list[str]) -> None:
     """Remember how this stage was run, so `submit status` can print the command that resumes it."""
     Path(sdir).mkdir(parents=True, exist_ok=True)
@@ -199,7 +206,7 @@ class QueueOnce:
         raise self.error
 
 
-def stage_status(cfg: DictConfig, stage: str, queue: QueueOnce | None = None) -> dict[str, Any]:
+def stage_status(cfg: DictConfig, stage: str, queue: QueueOnce) -> dict[str, Any]:
     from pipeline.launch.jobs import DONE
 
     sdir = stage_dir(cfg, stage)
@@ -214,7 +221,7 @@ def stage_status(cfg: DictConfig, stage: str, queue: QueueOnce | None = None) ->
         row["status"] = "done"
     elif job:
         try:  # the queue first: it needs no accounting (sacct may be disabled on the cluster)
-            queued, unanswered = (queue or QueueOnce())(job), False
+            queued, unanswered = queue(job), False
         except SlurmUnavailable:
             queued, unanswered = None, True
         state = queued or slurm_state(job)
