@@ -201,6 +201,38 @@ def test_cancel_ends_a_job_in_its_setup_lines_at_once(slurm, tmp_path):
     assert not (run_root / "digits" / "prepare" / "done.json").exists()
 
 
+def test_cancel_ends_an_array_task_in_its_setup_lines_at_once_beside_one_in_its_step(slurm, tmp_path):
+    """A running array with task 1 in its srun step and task 0 still in its setup lines: SIGTERM
+    reaches task 1's step only, so task 0 is cancelled outright at once, not after cancel_grace_s
+    (600 s, longer than this test's timeout)."""
+    run_root, hold = tmp_path / "runs", tmp_path / "hold"
+    hold.mkdir()
+    # task 1's step holds in its python's startup (a sitecustomize on PYTHONPATH), task 0 in setup
+    (hold / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('SLURM_ARRAY_TASK_ID') == '1':\n    time.sleep(600)\n")
+    (hold / "setup.sh").write_text(f"export PYTHONPATH={hold}:$PYTHONPATH\n"
+                                   'if [ "$SLURM_ARRAY_TASK_ID" = 0 ]; then sleep 600; fi\n')
+    proc = submit("stage=prepare", "cluster=slurm", f"run_root={run_root}", "cluster.array_tasks=2",
+                  "cluster.mem_gb=1", "cluster.cpus_per_task=1", f"cluster.setup=['. {hold / 'setup.sh'}']",
+                  cwd=tmp_path, env=slurm)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = _job_id(proc.stdout)
+    try:
+        deadline = time.time() + 120
+        while not (f"{job}_1.0" in _sh(["squeue", "-h", "-s", "-j", job, "-o", "%i"], slurm).split()
+                   and f"{job}_0" in _sh(["squeue", "-h", "-t", "RUNNING", "-j", job, "-o", "%i"], slurm).split()):
+            assert time.time() < deadline, _sh(["squeue", "-s"], slurm)
+            time.sleep(1)
+        cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        assert re.search(rf"prepare\s+{job}\s+running -> stopped \(SLURM state \w+\); task {job}_0 cancelled in "
+                         r"its setup lines$", cancel.stdout, re.M), cancel.stdout
+        assert not _sh(["squeue", "-h", "-j", job], slurm).strip()
+    finally:
+        _sh(["scancel", job], slurm)
+    assert not (run_root / "digits" / "prepare" / "done.json").exists()
+
+
 @pytest.mark.parametrize("stage,named", [("prepare", ""), ("all", "sample_set=t2")])
 def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage, named):
     """wait=true only watches: Ctrl-C ends the wait with exit 130 and says how to watch or stop the

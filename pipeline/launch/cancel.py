@@ -1,12 +1,12 @@
 """`submit cancel`: cancel the SLURM jobs of an experiment that are still queued or running.
 
 A chain queued by `submit stage=all` is one job per stage; this finds them in the stage
-directories (``jobs.json``) and cancels the queued ones with one ``scancel``, with those still in
-their sbatch script's setup lines. The running ones get SIGTERM alone (``scancel --signal=TERM``: no
-SIGKILL after SLURM's KillWait), so a training saves a checkpoint at its next step however long the
-save takes; one still running after ``cancel_grace_s`` is cancelled outright. Submitted again,
-every stage resumes from its outputs (nothing is deleted). A stage running in a local ``submit``
-is named with how to stop it (this cannot reach that terminal).
+directories (``jobs.json``) and cancels the queued ones with one ``scancel``, with those (and an
+array's tasks) still in their sbatch script's setup lines. The running ones get SIGTERM alone
+(``scancel --signal=TERM``: no SIGKILL after SLURM's KillWait), so a training saves a checkpoint at
+its next step however long the save takes; one still running after ``cancel_grace_s`` is cancelled
+outright. Submitted again, every stage resumes from its outputs (nothing is deleted). A stage
+running in a local ``submit`` is named with how to stop it (this cannot reach that terminal).
 """
 
 from __future__ import annotations
@@ -35,16 +35,19 @@ def stages_of(cfg: DictConfig, stage: str | None) -> list[str]:
     return [s for s in ORDER if s != "all"]
 
 
-def _step_started(job: str) -> bool:
-    """Whether the job runs an ``srun`` step (``JOB.0``; an array's ``JOB_TASK.0``) beside its batch
-    script. Where squeue does not say, it is taken to run one (SIGTERM then, not a hard cancel)."""
+def _tasks_in_setup_lines(job: str) -> tuple[list[str], list[str]] | None:
+    """The job's running tasks (an array's ``JOB_TASK``, else ``JOB``) and those of them that run no
+    ``srun`` step (``.0``) beside their batch script yet: still in the sbatch script's setup lines.
+    None where squeue does not say (every task is then taken to run a step: SIGTERM, no hard cancel)."""
     try:
-        proc = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True, text=True,
-                              timeout=60)
+        tasks, steps = (subprocess.run(["squeue", "-h", *how, "-j", job, "-o", "%i"], capture_output=True,
+                                       text=True, timeout=60) for how in (["-t", "RUNNING"], ["-s"]))
     except (OSError, subprocess.TimeoutExpired):
-        return True
-    steps = [line.rpartition(".")[2] for line in proc.stdout.split()]
-    return proc.returncode != 0 or any(step.isdigit() for step in steps)
+        return None
+    if tasks.returncode or steps.returncode:
+        return None
+    stepped = {task for task, _, step in (line.rpartition(".") for line in steps.stdout.split()) if step.isdigit()}
+    return tasks.stdout.split(), [task for task in tasks.stdout.split() if task not in stepped]
 
 
 def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
@@ -63,14 +66,21 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
         return lines + [f"  no SLURM job of experiment '{cfg.experiment}' is queued or running"
                         + (f" ({', '.join(stage_name(cfg, s) for s in stages)})"
                            if len(stages) < len(ORDER) - 1 else "")], 0
-    # a job still in its sbatch script's setup lines has no step for SIGTERM to reach (scancel
-    # signals steps only) and nothing to checkpoint: it goes at once with those not running
-    running = [job for _, job, state in live if state == "RUNNING" and _step_started(job)]
+    # a job (or an array's task) still in its sbatch script's setup lines has no step for SIGTERM to
+    # reach (scancel signals steps only) and nothing to checkpoint: it goes at once with those not
+    # running
+    running, setup_tasks = [], {}
+    for _, job, state in live:
+        tasks = _tasks_in_setup_lines(job) if state == "RUNNING" else ([], [])
+        if tasks is None or set(tasks[1]) != set(tasks[0]):
+            running.append(job)
+            setup_tasks[job] = tasks[1] if tasks else []
     others = [job for _, job, _ in live if job not in running]  # pending, configuring, suspended, ...
-    # jobs not running (and a running array's queued tasks) go at once; running ones get SIGTERM
-    # alone, no SIGKILL after KillWait: a training saves a checkpoint at its next step however long
-    # that takes
-    calls = (([], others), (["--state=PENDING"], running), (["--state=RUNNING", "--signal=TERM"], running))
+    # a running array's queued tasks go first (cancelling a task could start a throttled one), then
+    # jobs not running and tasks in setup lines; running ones get SIGTERM alone, no SIGKILL after
+    # KillWait: a training saves a checkpoint at its next step however long that takes
+    calls = ((["--state=PENDING"], running), ([], others + sum(setup_tasks.values(), [])),
+             (["--state=RUNNING", "--signal=TERM"], running))
     for how, jobs in calls:
         proc = subprocess.run(["scancel", *how, *jobs], capture_output=True, text=True, timeout=60) if jobs else None
         errors = [e for e in (proc.stderr.splitlines() if proc and proc.returncode else [])
@@ -87,6 +97,10 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
             latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
             saved = f", checkpoint at step {int(latest.read_text().strip()[5:])}" if latest.exists() else ""
             how = f"stopped{saved} (SLURM state {now})"
+            if setup_tasks[job]:
+                many = len(setup_tasks[job]) > 1
+                how += (f"; task{'s' * many} {', '.join(setup_tasks[job])} cancelled in "
+                        f"{'their' if many else 'its'} setup lines")
         elif before == "RUNNING":
             how = f"{now.lower()} (in its setup lines: no step had started)"
         else:
