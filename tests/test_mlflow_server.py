@@ -115,7 +115,7 @@ def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(
             "deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=10",
             "train.max_steps=150", "train.log_every=5", "train.eval_every=50", "train.ckpt_every=50",
             "train.eval_samples=64", "tracking.flush_timeout_s=5", "tracking.retry_s=1",
-            "tracking.system_metrics_interval=1"]
+            "tracking.system_metrics_interval=0.5"]
     killed_at = []
 
     def kill_once_training_logs():  # after the stage's start, which needs the server
@@ -165,9 +165,10 @@ def test_a_stage_goes_on_through_a_tracking_outage_and_its_records_arrive_later(
     assert {"model.pt", "logs", "images"} <= artifacts, artifacts
     images = {a.path for a in client.list_artifacts(run_id, "images")}
     assert len([p for p in images if "val_reconstructions" in p and p.endswith(".png")]) >= 3, images
-    # system metrics went on through the outage (MLflow's own monitor stopped at its first failure)
+    # system metrics went on through the outage (MLflow's own monitor stopped at its first failure):
+    # samples taken after the server was down (on a fast VM the 145 steps left take ~2.5 s)
     cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
-    during = [m for m in cpu if m.timestamp > killed_at[1] * 1000 + 2000]
+    during = [m for m in cpu if m.timestamp > killed_at[1] * 1000]
     assert len(during) >= 2, ([(m.step, m.timestamp) for m in cpu], killed_at)
 
 
