@@ -429,3 +429,19 @@ def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_
     assert len(calls) == 1 and calls[0].startswith("-h -j 4242"), calls
     assert re.search(r"^SLURM: squeue -j 4242 failed \(.*Unable to contact slurm controller.*\): whether job 4242 is "
                      r"still queued is unknown; squeue was not asked again", status.stdout, re.M), status.stdout
+    assert "SLURM: sacct" not in status.stdout  # slurmdbd answered
+    # slurmdbd unreachable too (the head node down): sacct is asked once as well, not once per stage
+    dbd_away = re.sub(r"^AccountingStoragePort=\d+$", "AccountingStoragePort=26798", away, flags=re.M)
+    assert dbd_away != away
+    (tmp_path / "etc" / "slurm.conf").write_text(dbd_away + "\nMessageTimeout=2\nTCPTimeout=1\n")
+    sacct = wrapper.parent / "sacct"
+    sacct.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "sacct.calls"}\nexec {shutil.which("sacct")} "$@"\n')
+    sacct.chmod(0o755)
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=counted)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for stage, job in (("prepare", 4242), ("train_vqvae", 4243)):
+        assert re.search(rf"^{stage}\s+unknown \(squeue failed\)\s+{job}", status.stdout, re.M), status.stdout
+    calls = (tmp_path / "sacct.calls").read_text().splitlines()
+    assert len(calls) == 1 and "-j 4242" in calls[0], calls
+    assert re.search(r"^SLURM: sacct -j 4242 failed \(.*\); sacct was not asked again for the other stages' jobs$",
+                     status.stdout, re.M), status.stdout

@@ -63,14 +63,26 @@ def add_job(sdir: Path, job_id: str) -> None:
 _LIVE = ("RUNNING", "REQUEUED", "PENDING", "COMPLETING")
 
 
-def slurm_state(job_id: str) -> str:
-    """The job's state from accounting (the array's worst task state for an array)."""
+def _sacct_states(job_id: str) -> list[str] | str:
+    """The job's (an array's tasks') states from accounting, or why sacct did not answer."""
     try:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
-                             text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
+        proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                              text=True, timeout=30)
+    except OSError as e:
+        return str(e)
+    except subprocess.TimeoutExpired:
+        return "no answer in 30 s"
+    if proc.returncode:  # its last line says why (slurmdbd unreachable, accounting disabled, ...)
+        return (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    return [s for s in proc.stdout.split() if s and s != "by"]
+
+
+def slurm_state(job_id: str, states: list[str] | str | None = None) -> str:
+    """The job's state from accounting (the array's worst task state for an array); UNKNOWN where
+    sacct does not answer. ``states``: sacct's answer, where the caller has it already."""
+    states = _sacct_states(job_id) if states is None else states
+    if isinstance(states, str):
         return "UNKNOWN"
-    states = [s for s in out if s and s != "by"]
     for bad in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"):
         if bad in states:
             return bad
@@ -190,14 +202,17 @@ def _mlflow_status(sdir: Path) -> tuple[str, str]:
         return info["run_id"], "UNKNOWN"
 
 
-class QueueOnce:
-    """squeue for one status table: once it fails, the other stages' jobs are not asked, since each
-    try waits out the controller's timeout (~18 s by default) and the answer would be the same."""
+class SlurmOnce:
+    """squeue and sacct for one status table: once one fails, it is not asked about the other stages'
+    jobs, since each try waits out its timeout (the controller's ~18 s by default, slurmdbd's
+    connection where its host does not answer) and the answer would be the same."""
 
     def __init__(self) -> None:
         self.error: SlurmUnavailable | None = None
+        self.accounting_error = ""
 
-    def __call__(self, job_id: str) -> str | None:
+    def queue(self, job_id: str) -> str | None:
+        """``queue_state``, asked once: raises SlurmUnavailable again without asking after a failure."""
         if self.error is None:
             try:
                 return queue_state(job_id, tries=1)
@@ -205,8 +220,17 @@ class QueueOnce:
                 self.error = e
         raise self.error
 
+    def accounting(self, job_id: str) -> str:
+        """``slurm_state``: UNKNOWN without asking once sacct has failed."""
+        if self.accounting_error:
+            return "UNKNOWN"
+        states = _sacct_states(job_id)
+        if isinstance(states, str):
+            self.accounting_error = f"sacct -j {job_id} failed ({states})"
+        return slurm_state(job_id, states)
 
-def stage_status(cfg: DictConfig, stage: str, queue: QueueOnce) -> dict[str, Any]:
+
+def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any]:
     from pipeline.launch.jobs import DONE
 
     sdir = stage_dir(cfg, stage)
@@ -221,10 +245,10 @@ def stage_status(cfg: DictConfig, stage: str, queue: QueueOnce) -> dict[str, Any
         row["status"] = "done"
     elif job:
         try:  # the queue first: it needs no accounting (sacct may be disabled on the cluster)
-            queued, unanswered = queue(job), False
+            queued, unanswered = slurm.queue(job), False
         except SlurmUnavailable:
             queued, unanswered = None, True
-        state = queued or slurm_state(job)
+        state = queued or slurm.accounting(job)
         if queued:  # CONFIGURING, SUSPENDED, REQUEUE_HOLD, ...: still in the queue
             word = "running" if state in ("RUNNING", "COMPLETING") else "pending"
         elif unanswered and state == "UNKNOWN":  # neither squeue nor sacct answered: not "failed"
@@ -331,8 +355,8 @@ def status_table(cfg: DictConfig) -> str:
     from pipeline.stages import BUILT, missing_inputs
 
     mlflow_lines = _send_kept_records(cfg)
-    queue = QueueOnce()
-    rows = [stage_status(cfg, s, queue) for s in ORDER if s != "all"]
+    slurm = SlurmOnce()
+    rows = [stage_status(cfg, s, slurm) for s in ORDER if s != "all"]
     head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
     lines += [f"{stage_name(cfg, r['stage']):<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}"
@@ -350,9 +374,11 @@ def status_table(cfg: DictConfig) -> str:
     if any(line for _, line in running):
         lines.append("progress of the running stages:")
         lines += [f"  {stage_name(cfg, s)}: {line}" for s, line in running if line]
-    if queue.error:
-        lines.append(f"SLURM: {queue.error}; squeue was not asked again for the other stages' jobs (their "
+    if slurm.error:
+        lines.append(f"SLURM: {slurm.error}; squeue was not asked again for the other stages' jobs (their "
                      "states are from accounting, sacct, where it answers)")
+    if slurm.accounting_error:
+        lines.append(f"SLURM: {slurm.accounting_error}; sacct was not asked again for the other stages' jobs")
     if mlflow_lines:
         lines += [f"MLflow ({tracking_uri(cfg)}):"] + [f"  {line}" for line in mlflow_lines]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
