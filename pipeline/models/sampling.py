@@ -35,9 +35,6 @@ def _draw(logits: torch.Tensor, generator: torch.Generator | None, **filt) -> to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-METHODS = ("cached", "naive")
-
-
 def _raster(size: tuple[int, int], batch: int, device: torch.device, logits_at, on_code, generator, filt) -> torch.Tensor:
     codes = torch.zeros(batch, *size, dtype=torch.long, device=device)
     for i in range(size[0]):
