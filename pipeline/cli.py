@@ -12,6 +12,7 @@ import signal
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from pipeline.config import GROUPS, ConfigError, compose, config_dir, group_options, stage_name, to_yaml, validate
 
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"submit: stage {stage} stopped: {e}", file=sys.stderr)
             return 130 if e.signum == signal.SIGINT else EXIT_REQUEUE
 
-        print(f"submit: stage {stage} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        log = "" if isinstance(e, StageKilled) else _failure_log([stage_dir(cfg, stage)])
+        print(f"submit: stage {stage} failed: {type(e).__name__}: {e}{log}", file=sys.stderr)
         return 143 if isinstance(e, StageKilled) else 1
     print(f"\nstage {stage}: done\n  outputs: {result['stage_dir']}\n  log:     {result['log']}\n"
           f"  MLflow:  run {result['run_id']} at {result['tracking_uri']}\n"
@@ -316,7 +318,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     try:
         rows = chain.run_local(cfgs)
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
-        print(f"submit: stage=all stopped: {type(e).__name__}: {e}\n  fix the cause and rerun the same command: "
+        log = _failure_log([stage_dir(c, s) for s, c in cfgs.items()]) if isinstance(e, Exception) else ""
+        print(f"submit: stage=all stopped: {type(e).__name__}: {e}{log}\n  fix the cause and rerun the same command: "
               "finished stages are skipped, a training stage resumes from its last checkpoint\n"
               f"  status:  submit status {records.experiment_args(cfg)}", file=sys.stderr)
         ctrl_c = isinstance(e, KeyboardInterrupt) or getattr(e, "signum", None) == signal.SIGINT
@@ -334,6 +337,14 @@ def _stopped_waiting(cfg, stage: str | None) -> int:
           f"  stop:    submit cancel {f'stage={stage} ' if stage else ''}{where}   # a training saves a "
           "checkpoint first", file=sys.stderr)
     return 130
+
+
+def _failure_log(sdirs: list[Path]) -> str:
+    """A line naming the log (with the traceback) of the stage that just failed in this process."""
+    from pipeline.launch import failures
+
+    recs = [r for r in (failures.recorded(d, "") for d in sdirs) if r]
+    return f"\n  log:     {max(recs, key=lambda r: r['time'])['log']}" if recs else ""
 
 
 def _chain_job_error(row: dict) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from pathlib import Path
 
 import yaml
 from conftest import submit
@@ -139,8 +140,18 @@ def test_a_failed_chain_says_how_to_go_on(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "submit: stage=all stopped:" in proc.stderr and "rerun the same command" in proc.stderr
     assert f"status:  submit status experiment=digits run_root={tmp_path / 'runs'}" in proc.stderr
+    # the failing stage's log is named, and holds the traceback (the terminal gets one line)
+    log = Path(re.search(r"^  log:     (\S+)$", proc.stderr, re.M).group(1))
+    assert log.parent == tmp_path / "runs" / "digits" / "prepare" / "logs", proc.stderr
+    assert "ERROR pipeline: stage prepare failed\nTraceback (most recent call last):" in log.read_text()
+    assert "Traceback" not in proc.stderr
     status = submit("status", f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
     assert re.search(r"^prepare\s+failed", status.stdout, re.M), status.stdout
+    # status says why, and where the log is
+    why = status.stdout.split("\nfailures:\n")[1].splitlines()
+    assert re.fullmatch(r"  prepare: ValueError: data.val_fraction=0.1 of 2 images gives 0 val images; .* "
+                        r"\(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", why[0]), status.stdout
+    assert why[1] == f"    log:  {log}", status.stdout
     assert f"  submit stage=all data=folder data.source={src} run_root={tmp_path / 'runs'}\n" in status.stdout
 
 

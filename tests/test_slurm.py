@@ -375,6 +375,16 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     status = submit("status", f"run_root={tmp_path / 'bad'}", cwd=tmp_path, env=slurm)
     assert re.search(r"prepare\s+failed \(FAILED\)", status.stdout), status.stdout
     assert re.search(r"train_vqvae\s+failed \(CANCELLED\)", status.stdout), status.stdout
+    # why prepare failed (recorded by its job), its log with the traceback, the job's SLURM output; not
+    # train_vqvae, which never started
+    prepare_job = re.search(r"^prepare\s+failed \(FAILED\)\s+(\d+)", status.stdout, re.M).group(1)
+    why = status.stdout.split("\nfailures:\n")[1].splitlines()
+    assert re.fullmatch(r"  prepare: ValueError: data.val_fraction=\S+ of 2 images gives 0 val images; .*\)", why[0]), why
+    log = Path(why[1].removeprefix("    log:  "))
+    assert log.parent == tmp_path / "bad" / "digits" / "prepare" / "logs" and "Traceback" in log.read_text(), why
+    assert why[2] == f"    SLURM output of job {prepare_job}: {tmp_path / 'bad' / 'digits' / 'prepare' / 'slurm' / prepare_job}/"
+    section = why[:next((i for i, line in enumerate(why) if not line.startswith("  ")), len(why))]
+    assert len(section) == 3, why
     # the failed stage is rerun by the command that queued it, data=folder and all (status has only run_root)
     ready = status.stdout.split("can run now")[1].splitlines()[1:]
     assert ready == ["  " + shlex.join(["submit", *bad_args])], status.stdout

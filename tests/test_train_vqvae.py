@@ -120,6 +120,11 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     status = submit("status", f"run_root={run_root}", cwd=tmp_path)  # MLflow still says RUNNING; no process does
     assert re.search(rf"^train_vqvae\s+crashed\s+step {int(killed_at[5:])}", status.stdout, re.M), status.stdout
     assert "can run now" in status.stdout and "progress of the running stages" not in status.stdout
+    # killed, it recorded no error: status says so and names the log the killed process wrote
+    logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("train_vqvae-*.log"))
+    assert status.stdout.split("\nfailures:\n")[1].splitlines()[:2] == [
+        "  train_vqvae: the stage recorded no error: it was ended from outside (see the state, the log's end)",
+        f"    log:  {logs[-1]}"], status.stdout
     _, run = _run(run_root)
     run_id = run.info.run_id
 

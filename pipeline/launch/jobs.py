@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.config import stage_dir
+from pipeline.launch import failures
 from pipeline.stages import StageContext, stage_function
 from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri, ui_command
 from pipeline.training.distributed import detect
@@ -93,13 +94,16 @@ class StageJob:
         cfg = self.cfg
         sdir = stage_dir(cfg, self.stage)
         (sdir / "logs").mkdir(parents=True, exist_ok=True)
-        rank = detect().rank
+        env = detect()
+        rank = env.rank
+        job = failures.slurm_job() if cfg.cluster.name == "slurm" else ""  # '' in submit's own process
         suffix = (f"-task{self.task}" if self.tasks > 1 else "") + (f"-rank{rank}" if rank else "")
         log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.log"
         handler = _setup_logging(log_file)
         atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
         if rank == 0 and self.task == 0 and not cfg.verify:  # running again: done once it finishes again
             (sdir / DONE).unlink(missing_ok=True)
+            failures.forget_earlier(sdir, job)
         previous = signal.signal(signal.SIGTERM, _raise_killed)
         try:
             log.info("stage %s of experiment '%s': outputs in %s, log %s", self.stage,
@@ -111,6 +115,9 @@ class StageJob:
                 try:
                     result = stage_function(self.stage)(cfg, StageContext(
                         self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task, self.tasks))
+                except Exception:
+                    failures.log_traceback(handler, self.stage)  # before the log goes to MLflow
+                    raise
                 finally:
                     handler.flush()
                     run.log_artifact(log_file, "logs")
@@ -125,6 +132,11 @@ class StageJob:
         except StageStopped as stopped:
             log.warning("%s", stopped)  # in the stage's own log too, not only the job's stderr
             _requeue_if_scheduled(stopped, rank)
+            raise
+        except Exception as e:  # for `submit status`: what went wrong, where its log is
+            where = ", ".join(filter(None, [f"task {self.task}" if self.tasks > 1 else "",
+                                           f"rank {rank}" if env.world_size > 1 else ""]))
+            failures.record(sdir, e, log_file, where, job)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
-from pipeline.launch import stage_lock
+from pipeline.launch import failures, stage_lock
 from pipeline.stages import ORDER, PROGRESS, shard_progress, vqvae_model
 from pipeline.tracking import tracking_uri
 
@@ -240,7 +240,8 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
     if latest.exists():
         row["checkpoint"] = "step " + str(int(latest.read_text().strip()[5:]))
     jobs_file = sdir / JOBS
-    job = json.loads(jobs_file.read_text())[-1]["job_id"] if jobs_file.exists() else ""
+    last = json.loads(jobs_file.read_text())[-1] if jobs_file.exists() else {}
+    job = last.get("job_id", "")
     if (sdir / DONE).exists():
         row["status"] = "done"
     elif job:
@@ -267,6 +268,9 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
             row["status"] = {None: "crashed", "?": row["status"]}.get(who, "running")
     elif stage == "train_vqvae" and vqvae_model(cfg) != sdir / "model.pt":
         row["status"] = "not needed"  # encode used a VQ-VAE named with encode.vqvae
+    if row["status"].startswith(("failed", "crashed")):
+        since = time.mktime(time.strptime(last["submitted"], "%Y-%m-%d %H:%M:%S")) if last else 0.0
+        row["why"] = failures.lines(sdir, job, since)
     return row
 
 
@@ -350,8 +354,8 @@ def _send_kept_records(cfg: DictConfig) -> list[str]:
 
 
 def status_table(cfg: DictConfig) -> str:
-    """The stage table, then the stages that can run now (their inputs exist; not done, queued or
-    running), then the evaluated sample sets."""
+    """The stage table, why the failed stages failed, the stages that can run now (their inputs
+    exist; not done, queued or running), then the evaluated sample sets."""
     from pipeline.stages import BUILT, missing_inputs
 
     mlflow_lines = _send_kept_records(cfg)
@@ -361,6 +365,11 @@ def status_table(cfg: DictConfig) -> str:
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
     lines += [f"{stage_name(cfg, r['stage']):<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}"
               for r in rows]
+    failed = [r for r in rows if r.get("why")]
+    if failed:
+        lines.append("failures:")
+        for r in failed:
+            lines += [f"  {stage_name(cfg, r['stage'])}: {r['why'][0]}"] + [f"    {line}" for line in r["why"][1:]]
     ready = [r["stage"] for r in rows if r["stage"] in BUILT and r["status"].startswith(_TO_RUN)
              and not missing_inputs(cfg, r["stage"])]
     commands = {s: resume_command(cfg, s) for s in ready}
