@@ -222,8 +222,11 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
             return _stopped_waiting(cfg, stage)
         except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
             failed += 1
-            print(f"submit: job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+            print(f"submit: job {job.job_id} failed: {_error_line(e)}", file=sys.stderr)
     if failed:
+        log = _failure_log([sdir], jobs[0].job_id.split("_")[0])  # the stage's own log, with the traceback
+        if log:
+            print(log.lstrip("\n"), file=sys.stderr)
         return 1
     run = json.loads((sdir / "mlflow_run.json").read_text())
     print(f"stage {stage}: done (MLflow run {run['run_id']})")
@@ -311,7 +314,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
                 except KeyboardInterrupt:
                     return _stopped_waiting(cfg, None)
                 if error:
-                    print(f"submit: stage {r['stage']} {error}", file=sys.stderr)
+                    log = _failure_log([stage_dir(cfgs[r["stage"]], r["stage"])], r["job"])
+                    print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
                     return 1
             _print_finished(cfg, chain.slurm_summary_rows(cfgs, rows), time.time() - start)
         return 0
@@ -339,12 +343,21 @@ def _stopped_waiting(cfg, stage: str | None) -> int:
     return 130
 
 
-def _failure_log(sdirs: list[Path]) -> str:
-    """A line naming the log (with the traceback) of the stage that just failed in this process."""
+def _failure_log(sdirs: list[Path], job: str = "") -> str:
+    """A line naming the log (with the traceback) of the stage that just failed: in this process
+    (``job`` ''), or as that SLURM job."""
     from pipeline.launch import failures
 
-    recs = [r for r in (failures.recorded(d, "") for d in sdirs) if r]
+    recs = [r for r in (failures.recorded(d, job) for d in sdirs) if r]
     return f"\n  log:     {max(recs, key=lambda r: r['time'])['log']}" if recs else ""
+
+
+def _error_line(e: Exception) -> str:
+    """The error a failed job raised, from submitit's report: its traceback's last line (the report
+    ends with a list of the job's output files)."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("- ", "---", "You can check"))]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _chain_job_error(row: dict) -> str | None:
@@ -358,7 +371,7 @@ def _chain_job_error(row: dict) -> str | None:
         try:
             job.results()  # every task of the job (one per rank)
         except Exception as e:  # noqa: BLE001
-            return f"(job {job.job_id}) failed: {str(e).strip().splitlines()[-1]}"
+            return f"(job {job.job_id}) failed: {_error_line(e)}"
     return None
 
 

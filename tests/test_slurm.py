@@ -367,9 +367,13 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
         (src / cls).mkdir(parents=True)
         shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
     bad_args = ("stage=all", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'bad'}",
-                *FAST, "cluster.array_tasks=1")
-    bad = submit(*bad_args, cwd=tmp_path, env=slurm)
-    assert bad.returncode == 0, bad.stderr
+                *FAST, "cluster.array_tasks=1", "wait=true")
+    bad = submit(*bad_args, cwd=tmp_path, env=slurm, timeout=600)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    # waiting, it names the failed stage's job, its error and its log (the traceback is there)
+    assert re.search(r"^submit: stage prepare \(job \d+\) failed: ValueError: data.val_fraction", bad.stderr, re.M)
+    failed_log = Path(re.search(r"^  log:     (\S+)$", bad.stderr, re.M).group(1))
+    assert "Traceback (most recent call last):" in failed_log.read_text(), bad.stderr
     train_job = re.search(r"train_vqvae\s+queued after \d+\s+(\d+)", bad.stdout).group(1)
     assert _wait_job(train_job, slurm, timeout=300) == "CANCELLED"
     status = submit("status", f"run_root={tmp_path / 'bad'}", cwd=tmp_path, env=slurm)
@@ -380,8 +384,7 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     prepare_job = re.search(r"^prepare\s+failed \(FAILED\)\s+(\d+)", status.stdout, re.M).group(1)
     why = status.stdout.split("\nfailures:\n")[1].splitlines()
     assert re.fullmatch(r"  prepare: ValueError: data.val_fraction=\S+ of 2 images gives 0 val images; .*\)", why[0]), why
-    log = Path(why[1].removeprefix("    log:  "))
-    assert log.parent == tmp_path / "bad" / "digits" / "prepare" / "logs" and "Traceback" in log.read_text(), why
+    assert why[1] == f"    log:  {failed_log}" and failed_log.parent == tmp_path / "bad" / "digits" / "prepare" / "logs"
     assert why[2] == f"    SLURM output of job {prepare_job}: {tmp_path / 'bad' / 'digits' / 'prepare' / 'slurm' / prepare_job}/"
     section = why[:next((i for i, line in enumerate(why) if not line.startswith("  ")), len(why))]
     assert len(section) == 3, why
