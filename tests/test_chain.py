@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 from conftest import submit
+from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.launch import chain
@@ -152,6 +153,10 @@ def test_a_failed_chain_says_how_to_go_on(tmp_path):
     assert re.fullmatch(r"  prepare: ValueError: data.val_fraction=0.1 of 2 images gives 0 val images; .* "
                         r"\(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", why[0]), status.stdout
     assert why[1] == f"    log:  {log}", status.stdout
+    # and the MLflow UI: the FAILED run carries the error of the execution that failed
+    run_id = json.loads((tmp_path / "runs" / "digits" / "prepare" / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["execution.1.error"] == why[0].split(": ", 1)[1].rsplit(" (", 1)[0]
     assert f"  submit stage=all data=folder data.source={src} run_root={tmp_path / 'runs'}\n" in status.stdout
 
 

@@ -30,12 +30,16 @@ def log_traceback(handler: logging.Handler, stage: str) -> None:
     handler.flush()
 
 
+def message(error: BaseException) -> str:
+    """``Type: message`` on one line, at most 300 characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def record(sdir: Path, error: BaseException, log_file: Path, where: str, job: str) -> None:
     """``job``: the SLURM job the stage runs as, '' for a run in `submit`'s own process."""
-    message = " ".join(f"{type(error).__name__}: {error}".split())
-    atomic.write_json(Path(sdir) / FAILED, {
-        "error": message if len(message) <= 300 else message[:297] + "...", "log": str(log_file),
-        "job": job, "where": where, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic.write_json(Path(sdir) / FAILED, {"error": message(error), "log": str(log_file), "job": job,
+                                            "where": where, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def forget_earlier(sdir: Path, job: str) -> None:

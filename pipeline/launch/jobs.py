@@ -115,8 +115,9 @@ class StageJob:
                 try:
                     result = stage_function(self.stage)(cfg, StageContext(
                         self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task, self.tasks))
-                except Exception:
+                except Exception as e:
                     failures.log_traceback(handler, self.stage)  # before the log goes to MLflow
+                    run.set_tags({f"execution.{run.attempt + 1}.error": failures.message(e)})  # in the UI
                     raise
                 finally:
                     handler.flush()
