@@ -225,8 +225,7 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
             print(f"submit: job {job.job_id} failed: {_error_line(e)}", file=sys.stderr)
     if failed:
         log = _failure_log([sdir], jobs[0].job_id.split("_")[0])  # the stage's own log, with the traceback
-        if log:
-            print(log.lstrip("\n"), file=sys.stderr)
+        print(f"submit: stage {stage} failed{log}", file=sys.stderr)
         return 1
     run = json.loads((sdir / "mlflow_run.json").read_text())
     print(f"stage {stage}: done (MLflow run {run['run_id']})")

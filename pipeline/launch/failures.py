@@ -66,8 +66,11 @@ def lines(sdir: Path, job: str, since: float = 0.0) -> list[str]:
     none) and the job's SLURM output folder (the tasks' stdout and stderr)."""
     sdir = Path(sdir)
     rec = recorded(sdir, job)
-    logs = sorted((p for p in sdir.glob("logs/*.log") if p.stat().st_mtime >= since), key=lambda p: p.stat().st_mtime)
-    log = rec["log"] if rec else (str(logs[-1]) if logs else "")
+    if rec:
+        log = rec["log"]
+    else:
+        written = {p: p.stat().st_mtime for p in sdir.glob("logs/*.log")}
+        log = str(max((p for p, t in written.items() if t >= since), key=written.get, default=""))
     out = [f"log:  {log}"] if log else []
     folder = sdir / "slurm" / job if job else None  # submitit makes it at submission, logs at the start
     out += [f"SLURM output of job {job}: {folder}/"] if folder and any(folder.glob("*_log.*")) else []

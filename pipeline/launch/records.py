@@ -77,12 +77,15 @@ def _sacct_states(job_id: str) -> list[str] | str:
     return [s for s in proc.stdout.split() if s and s != "by"]
 
 
-def slurm_state(job_id: str, states: list[str] | str | None = None) -> str:
+def slurm_state(job_id: str) -> str:
     """The job's state from accounting (the array's worst task state for an array); UNKNOWN where
-    sacct does not answer. ``states``: sacct's answer, where the caller has it already."""
-    states = _sacct_states(job_id) if states is None else states
-    if isinstance(states, str):
-        return "UNKNOWN"
+    sacct does not answer."""
+    states = _sacct_states(job_id)
+    return "UNKNOWN" if isinstance(states, str) else _worst(states)
+
+
+def _worst(states: list[str]) -> str:
+    """One state for a job from its tasks' states: a failure if any task failed, else any live state."""
     for bad in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"):
         if bad in states:
             return bad
@@ -227,7 +230,8 @@ class SlurmOnce:
         states = _sacct_states(job_id)
         if isinstance(states, str):
             self.accounting_error = f"sacct -j {job_id} failed ({states})"
-        return slurm_state(job_id, states)
+            return "UNKNOWN"
+        return _worst(states)
 
 
 def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any]:
