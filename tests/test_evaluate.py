@@ -304,6 +304,22 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     single = fidelity.features(val, ext, cache_name="one-process", cache_root=tmp_path / "cache")
     assert torch.allclose(torch.load(joined), single["penultimate"], atol=1e-5)
     assert not list(cache.glob("*.part-*"))  # the ranks' parts are removed once joined
+    # each image set's metrics on one rank, and every number is the one a single process computes
+    # from the same features
+    computed = re.findall(r"metrics of (\S+): on rank (\d) of 2", log)
+    assert sorted(computed) == [("accept_0.1", "1"), ("accept_0.5", "0"), ("recon", "1"), ("samples", "0")]
+
+    def cached(prefix: str) -> fidelity.Features:
+        files = {f: list(cache.glob(f"{prefix}*-{ext.digest}-{ext.name}-features-{f}.pt"))
+                 for f in fidelity.FEATURES[ext.name]}
+        assert all(len(v) == 1 for v in files.values()), files
+        return {f: torch.load(v[0]) for f, v in files.items()}
+    val_f, samples_f, recon_f = cached("digits-val-"), cached("samples-"), cached("recon-")
+    single = fidelity.metrics(samples_f, val_f, ext, kid_subset_size=1000, prc_neighborhood=3, seed=0)
+    assert {m: results[m] for m in single} == pytest.approx(single, rel=1e-6)  # BLAS threads: KID 1e-8
+    assert results["recon/fid"] == pytest.approx(fidelity.fid(recon_f, val_f, ext), rel=1e-6)
+    assert results["accept_1.0/precision"] == results["precision"]  # every sample kept: not computed again
+    assert results["accept_0.1/fid"] != pytest.approx(results["fid"], rel=1e-3)
     # the reconstruction shards are split over the ranks too: each written once
     recon = re.findall(r"reconstructed (\S+):", log)
     val_tars = {Path(u).name for u in shards.shard_urls(root / "digits" / "prepare" / "shards", "val")}

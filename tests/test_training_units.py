@@ -1,4 +1,4 @@
-"""Small pure functions of the training layer: rank discovery, LR schedule."""
+"""Small functions of the training layer: rank discovery, LR schedule, splitting calls over ranks."""
 
 from __future__ import annotations
 
@@ -102,3 +102,57 @@ def test_process_group_nests_and_skips_the_barrier_only_for_a_lone_error(monkeyp
                 raise error("boom")
         assert len(barriers) == expected, error
         assert not dist.is_initialized() and "RANK" not in os.environ
+
+
+def _split_calls_rank(rank: int, init_file: str, failing: str | None, out_dir: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline.training import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ran: list[str] = []
+
+    def call(name: str) -> dict:
+        ran.append(name)
+        if name == failing:
+            raise ValueError(f"{name} broke")
+        return {"name": name, "pid": os.getpid()}
+    try:
+        out = distributed.split_calls({n: (lambda n=n: call(n)) for n in ("a", "b", "c")}, rank, 2)
+        result = {"ran": ran, "out": out}
+    except Exception as e:
+        result = {"ran": ran, "error": f"{type(e).__name__}: {e}"}
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing", [None, "b"])
+def test_split_calls_runs_each_call_on_one_rank_and_every_rank_gets_every_result(tmp_path, failing):
+    """evaluate's metrics: each image set's on one rank, the results gathered; an error on one rank
+    reaches every rank (none waits for a result that never comes)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_split_calls_rank, args=(str(tmp_path / "init"), failing, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["ran"] for r in ranks] == [["a", "c"], ["b"]]
+    if failing is None:
+        assert ranks[0]["out"] == ranks[1]["out"]
+        assert list(ranks[0]["out"]) == ["a", "b", "c"]  # the order of the calls
+        assert ranks[0]["out"]["a"]["pid"] == ranks[0]["out"]["c"]["pid"] != ranks[0]["out"]["b"]["pid"]
+    else:
+        assert ranks[1]["error"] == "ValueError: b broke"
+        assert ranks[0]["error"] == "RuntimeError: rank 1 failed (ValueError: b broke); its log has the traceback"
+
+
+def test_split_calls_in_one_process_runs_every_call_and_raises_its_error():
+    from pipeline.training.distributed import split_calls
+
+    assert split_calls({"x": lambda: 1, "y": lambda: 2}) == {"x": 1, "y": 2}
+    with pytest.raises(KeyError):
+        split_calls({"x": lambda: {}["missing"]})

@@ -225,8 +225,11 @@ def metrics(samples: Features, reference: Features, ext: Extractor, *, kid_subse
     isc = isc_features_to_metric(samples[isc_layer], isc_splits(n_s), shuffle=True, rng_seed=seed)
     kid = kid_features_to_metric(samples[layer], reference[layer], kid_subset_size=min(kid_subset_size, n_s, n_r),
                                  rng_seed=seed, verbose=False)
-    prc = prc_features_to_metric(samples[layer], reference[layer], prc_neighborhood=prc_neighborhood,
-                                 save_cpu_ram=not torch.cuda.is_available(), verbose=False)
+    # precision/recall compare every pair of images: on a GPU there, and always in row blocks
+    # (save_cpu_ram) rather than whole distance matrices (10 GB each at 50,000 images)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prc = prc_features_to_metric(samples[layer].to(device), reference[layer].to(device),
+                                 prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=False)
     return {"fid": fid(samples, reference, ext, reference_stats), "isc": float(isc["inception_score_mean"]),
             "kid": float(kid["kernel_inception_distance_mean"]), "precision": float(prc["precision"]),
             "recall": float(prc["recall"])}

@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -112,10 +113,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                                     **ranks)
     results.update({f"recon/{k}": v for k, v in recon.items()})
     recon_f = features(ShardImages(recon_urls, res, "none"), f"recon-{vqvae_sha256[:16]}-{val_name}")
-    results["recon/fid"] = fidelity.fid(recon_f, val_f, ext, val_stats)
-
     samples_f = features(samples, f"samples-{manifest_digest(sample_manifest)}-n{len(samples)}")
-    results.update(fidelity.metrics(samples_f, val_f, **score))
     scores = confidences(real_clf, samples, batch, **ranks)
     rates = sorted({float(r) for r in e.accept_rates}, reverse=True)
     kept_at = {rate: accepted(samples.labels, scores, rate) for rate in rates}
@@ -130,13 +128,25 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
 
     def real_train_fid(labels: np.ndarray) -> float:
         return fidelity.fid(fidelity.rows(train_f, [row[i] for i in baselines[_counts(labels)]]), val_f, ext, val_stats)
-    results["real_train/fid"] = real_train_fid(samples.labels)
+
+    def sample_metrics(keep: np.ndarray) -> dict[str, float]:
+        kept = fidelity.metrics(fidelity.rows(samples_f, keep), val_f, **score)
+        return {**kept, "real_train_fid": real_train_fid(samples.labels[keep])}
+    # each image set's metrics on one rank: precision/recall compare every pair of images (on
+    # ImageNet 50,000 x 50,000, for the samples and each acceptance rate), once, not on every rank
+    every = np.arange(len(samples))
+    calls = {"samples": partial(sample_metrics, every),
+             "recon": lambda: {"fid": fidelity.fid(recon_f, val_f, ext, val_stats)}}
+    calls.update({rate_name(rate): partial(sample_metrics, keep) for rate, keep in kept_at.items()
+                  if len(keep) < len(samples)})
+    computed = distributed.split_calls(_logged(calls, ctx, env.rank, env.world_size), **ranks)
+    results["recon/fid"] = computed["recon"]["fid"]
+    results.update({m: computed["samples"][m] for m in SAMPLE_METRICS})
+    results["real_train/fid"] = computed["samples"]["real_train_fid"]
     results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
     for rate, keep in kept_at.items():
         name = rate_name(rate)
-        kept = {m: results[m] for m in SAMPLE_METRICS} if len(keep) == len(samples) else \
-            fidelity.metrics(fidelity.rows(samples_f, keep), val_f, **score)
-        kept["real_train_fid"] = real_train_fid(samples.labels[keep])
+        kept = dict(computed.get(name, computed["samples"]))  # every sample kept: the samples' own
         kept["fid_vs_real_train"] = kept["fid"] / max(kept["real_train_fid"], 1e-12)
         results.update({f"{name}/{m}": v for m, v in kept.items()})
         results[f"{name}/kept"] = float(len(keep))
@@ -169,6 +179,18 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             "real_top1": results["real/top1"], "recon_psnr": results["recon/psnr"],
             "usage_top": results["recon/usage_top"], "usage_bottom": results["recon/usage_bottom"],
             "seconds": round(time.time() - start, 2), "outputs": str(ctx.stage_dir)}
+
+
+def _logged(calls: dict[str, Callable[[], dict[str, float]]], ctx: StageContext, rank: int,
+            world_size: int) -> dict[str, Callable[[], dict[str, float]]]:
+    """``calls``, each logging which image set's metrics it computes, on which rank, and how long."""
+    def timed(name: str, call: Callable[[], dict[str, float]]) -> dict[str, float]:
+        start = time.time()
+        ctx.log.info("metrics of %s: on rank %d of %d", name, rank, world_size)
+        out = call()
+        ctx.log.info("metrics of %s: done in %.1f s", name, time.time() - start)
+        return out
+    return {name: partial(timed, name, call) for name, call in calls.items()}
 
 
 def _counts(labels: np.ndarray) -> tuple:

@@ -13,13 +13,15 @@ import os
 import sys
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -234,3 +236,32 @@ def all_concat(t: torch.Tensor) -> torch.Tensor:
     parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, t.cpu())
     return torch.cat(parts)
+
+
+def split_calls(calls: dict[str, Callable[[], T]], rank: int = 0, world_size: int = 1) -> dict[str, T]:
+    """Run each of ``calls`` on one rank (the i-th on rank i % world_size) and return every result
+    on every rank, in the order of ``calls``. Every rank must call this with the same names. When a
+    call raises, every rank raises: that rank its own error, the others one naming it."""
+    mine: dict[str, T] = {}
+    error: BaseException | None = None
+    for i, (name, call) in enumerate(calls.items()):
+        if i % world_size == rank:
+            try:
+                mine[name] = call()
+            except Exception as e:  # every rank must reach the gather below, or the others would wait
+                error = e
+                break
+    if world_size == 1:
+        if error is not None:
+            raise error
+        return mine
+    every: list[tuple[dict[str, T], str | None] | None] = [None] * world_size
+    dist.all_gather_object(every, (mine, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, (_, e) in enumerate(every) if e is not None]
+    if failed:
+        r, e = failed[0]
+        raise RuntimeError(f"rank {r} failed ({e}); its log has the traceback")
+    results = {name: out for part, _ in every for name, out in part.items()}
+    return {name: results[name] for name in calls}
