@@ -210,3 +210,32 @@ def test_shard_progress_counts_completion_markers_and_rates_those_since_the_last
     assert line == "shards 4 of 10 (40%), 1 shards/min, ETA 6 min 00 s; last shard 30 s ago", line
     (sdir / "progress.json").write_text('{"step": 5}')  # from something else: status goes on without it
     assert records.progress_line(sdir) == ""
+
+
+def test_status_shows_the_cause_of_a_multi_rank_failure_first_and_the_echoes_after(tmp_path, monkeypatch):
+    """When one rank fails, the others stop after it, with errors that only echo it (a failed
+    collective, an agreement's OtherRankFailed): whichever is recorded first, the cause is shown
+    first; a requeue of the job is a new execution."""
+    import torch.distributed as dist
+
+    from pipeline.launch import failures
+    from pipeline.training.distributed import OtherRankFailed
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    failures.record(tmp_path, OtherRankFailed("rank 1 failed (ValueError: bad image)"), tmp_path / "r0.log",
+                    "rank 0", "7")
+    failures.record(tmp_path, ValueError("bad image"), tmp_path / "r1.log", "rank 1", "7")
+    failures.record(tmp_path, dist.DistBackendError("Connection closed by peer"), tmp_path / "r2.log", "rank 2", "7")
+    failures.record(tmp_path, KeyError("later"), tmp_path / "r3.log", "rank 3", "7")
+    lines = failures.lines(tmp_path, "7")
+    assert re.fullmatch(r"ValueError: bad image \(rank 1, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", lines[0]), lines
+    assert lines[1] == f"log:  {tmp_path / 'r1.log'}"
+    assert [re.sub(r", \d{4}.*", "", line) for line in lines[2:]] == [
+        "then: OtherRankFailed: rank 1 failed (ValueError: bad image) (rank 0",
+        "then: DistBackendError: Connection closed by peer (rank 2",
+        "then: KeyError: 'later' (rank 3"], lines
+    assert failures.lines(tmp_path, "8") == []  # another job's record is not shown for job 8
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: a new execution, its own first error
+    failures.record(tmp_path, OSError("disk full"), tmp_path / "r0b.log", "rank 0", "7")
+    lines = failures.lines(tmp_path, "7")
+    assert lines[0].startswith("OSError: disk full (rank 0, ") and len(lines) == 2, lines

@@ -149,8 +149,12 @@ class ShardImages(IndexedShards):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         e = self.entries[i]
-        raw = e.read(e.members[0][0])
-        img = load_crop(raw, self.resolution, self.crop, False)
+        ext = e.members[0][0]
+        try:
+            img = load_crop(e.read(ext), self.resolution, self.crop, False)
+        except (OSError, ValueError) as err:  # PIL: unidentified or truncated image data
+            raise ValueError(f"{e.tar}: {e.key}.{ext} is not a readable image ({type(err).__name__}: {err}); "
+                             "`verify=true` on the stage that wrote the shard re-reads all of its shards") from err
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 

@@ -149,8 +149,8 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
         except Exception as e:  # every rank must reach the agreement below, or the others would wait
             ok, error = False, e
     if not (distributed.all_true(ok) if world_size > 1 else ok):
-        raise error or RuntimeError(f"features of {cache_name}: another rank failed to extract its rows "
-                                    "(its log says why)")
+        raise error or distributed.OtherRankFailed(f"features of {cache_name}: another rank failed to extract its "
+                                                   "rows (its log says why)")
     out = {f: torch.cat([mine[f] if r == rank and mine is not None else torch.load(part[i], map_location="cpu")
                          for r, part in enumerate(parts)]) for i, f in enumerate(FEATURES[ext.name])}
     if world_size > 1:

@@ -53,7 +53,7 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
     except Exception as e:  # every rank must reach the agreement below, or the others would wait
         ok, error = False, e
     if not (distributed.all_true(ok) if world_size > 1 else ok):
-        raise error or RuntimeError("reconstructions: another rank failed (its log says why)")
+        raise error or distributed.OtherRankFailed("reconstructions: another rank failed (its log says why)")
     sq_err, values, urls = 0.0, 0, []
     counts = {level: np.zeros(k, dtype=np.int64) for level, k in _sizes(vqvae).items()}
     for name, tar, _, source in jobs:

@@ -1,7 +1,8 @@
 """Why a stage failed, kept where `submit status` finds it: when a stage raises, its process writes
 ``failed.json`` into the stage directory (the error, its log, the SLURM job, which task and rank)
 and the traceback into the stage's log; status prints them for every failed stage, with the job's
-SLURM output folder, so nobody digs through job folders to learn what went wrong."""
+SLURM output folder, so nobody digs through job folders to learn what went wrong. Where several
+ranks or tasks fail, the first error is the one shown, the later ones below it."""
 
 from __future__ import annotations
 
@@ -36,10 +37,33 @@ def message(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+ALSO_KEPT = 8  # later failures of the same execution listed beside the first
+
+
 def record(sdir: Path, error: BaseException, log_file: Path, where: str, job: str) -> None:
-    """``job``: the SLURM job the stage runs as, '' for a run in `submit`'s own process."""
-    atomic.write_json(Path(sdir) / FAILED, {"error": message(error), "log": str(log_file), "job": job,
-                                            "where": where, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    """``job``: the SLURM job the stage runs as, '' for a run in `submit`'s own process.
+
+    The cause of an execution's failure is kept first: when one rank fails, the others stop after
+    it (on a failed collective, or told by an agreement: ``OtherRankFailed``), and those errors only
+    echo it. So the first error is kept unless it is such an echo and this one is not; the others
+    (other ranks, other array tasks) are listed under ``also``. Two writers at the same instant may
+    lose one of those lines. A SLURM requeue is a new execution."""
+    import torch.distributed as dist
+
+    from pipeline.training.distributed import OtherRankFailed
+
+    now, restart = time.strftime("%Y-%m-%d %H:%M:%S"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    this = {"error": message(error), "log": str(log_file), "job": job, "restart": restart, "where": where,
+            "time": now, "echo": isinstance(error, (OtherRankFailed, dist.DistError))}
+    first = recorded(sdir, job)
+    if first is not None and first.get("restart", "0") == restart:
+        if first.get("echo") and not this["echo"]:  # the cause came second
+            first, this = this, first
+        also = first.pop("also", []) + this.pop("also", [])
+        also.append({k: this[k] for k in ("error", "where", "log", "time")})
+        first["also"] = sorted(also, key=lambda a: a["time"])[:ALSO_KEPT]
+        this = first
+    atomic.write_json(Path(sdir) / FAILED, this)
 
 
 def forget_earlier(sdir: Path, job: str) -> None:
@@ -75,6 +99,8 @@ def lines(sdir: Path, job: str, since: float = 0.0) -> list[str]:
     folder = sdir / "slurm" / job if job else None  # submitit makes it at submission, logs at the start
     out += [f"SLURM output of job {job}: {folder}/"] if folder and any(folder.glob("*_log.*")) else []
     if rec:
-        return [f"{rec['error']} ({', '.join(filter(None, [rec['where'], rec['time']]))})"] + out
+        def said(r: dict) -> str:
+            return f"{r['error']} ({', '.join(filter(None, [r['where'], r['time']]))})"
+        return [said(rec)] + out + [f"then: {said(a)}" for a in rec.get("also", [])]
     # ended from outside (out of memory, time limit, a signal) or never started (nothing to show)
     return ["the stage recorded no error: it was ended from outside (see the state, the log's end)"] + out if out else []

@@ -23,6 +23,11 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
+
+class OtherRankFailed(RuntimeError):
+    """Raised on the ranks that stop because another rank failed: that rank's error is the cause
+    (``submit status`` shows it first)."""
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -262,6 +267,6 @@ def split_calls(calls: dict[str, Callable[[], T]], rank: int = 0, world_size: in
     failed = [(r, e) for r, (_, e) in enumerate(every) if e is not None]
     if failed:
         r, e = failed[0]
-        raise RuntimeError(f"rank {r} failed ({e}); its log has the traceback")
+        raise OtherRankFailed(f"rank {r} failed ({e}); its log has the traceback")
     results = {name: out for part, _ in every for name, out in part.items()}
     return {name: results[name] for name in calls}
