@@ -167,6 +167,13 @@ case "${1:-}" in
     echo "export SLURM_CONF=$CONF"
     ;;
   stop)
+    # the jobs first: slurmstepd and its tasks outlive slurmd, and a task left running keeps its
+    # port (derived from the job id, which a restarted cluster hands out again)
+    if running "$DIR/run/slurmctld.pid" && [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
+      scancel --full $(squeue -h -o %i) 2>/dev/null || true
+      for _ in $(seq 1 50); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
+      log "cancelled the jobs still queued or running"
+    fi
     for pidfile in "$DIR/run/slurmd-n2.pid" "$DIR/run/slurmd-n1.pid" "$DIR/run/slurmctld.pid" \
                    "$DIR/run/slurmdbd.pid" "$DIR/mysql/mariadb.pid" "$DIR/munge/munged.pid"; do
       if running "$pidfile"; then

@@ -458,3 +458,52 @@ def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_
     assert len(calls) == 1 and "-j 4242" in calls[0], calls
     assert re.search(r"^SLURM: sacct -j 4242 failed \(.*\); sacct was not asked again for the other stages' jobs$",
                      status.stdout, re.M), status.stdout
+
+
+def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path):
+    """Rank 1 of a two-node training dies at its python's start (a sitecustomize on PYTHONPATH):
+    rank 0 would wait at the rendezvous for the process group's 30-minute timeout, far past this
+    test's; with cluster.kill_on_bad_exit SLURM ends the step, and the job fails at once."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text("import os\nif os.environ.get('SLURM_PROCID') == '1':\n    os._exit(3)\n")
+    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
+                  f"run_root={tmp_path / 'runs'}", *FAST, "train.max_steps=20", f"cluster.setup=['export "
+                  f"PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = _job_id(proc.stdout + proc.stderr)
+    assert _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0] == "FAILED"
+    stderr = (tmp_path / "runs" / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert re.search(r"task 1: Exited with exit code 3", stderr), stderr[-2000:]
+
+
+def test_cancel_stops_a_two_node_training_with_its_checkpoint_and_mlflow_status(slurm, run_root, tmp_path):
+    """A job of several tasks ends when one of them exits with an error (cluster.kill_on_bad_exit):
+    a stopped training's rank 1 must not end the job while rank 0 is still marking its MLflow run."""
+    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
+                  f"run_root={run_root}", *FAST, "train.max_steps=100000", "cluster.time_min=10", cwd=tmp_path,
+                  env=slurm, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = _job_id(proc.stdout)
+    try:
+        deadline = time.time() + 300
+        while not (run_root / "digits" / "train_vqvae" / "progress.json").exists():
+            assert time.time() < deadline, _sh(["squeue"], slurm)
+            time.sleep(1)
+        cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=300)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    finally:
+        _sh(["scancel", job], slurm)
+    stopped = re.search(rf"train_vqvae\s+{job}\s+running -> stopped, checkpoint at step (\d+) ", cancel.stdout)
+    assert stopped, cancel.stdout
+    logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
+    assert len(logs) == 2 and all(f"checkpoint saved at step {stopped.group(1)}" in p.read_text() for p in logs)
+    client, run = _run(run_root)
+    assert run.info.status == "KILLED", run.info.status  # rank 0 ended its run before the job ended
+    # rank 1 waited for rank 0 to finish: rank 0 exited by itself, then SLURM ended rank 1 (rank 1
+    # used to exit first and SLURM terminated rank 0 while it was still marking its run)
+    err = (run_root / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert "task 0: Exited with exit code 1" in err and "task 0: Terminated" not in err, err[-2000:]
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+    assert re.search(rf"^train_vqvae\s+stopped \(FAILED\)\s+{job}\s+step {stopped.group(1)}\s", status.stdout,
+                     re.M), status.stdout

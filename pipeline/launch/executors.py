@@ -63,6 +63,10 @@ def slurm_executor(cfg: DictConfig, stage: str, array: int = 1) -> Any:
         stderr_to_stdout=False)
     if gpus:
         params["gpus_per_node"] = gpus
+    if bool(c.kill_on_bad_exit) and params["nodes"] * params["ntasks_per_node"] > 1:
+        # a rank that failed leaves the others blocked in a collective: end the step with it (a
+        # stopped training's other ranks wait for rank 0's requeue rather than exit first)
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
     if c.partition:
         params["partition"] = str(c.partition)
     if array > 1:

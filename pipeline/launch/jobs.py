@@ -55,16 +55,21 @@ def _raise_killed(signum: int, _frame: Any) -> None:
     raise StageKilled(f"received {signal.Signals(signum).name}")
 
 
-def _requeue_if_scheduled(stopped: StageStopped, rank: int) -> None:
+def _requeue_if_scheduled(stopped: StageStopped, rank: int, killed_with_rank0: bool) -> None:
     """Under submitit, hand the stop to its signal handler now that the checkpoint is saved: it
     calls ``checkpoint()``, requeues the job (counting time-outs) and exits. A SIGTERM (plain
-    ``scancel``) is not requeued: submitit's handler for it does nothing."""
+    ``scancel``) is not requeued: submitit's handler for it does nothing. ``killed_with_rank0``:
+    SLURM ends the other tasks when one exits with an error (cluster.kill_on_bad_exit)."""
     if "SUBMITIT_FOLDER" not in os.environ or stopped.signum is None:
         return
     handler = signal.getsignal(stopped.signum)
-    if rank != 0:  # rank 0 requeues the whole job; this task is killed by the requeue
-        if stopped.signum == signal.SIGUSR2:
-            log.info("stopped; waiting for rank 0 to requeue the job")
+    if rank != 0:
+        # rank 0 requeues the whole job (USR2), which kills this task; on SIGTERM it marks the
+        # MLflow run and submitit writes the job's outcome: exiting first (with an error) would
+        # have SLURM kill rank 0 mid-way, so this task waits to be ended with it
+        if stopped.signum == signal.SIGUSR2 or killed_with_rank0:
+            log.info("stopped; waiting for rank 0 to %s", "requeue the job" if stopped.signum == signal.SIGUSR2
+                     else "finish")
             time.sleep(300)
         return
     if callable(handler) and handler not in (_raise_killed,):
@@ -132,7 +137,7 @@ class StageJob:
                     "tracking_uri": tracking_uri(cfg)}
         except StageStopped as stopped:
             log.warning("%s", stopped)  # in the stage's own log too, not only the job's stderr
-            _requeue_if_scheduled(stopped, rank)
+            _requeue_if_scheduled(stopped, rank, bool(cfg.cluster.get("kill_on_bad_exit", False)))
             raise
         except Exception as e:  # for `submit status`: what went wrong, where its log is
             where = ", ".join(filter(None, [f"task {self.task}" if self.tasks > 1 else "",
