@@ -64,9 +64,9 @@ def _requeue_if_scheduled(stopped: StageStopped, rank: int, killed_with_rank0: b
         return
     handler = signal.getsignal(stopped.signum)
     if rank != 0:
-        # rank 0 requeues the whole job (USR2), which kills this task; on SIGTERM it marks the
-        # MLflow run and submitit writes the job's outcome: exiting first (with an error) would
-        # have SLURM kill rank 0 mid-way, so this task waits to be ended with it
+        # rank 0 requeues the whole job (USR2), which kills this task; on SIGTERM it marks its
+        # MLflow run KILLED and uploads its log: exiting first (with an error) would have SLURM
+        # kill rank 0 mid-way, so this task waits to be ended with it
         if stopped.signum == signal.SIGUSR2 or killed_with_rank0:
             log.info("stopped; waiting for rank 0 to %s", "requeue the job" if stopped.signum == signal.SIGUSR2
                      else "finish")

@@ -28,6 +28,7 @@ class OtherRankFailed(RuntimeError):
     """Raised on the ranks that stop because another rank failed: that rank's error is the cause
     (``submit status`` shows it first)."""
 
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
