@@ -214,15 +214,17 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
           f"{sdir / 'mlflow_run.json'} once the job starts)\n  open:    {ui_command_for(tracking_uri(cfg))}")
     if not cfg.wait:
         return 0
-    failed = 0
+    failed: dict[str, list[str]] = {}  # error -> the array tasks that raised it
     for job in jobs:
         try:
             job.results()  # every task of the job (one per rank)
         except KeyboardInterrupt:
             return _stopped_waiting(cfg, stage)
         except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
-            failed += 1
-            print(f"submit: job {job.job_id} failed: {_error_line(e)}", file=sys.stderr)
+            failed.setdefault(_error_line(e), []).append(job.job_id)
+    for error, ids in failed.items():  # 32 tasks failing alike: one line
+        which = ids[0] if len(ids) == 1 else f"{', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''} ({len(ids)} tasks)"
+        print(f"submit: job {which} failed: {error}", file=sys.stderr)
     if failed:
         log = _failure_log([sdir], jobs[0].job_id.split("_")[0])  # the stage's own log, with the traceback
         print(f"submit: stage {stage} failed{log}", file=sys.stderr)
@@ -344,11 +346,17 @@ def _stopped_waiting(cfg, stage: str | None) -> int:
 
 def _failure_log(sdirs: list[Path], job: str = "") -> str:
     """A line naming the log (with the traceback) of the stage that just failed: in this process
-    (``job`` ''), or as that SLURM job."""
+    (``job`` ''), or as that SLURM job. Where other ranks stopped because one failed, a line before
+    it names that rank's error, the cause: the error shown beside may only echo it (rank 0's)."""
     from pipeline.launch import failures
 
     recs = [r for r in (failures.recorded(d, job) for d in sdirs) if r]
-    return f"\n  log:     {max(recs, key=lambda r: r['time'])['log']}" if recs else ""
+    if not recs:
+        return ""
+    rec = max(recs, key=lambda r: r["time"])
+    echoed = not rec.get("echo") and any(a.get("echo") for a in rec.get("also", []))
+    cause = f"\n  cause:   {rec['error']} ({rec['where']})" if echoed else ""
+    return f"{cause}\n  log:     {rec['log']}"
 
 
 def _error_line(e: Exception) -> str:

@@ -10,13 +10,14 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SUBMIT, submit
+from conftest import EVAL_ARGS, SUBMIT, copy_stages, submit
 from pipeline.data import shards
 from pipeline.launch import records
 
@@ -507,3 +508,46 @@ def test_cancel_stops_a_two_node_training_with_its_checkpoint_and_mlflow_status(
     status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
     assert re.search(rf"^train_vqvae\s+stopped \(FAILED\)\s+{job}\s+step {stopped.group(1)}\s", status.stdout,
                      re.M), status.stdout
+
+
+def test_wait_names_the_rank_whose_error_failed_a_two_node_job(slurm, evaluated, tmp_path):
+    """A two-node evaluate where a sample image only rank 1 reads is unreadable: rank 0 stops on the
+    ranks' agreement (its error only echoes rank 1's). wait=true names the cause and its rank, and
+    rank 1 let rank 0 finish before its exit ended the job: rank 0 marked the MLflow run FAILED."""
+    root = copy_stages(evaluated["root"], tmp_path / "runs", "prepare", "train_vqvae", "sample")
+    last = shards.shard_urls(root / "digits" / "sample" / "shards", "samples")[-1]
+    with tarfile.open(last) as tar:
+        png = [m for m in tar if m.name.endswith(".png")][-1]
+    with open(last, "r+b") as f:
+        f.seek(png.offset_data)
+        f.write(b"\0" * png.size)
+    proc = submit("stage=evaluate", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high", f"run_root={root}",
+                  *EVAL_ARGS, "train.max_steps=5", "train.eval_every=5", "train.ckpt_every=5", "data.num_workers=0",
+                  "cluster.mem_gb=2", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    job = _job_id(proc.stdout)
+    assert re.search(rf"^submit: job {job} failed: \S*OtherRankFailed: features of samples-\S+: another rank failed",
+                     proc.stderr, re.M), proc.stderr[-3000:]
+    cause = re.search(r"^  cause:   ValueError: (\S+): (\S+) is not a readable image .*\(rank 1\)$", proc.stderr, re.M)
+    assert cause and cause.groups() == (last, png.name), proc.stderr[-3000:]
+    log = Path(re.search(r"^  log:     (\S+)$", proc.stderr, re.M).group(1))
+    assert log.name.endswith("-rank1.log") and "is not a readable image" in log.read_text()
+    record = json.loads((root / "digits" / "evaluate" / "mlflow_run.json").read_text())
+    run = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(record["run_id"])
+    assert run.info.status == "FAILED", run.info.status
+
+
+def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
+    src = tmp_path / "tiny"  # a class-folder tree too small to split: every task fails the same way
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
+    proc = submit("stage=prepare", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'runs'}",
+                  "cluster.array_tasks=2", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path,
+                  env=slurm, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job = _job_id(proc.stdout)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("submit: job")]
+    assert len(lines) == 1 and re.fullmatch(rf"submit: job {job}_0, {job}_1 \(2 tasks\) failed: ValueError: "
+                                            r"data.val_fraction=\S+ of 2 images gives 0 val images; .*", lines[0]), lines
+    assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr

@@ -147,7 +147,7 @@ def test_split_calls_runs_each_call_on_one_rank_and_every_rank_gets_every_result
         assert ranks[0]["out"]["a"]["pid"] == ranks[0]["out"]["c"]["pid"] != ranks[0]["out"]["b"]["pid"]
     else:
         assert ranks[1]["error"] == "ValueError: b broke"
-        assert ranks[0]["error"] == "RuntimeError: rank 1 failed (ValueError: b broke); its log has the traceback"
+        assert ranks[0]["error"] == "OtherRankFailed: rank 1 failed (ValueError: b broke); its log has the traceback"
 
 
 def test_split_calls_in_one_process_runs_every_call_and_raises_its_error():

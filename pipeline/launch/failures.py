@@ -60,7 +60,7 @@ def record(sdir: Path, error: BaseException, log_file: Path, where: str, job: st
         if first.get("echo") and not this["echo"]:  # the cause came second
             first, this = this, first
         also = first.pop("also", []) + this.pop("also", [])
-        also.append({k: this[k] for k in ("error", "where", "log", "time")})
+        also.append({k: this[k] for k in ("error", "where", "log", "time", "echo")})
         first["also"] = sorted(also, key=lambda a: a["time"])[:ALSO_KEPT]
         this = first
     atomic.write_json(Path(sdir) / FAILED, this)

@@ -55,6 +55,9 @@ def _raise_killed(signum: int, _frame: Any) -> None:
     raise StageKilled(f"received {signal.Signals(signum).name}")
 
 
+RANK0_GRACE_S = 30  # a failed rank's wait for rank 0 before its exit ends the job (kill_on_bad_exit)
+
+
 def _requeue_if_scheduled(stopped: StageStopped, rank: int, killed_with_rank0: bool) -> None:
     """Under submitit, hand the stop to its signal handler now that the checkpoint is saved: it
     calls ``checkpoint()``, requeues the job (counting time-outs) and exits. A SIGTERM (plain
@@ -143,6 +146,11 @@ class StageJob:
             where = ", ".join(filter(None, [f"task {self.task}" if self.tasks > 1 else "",
                                            f"rank {rank}" if env.world_size > 1 else ""]))
             failures.record(sdir, e, log_file, where, job)
+            if rank != 0 and "SUBMITIT_FOLDER" in os.environ and cfg.cluster.get("kill_on_bad_exit", False):
+                # this task's exit ends the job (kill_on_bad_exit): where rank 0 fails too (the
+                # ranks' agreements), give it time to mark its MLflow run FAILED and exit first
+                log.info("failed; waiting up to %d s for rank 0 to end the job", RANK0_GRACE_S)
+                time.sleep(RANK0_GRACE_S)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
