@@ -83,6 +83,23 @@ def save_changed_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def spoil_last_sample(run_root: Path) -> tuple[str, str]:
+    """Zero the bytes of the last image of experiment 'digits' samples, in place (the tar stays
+    valid, the PNG does not): the second half of the samples, which rank 1 of two reads, holds it.
+    Returns the shard and the member's name."""
+    import tarfile
+
+    from pipeline.data import shards
+
+    last = shards.shard_urls(run_root / "digits" / "sample" / "shards", "samples")[-1]
+    with tarfile.open(last) as tar:
+        png = [m for m in tar if m.name.endswith(".png")][-1]
+    with open(last, "r+b") as f:
+        f.seek(png.offset_data)
+        f.write(b"\0" * png.size)
+    return last, png.name
+
+
 def copy_stages(src_root: Path, dst_root: Path, *stages: str) -> Path:
     """A new run_root holding copies of these finished stages of experiment 'digits'."""
     for stage in stages:

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch_fidelity
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import EVAL_ARGS, copy_stages, run_group, submit
+from conftest import EVAL_ARGS, copy_stages, run_group, spoil_last_sample, submit
 from pipeline.config import compose
 from pipeline.data import shards
 from pipeline.data.shard_images import ShardImages, write_image_shard
@@ -328,19 +327,14 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
 
     # a sample image only rank 1 reads is unreadable: its error is the cause, and status shows it
     # first, whichever rank recorded first; rank 0 stopped on the ranks' agreement, an echo of it
-    last = shards.shard_urls(root / "digits" / "sample" / "shards", "samples")[-1]
-    with tarfile.open(last) as tar:
-        png = [m for m in tar if m.name.endswith(".png")][-1]
-    with open(last, "r+b") as f:
-        f.seek(png.offset_data)
-        f.write(b"\0" * png.size)
+    last, png = spoil_last_sample(root)
     for p in cache.glob("samples-*"):  # extracted again
         p.unlink()
     proc = run_group(cmd, cwd=tmp_path, timeout=900, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode != 0
     status = submit("status", f"run_root={root}", cwd=tmp_path)
     why = status.stdout.split("\nfailures:\n")[1].splitlines()
-    assert re.fullmatch(rf"  evaluate: ValueError: {re.escape(last)}: {png.name} is not a readable image "
+    assert re.fullmatch(rf"  evaluate: ValueError: {re.escape(last)}: {png} is not a readable image "
                         r"\(UnidentifiedImageError: .*\(rank 1, [\d: -]+\)", why[0]), status.stdout
     assert why[1].startswith("    log:  ") and why[1].endswith("-rank1.log"), why
     assert re.fullmatch(r"    then: OtherRankFailed: features of samples-\S+: another rank failed .*\(rank 0, [\d: -]+\)",

@@ -10,14 +10,13 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import EVAL_ARGS, SUBMIT, copy_stages, submit
+from conftest import EVAL_ARGS, SUBMIT, copy_stages, spoil_last_sample, submit
 from pipeline.data import shards
 from pipeline.launch import records
 
@@ -515,12 +514,7 @@ def test_wait_names_the_rank_whose_error_failed_a_two_node_job(slurm, evaluated,
     ranks' agreement (its error only echoes rank 1's). wait=true names the cause and its rank, and
     rank 1 let rank 0 finish before its exit ended the job: rank 0 marked the MLflow run FAILED."""
     root = copy_stages(evaluated["root"], tmp_path / "runs", "prepare", "train_vqvae", "sample")
-    last = shards.shard_urls(root / "digits" / "sample" / "shards", "samples")[-1]
-    with tarfile.open(last) as tar:
-        png = [m for m in tar if m.name.endswith(".png")][-1]
-    with open(last, "r+b") as f:
-        f.seek(png.offset_data)
-        f.write(b"\0" * png.size)
+    last, png = spoil_last_sample(root)
     proc = submit("stage=evaluate", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high", f"run_root={root}",
                   *EVAL_ARGS, "train.max_steps=5", "train.eval_every=5", "train.ckpt_every=5", "data.num_workers=0",
                   "cluster.mem_gb=2", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
@@ -529,7 +523,7 @@ def test_wait_names_the_rank_whose_error_failed_a_two_node_job(slurm, evaluated,
     assert re.search(rf"^submit: job {job} failed: \S*OtherRankFailed: features of samples-\S+: another rank failed",
                      proc.stderr, re.M), proc.stderr[-3000:]
     cause = re.search(r"^  cause:   ValueError: (\S+): (\S+) is not a readable image .*\(rank 1\)$", proc.stderr, re.M)
-    assert cause and cause.groups() == (last, png.name), proc.stderr[-3000:]
+    assert cause and cause.groups() == (last, png), proc.stderr[-3000:]
     log = Path(re.search(r"^  log:     (\S+)$", proc.stderr, re.M).group(1))
     assert log.name.endswith("-rank1.log") and "is not a readable image" in log.read_text()
     record = json.loads((root / "digits" / "evaluate" / "mlflow_run.json").read_text())
