@@ -60,6 +60,15 @@ def _run(run_root):
     return client, client.get_run(record["run_id"])
 
 
+def _unsplittable_tree(tmp_path: Path) -> Path:
+    """A class-folder tree too small to split into train and val (two files): prepare fails in the job."""
+    src = tmp_path / "tiny"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
+    return src
+
+
 def _wait_for_first_checkpoint(submit_stdout: str, run_root: Path) -> Path:
     """Wait until the submitted train_vqvae job has saved a checkpoint; returns its stdout log."""
     stdout_log = Path(re.search(r"stdout:\s+(\S+)", submit_stdout).group(1))
@@ -362,10 +371,7 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     assert {"fid", "cas/top1", "real/top1", "recon/psnr"} <= set(results)
 
     # prepare fails in the job (a class-folder tree too small to split): train_vqvae is cancelled
-    src = tmp_path / "tiny"
-    for cls in ("a", "b"):
-        (src / cls).mkdir(parents=True)
-        shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
+    src = _unsplittable_tree(tmp_path)
     bad_args = ("stage=all", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'bad'}",
                 *FAST, "cluster.array_tasks=1", "wait=true")
     bad = submit(*bad_args, cwd=tmp_path, env=slurm, timeout=600)
@@ -532,10 +538,7 @@ def test_wait_names_the_rank_whose_error_failed_a_two_node_job(slurm, evaluated,
 
 
 def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
-    src = tmp_path / "tiny"  # a class-folder tree too small to split: every task fails the same way
-    for cls in ("a", "b"):
-        (src / cls).mkdir(parents=True)
-        shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
+    src = _unsplittable_tree(tmp_path)  # every task fails the same way
     proc = submit("stage=prepare", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'runs'}",
                   "cluster.array_tasks=2", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path,
                   env=slurm, timeout=600)

@@ -134,7 +134,7 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
     lo, hi = share.start, share.stop
     # only several ranks need part files: the other ranks' blocks come through them
     parts = [[p.with_name(f"{p.name}.part-{r}-of-{world_size}") for p in files] for r in range(world_size)]
-    mine, ok, error = None, True, None
+    mine, error = None, None
     if world_size > 1 and all(p.exists() for p in parts[rank]):
         log.info("features of %s: rows %d..%d were extracted before (rank %d of %d)", cache_name, lo, hi, rank,
                  world_size)
@@ -147,10 +147,8 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
             for p, v in zip(parts[rank], mine.values()) if world_size > 1 else ():
                 _save(v, p)
         except Exception as e:  # every rank must reach the agreement below, or the others would wait
-            ok, error = False, e
-    if not (distributed.all_true(ok) if world_size > 1 else ok):
-        raise error or distributed.OtherRankFailed(f"features of {cache_name}: another rank failed to extract its "
-                                                   "rows (its log says why)")
+            error = e
+    distributed.agree(error, f"features of {cache_name}", world_size)
     out = {f: torch.cat([mine[f] if r == rank and mine is not None else torch.load(part[i], map_location="cpu")
                          for r, part in enumerate(parts)]) for i, f in enumerate(FEATURES[ext.name])}
     if world_size > 1:

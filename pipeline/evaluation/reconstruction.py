@@ -41,7 +41,7 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
         jobs.append((f"recon-{n:06d}", tar, indices,
                      {"shard": Path(tar).name, "count": len(indices), "vqvae": model_id,  # not the path: a moved
                       "keys": hashlib.sha256(keys.encode()).hexdigest()[:16]}))      # run_root reuses
-    ok, error = True, None
+    error = None
     try:
         todo = [job for n, job in enumerate(jobs) if n % world_size == rank
                 and not any(_finished(Path(d), job[0], job[3]) for d in (out_dir, *elsewhere))]
@@ -51,9 +51,8 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
                 _reconstruct_shard(vqvae, val.subset(indices), out_dir, name, source, batch_size, bar)
                 log.info("reconstructed %s: %d images", Path(tar).name, len(indices))
     except Exception as e:  # every rank must reach the agreement below, or the others would wait
-        ok, error = False, e
-    if not (distributed.all_true(ok) if world_size > 1 else ok):
-        raise error or distributed.OtherRankFailed("reconstructions: another rank failed (its log says why)")
+        error = e
+    distributed.agree(error, "reconstructions", world_size)
     sq_err, values, urls = 0.0, 0, []
     counts = {level: np.zeros(k, dtype=np.int64) for level, k in _sizes(vqvae).items()}
     for name, tar, _, source in jobs:

@@ -58,10 +58,10 @@ def _raise_killed(signum: int, _frame: Any) -> None:
 RANK0_GRACE_S = 30  # a failed rank's wait for rank 0 before its exit ends the job (kill_on_bad_exit)
 
 
-def _requeue_if_scheduled(stopped: StageStopped, rank: int, killed_with_rank0: bool) -> None:
+def _requeue_if_scheduled(stopped: StageStopped, rank: int, ends_with_rank0: bool) -> None:
     """Under submitit, hand the stop to its signal handler now that the checkpoint is saved: it
     calls ``checkpoint()``, requeues the job (counting time-outs) and exits. A SIGTERM (plain
-    ``scancel``) is not requeued: submitit's handler for it does nothing. ``killed_with_rank0``:
+    ``scancel``) is not requeued: submitit's handler for it does nothing. ``ends_with_rank0``:
     SLURM ends the other tasks when one exits with an error (cluster.kill_on_bad_exit)."""
     if "SUBMITIT_FOLDER" not in os.environ or stopped.signum is None:
         return
@@ -70,7 +70,7 @@ def _requeue_if_scheduled(stopped: StageStopped, rank: int, killed_with_rank0: b
         # rank 0 requeues the whole job (USR2), which kills this task; on SIGTERM it marks its
         # MLflow run KILLED and uploads its log: exiting first (with an error) would have SLURM
         # kill rank 0 mid-way, so this task waits to be ended with it
-        if stopped.signum == signal.SIGUSR2 or killed_with_rank0:
+        if stopped.signum == signal.SIGUSR2 or ends_with_rank0:
             log.info("stopped; waiting for rank 0 to %s", "requeue the job" if stopped.signum == signal.SIGUSR2
                      else "finish")
             time.sleep(300)
@@ -105,6 +105,7 @@ class StageJob:
         env = detect()
         rank = env.rank
         job = failures.slurm_job() if cfg.cluster.name == "slurm" else ""  # '' in submit's own process
+        ends_with_rank0 = bool(cfg.cluster.get("kill_on_bad_exit", False))  # one task's exit ends the job
         suffix = (f"-task{self.task}" if self.tasks > 1 else "") + (f"-rank{rank}" if rank else "")
         log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.log"
         handler = _setup_logging(log_file)
@@ -140,13 +141,13 @@ class StageJob:
                     "tracking_uri": tracking_uri(cfg)}
         except StageStopped as stopped:
             log.warning("%s", stopped)  # in the stage's own log too, not only the job's stderr
-            _requeue_if_scheduled(stopped, rank, bool(cfg.cluster.get("kill_on_bad_exit", False)))
+            _requeue_if_scheduled(stopped, rank, ends_with_rank0)
             raise
         except Exception as e:  # for `submit status`: what went wrong, where its log is
             where = ", ".join(filter(None, [f"task {self.task}" if self.tasks > 1 else "",
                                            f"rank {rank}" if env.world_size > 1 else ""]))
             failures.record(sdir, e, log_file, where, job)
-            if rank != 0 and "SUBMITIT_FOLDER" in os.environ and cfg.cluster.get("kill_on_bad_exit", False):
+            if rank != 0 and "SUBMITIT_FOLDER" in os.environ and ends_with_rank0:
                 # this task's exit ends the job (kill_on_bad_exit): where rank 0 fails too (the
                 # ranks' agreements), give it time to mark its MLflow run FAILED and exit first
                 log.info("failed; waiting up to %d s for rank 0 to end the job", RANK0_GRACE_S)

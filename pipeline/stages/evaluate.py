@@ -129,13 +129,13 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     def real_train_fid(labels: np.ndarray) -> float:
         return fidelity.fid(fidelity.rows(train_f, [row[i] for i in baselines[_counts(labels)]]), val_f, ext, val_stats)
 
-    def sample_metrics(keep: np.ndarray) -> dict[str, float]:
-        kept = fidelity.metrics(fidelity.rows(samples_f, keep), val_f, **score)
-        return {**kept, "real_train_fid": real_train_fid(samples.labels[keep])}
+    def sample_metrics(keep: np.ndarray | None) -> dict[str, float]:  # None: every sample
+        feats, labels = (samples_f, samples.labels) if keep is None else \
+            (fidelity.rows(samples_f, keep), samples.labels[keep])
+        return {**fidelity.metrics(feats, val_f, **score), "real_train_fid": real_train_fid(labels)}
     # each image set's metrics on one rank: precision/recall compare every pair of images (on
     # ImageNet 50,000 x 50,000, for the samples and each acceptance rate), once, not on every rank
-    every = np.arange(len(samples))
-    calls = {"samples": partial(sample_metrics, every),
+    calls = {"samples": partial(sample_metrics, None),
              "recon": lambda: {"fid": fidelity.fid(recon_f, val_f, ext, val_stats)}}
     calls.update({rate_name(rate): partial(sample_metrics, keep) for rate, keep in kept_at.items()
                   if len(keep) < len(samples)})

@@ -215,6 +215,14 @@ def all_true(flag: bool) -> bool:
     return t.item() == 0.0
 
 
+def agree(error: BaseException | None, what: str, world_size: int) -> None:
+    """After each rank's share of some work: every rank raises if any rank failed, the failed rank
+    its own ``error``, the others OtherRankFailed (the cause is in the failed rank's log). Every
+    rank must call it, failed or not, or the others would wait."""
+    if not (all_true(error is None) if world_size > 1 else error is None):
+        raise error or OtherRankFailed(f"{what}: another rank failed (its log says why)")
+
+
 def any_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on some rank."""
     return not all_true(not flag)
