@@ -227,7 +227,8 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
         print(f"submit: job {which} failed: {error}", file=sys.stderr)
     if failed:
         log = _failure_log([sdir], jobs[0].job_id.split("_")[0])  # the stage's own log, with the traceback
-        print(f"submit: stage {stage} failed{log}", file=sys.stderr)
+        print(f"submit: stage {stage} failed{log}{_close_left_run(sdir, jobs[0].job_id.split('_')[0])}",
+              file=sys.stderr)
         return 1
     run = json.loads((sdir / "mlflow_run.json").read_text())
     print(f"stage {stage}: done (MLflow run {run['run_id']})")
@@ -315,7 +316,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
                 except KeyboardInterrupt:
                     return _stopped_waiting(cfg, None)
                 if error:
-                    log = _failure_log([stage_dir(cfgs[r["stage"]], r["stage"])], r["job"])
+                    sdir = stage_dir(cfgs[r["stage"]], r["stage"])
+                    log = _failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
                     print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
                     return 1
             _print_finished(cfg, chain.slurm_summary_rows(cfgs, rows), time.time() - start)
@@ -357,6 +359,15 @@ def _failure_log(sdirs: list[Path], job: str = "") -> str:
     echoed = not rec.get("echo") and any(a.get("echo") for a in rec.get("also", []))
     cause = f"\n  cause:   {rec['error']} ({rec['where']})" if echoed else ""
     return f"{cause}\n  log:     {rec['log']}"
+
+
+def _close_left_run(sdir: Path, job: str) -> str:
+    """A failed job whose rank 0 was killed left its MLflow run RUNNING: close it (a line saying so)."""
+    from pipeline.launch import mlflow_runs, records
+
+    state = records.wait_for_job(job, poll_s=2.0, timeout_s=60) or ""  # accounting may lag submitit
+    closed = mlflow_runs.close_after_job(sdir, job, state, "submit wait=true")
+    return f"\n  MLflow:  the run was left RUNNING by job {job} ({state}): closed as {closed}" if closed else ""
 
 
 def _error_line(e: Exception) -> str:

@@ -169,7 +169,11 @@ class StageRun:
             self._reconcile_params(run.data.params)
         atomic.write_json(self.stage_dir / RUN_FILE, {
             "run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id,
-            "attempts": self.attempt + 1, "execution": self.node.execution, "start_time": start_time})
+            "attempts": self.attempt + 1, "execution": self.node.execution, "start_time": start_time,
+            # the SLURM job (an array's id) that opened it: a later `submit status` closes the run
+            # if that job ends while the run is still RUNNING (pipeline.launch.orphaned_runs)
+            "slurm_job": (os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", ""))
+            if self.cfg.cluster.name == "slurm" else ""})
         self.set_tags({"executions": self.attempt + 1, **execution_tags(self.attempt + 1)})
         if self.cfg.tracking.system_metrics and _has_psutil():
             prefix = "system/" if self.node.count == 1 else f"system/{self.node.name}/"

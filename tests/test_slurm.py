@@ -483,6 +483,54 @@ def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path)
     assert re.search(r"task 1: Exited with exit code 3", stderr), stderr[-2000:]
 
 
+@pytest.mark.parametrize("rank0", ["rendezvous", "python"])
+def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_root, tmp_path, rank0):
+    """Rank 1's training raises at once (a sitecustomize on PYTHONPATH replaces it); its exit, 30 s
+    later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either waits at the rendezvous, where its
+    SIGTERM handler never runs and SLURM kills it, leaving its MLflow run RUNNING for wait=true to
+    close; or is busy in Python code (its training replaced by a sleep), where it takes the SIGTERM
+    for a failure, not a stop. Either way the run ends FAILED with rank 1's error, and status says
+    failed, rank 1's error first (not "stopped")."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import os, time\nrank = os.environ.get('SLURM_PROCID')\n"
+        f"if rank == '1' or (rank == '0' and {rank0 == 'python'}):\n"
+        "    from pipeline.training import engine\n"
+        "    def train(cfg, ctx, task):\n"
+        "        if rank == '1':\n"
+        "            raise ValueError('rank 1 cannot train')\n"
+        "        while True:\n"
+        "            time.sleep(0.1)\n"
+        "    engine.train = train\n")
+    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
+                  f"run_root={run_root}", *FAST, "train.max_steps=20", f"cluster.setup=['export "
+                  f"PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = _job_id(proc.stdout)
+    err = (run_root / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert "task 1: Exited with exit code 1" in err, err[-2000:]
+    closed = re.search(rf"^  MLflow:  the run was left RUNNING by job {job} \(FAILED\): closed as FAILED$",
+                       proc.stderr, re.M)
+    client, run = _run(run_root)
+    assert run.info.status == "FAILED", run.info
+    if rank0 == "rendezvous":
+        assert "task 0: Killed" in err and closed, err[-2000:] + proc.stderr
+        assert run.data.tags["ended"] == (f"SLURM job {job} ended FAILED before the stage could close this run "
+                                          "(closed by submit wait=true)")
+        assert run.data.tags["error"].startswith("ValueError: rank 1 cannot train (rank 1, ")
+        end = _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "End"], slurm).split()[0]
+        assert run.info.end_time == 1000 * time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S"))
+    else:  # rank 0 closed its run itself
+        assert not closed and "ended" not in run.data.tags, proc.stderr
+        assert run.data.tags["error"] == ("OtherRankFailed: received SIGTERM after rank 1 failed: "
+                                          "ValueError: rank 1 cannot train")
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+    assert re.search(rf"^train_vqvae\s+failed \(FAILED\)\s+{job}\s", status.stdout, re.M), status.stdout
+    assert re.search(r"^  train_vqvae: ValueError: rank 1 cannot train \(rank 1, ", status.stdout, re.M), status.stdout
+    assert "left RUNNING" not in status.stdout  # closed once
+
+
 def test_cancel_stops_a_two_node_training_with_its_checkpoint_and_mlflow_status(slurm, run_root, tmp_path):
     """A job of several tasks ends when one of them exits with an error (cluster.kill_on_bad_exit):
     a stopped training's rank 1 must not end the job while rank 0 is still marking its MLflow run."""

@@ -125,8 +125,16 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     assert status.stdout.split("\nfailures:\n")[1].splitlines()[:2] == [
         "  train_vqvae: the stage recorded no error: it was ended from outside (see the state, the log's end)",
         f"    log:  {logs[-1]}"], status.stdout
+    # status closed the run the killed process left RUNNING (the MLflow UI showed it running)
+    assert re.search(r"^  run \w+ of train_vqvae was left RUNNING by its killed process: closed as FAILED$",
+                     status.stdout, re.M), status.stdout
     _, run = _run(run_root)
     run_id = run.info.run_id
+    assert run.info.status == "FAILED" and "closed by submit status" in run.data.tags["ended"], run.info
+    assert run.info.end_time == int(logs[-1].stat().st_mtime * 1000)  # when its process last wrote
+    later = submit("status", f"run_root={run_root}", cwd=tmp_path)  # closed once: now a failed run
+    assert re.search(rf"^train_vqvae\s+failed\s+step {int(killed_at[5:])}", later.stdout, re.M), later.stdout
+    assert "left RUNNING" not in later.stdout
 
     again = submit(*_args(run_root, "train.max_steps=" + str(int(killed_at[5:]) + 30), "train.ckpt_every=20",
                           "train.eval_every=1000"), cwd=tmp_path, timeout=600)

@@ -17,7 +17,7 @@ import time
 from omegaconf import DictConfig
 
 from pipeline.config import stage_dir, stage_name
-from pipeline.launch import records, stage_lock
+from pipeline.launch import mlflow_runs, records, stage_lock
 from pipeline.stages import ORDER
 
 
@@ -92,7 +92,8 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
         now = records.wait_for_job(job, poll_s=1.0, timeout_s=max(0.0, deadline - time.time()))
         if now is None:  # not stopped within cancel_grace_s: cancelled outright (SIGKILL after KillWait)
             subprocess.run(["scancel", job], capture_output=True, text=True, timeout=60)
-            how = f"{records.wait_for_job(job, poll_s=1.0).lower()} after cancel_grace_s={cfg.cancel_grace_s}"
+            now = records.wait_for_job(job, poll_s=1.0) or "UNKNOWN"
+            how = f"{now.lower()} after cancel_grace_s={cfg.cancel_grace_s}"
         elif job in running:  # it ended on the SIGTERM (a stopped stage exits non-zero: FAILED)
             latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
             saved = f", checkpoint at step {int(latest.read_text().strip()[5:])}" if latest.exists() else ""
@@ -105,5 +106,7 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
             how = f"{now.lower()} (in its setup lines: no step had started)"
         else:
             how = now.lower()
+        closed = mlflow_runs.close_after_job(stage_dir(cfg, stage), job, now, "submit cancel")
+        how += f"; its MLflow run, left RUNNING, closed as {closed}" if closed else ""
         lines.append(f"  {stage_name(cfg, stage):<20}{job:<10}{before.lower()} -> {how}")
     return lines, len(live)

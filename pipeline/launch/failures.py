@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ FAILED = "failed.json"
 def slurm_job() -> str:
     """The SLURM job this stage runs as (an array's own id, as ``jobs.json`` holds it)."""
     return os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or ""
+
+
+def restart() -> str:
+    """Which execution of its SLURM job this is (a requeue runs again under the same id); '0' here."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0")
 
 
 def log_traceback(handler: logging.Handler, stage: str) -> None:
@@ -52,11 +58,11 @@ def record(sdir: Path, error: BaseException, log_file: Path, where: str, job: st
 
     from pipeline.training.distributed import OtherRankFailed
 
-    now, restart = time.strftime("%Y-%m-%d %H:%M:%S"), os.environ.get("SLURM_RESTART_COUNT", "0")
-    this = {"error": message(error), "log": str(log_file), "job": job, "restart": restart, "where": where,
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    this = {"error": message(error), "log": str(log_file), "job": job, "restart": restart(), "where": where,
             "time": now, "echo": isinstance(error, (OtherRankFailed, dist.DistError))}
     first = recorded(sdir, job)
-    if first is not None and first.get("restart", "0") == restart:
+    if first is not None and first.get("restart", "0") == this["restart"]:
         if first.get("echo") and not this["echo"]:  # the cause came second
             first, this = this, first
         also = first.pop("also", []) + this.pop("also", [])
@@ -64,6 +70,19 @@ def record(sdir: Path, error: BaseException, log_file: Path, where: str, job: st
         first["also"] = sorted(also, key=lambda a: a["time"])[:ALSO_KEPT]
         this = first
     atomic.write_json(Path(sdir) / FAILED, this)
+
+
+def other_rank_failed(sdir: Path, job: str, stop: BaseException, world_size: int) -> str | None:
+    """Why a rank was told to stop, where that was another rank's failure: SLURM (with
+    cluster.kill_on_bad_exit) and torchrun end a job's other ranks with SIGTERM once one fails,
+    which that rank recorded first. '<where> failed: <error>', or None for a stop asked for (submit
+    cancel, scancel, a preemption's SIGUSR2, Ctrl-C)."""
+    if world_size == 1 or getattr(stop, "signum", signal.SIGTERM) != signal.SIGTERM:
+        return None
+    cause = recorded(sdir, job)
+    if cause is None or cause.get("echo") or cause.get("restart", "0") != restart():
+        return None
+    return f"{cause['where']} failed: {cause['error']}"
 
 
 def forget_earlier(sdir: Path, job: str) -> None:

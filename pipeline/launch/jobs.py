@@ -19,7 +19,7 @@ from pipeline.config import stage_dir
 from pipeline.launch import failures
 from pipeline.stages import StageContext, stage_function
 from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri, ui_command
-from pipeline.training.distributed import detect
+from pipeline.training.distributed import OtherRankFailed, detect
 
 log = logging.getLogger("pipeline")
 DONE = "done.json"  # written into the stage dir when a stage finished completely
@@ -122,8 +122,15 @@ class StageJob:
                          ui_command(tracking_uri(cfg)))
                 run.set_tags({"log_file": str(log_file)})  # this execution's; all are under logs/
                 try:
-                    result = stage_function(self.stage)(cfg, StageContext(
-                        self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task, self.tasks))
+                    try:
+                        result = stage_function(self.stage)(cfg, StageContext(
+                            self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task,
+                            self.tasks))
+                    except StageKilled as stop:  # a SIGTERM may end the job after another rank failed
+                        cause = failures.other_rank_failed(sdir, job, stop, env.world_size)
+                        if cause is None:
+                            raise
+                        raise OtherRankFailed(f"{stop} after {cause}") from stop
                 except Exception as e:
                     failures.log_traceback(handler, self.stage)  # before the log goes to MLflow
                     run.set_tags({f"execution.{run.attempt + 1}.error": failures.message(e)})  # in the UI

@@ -8,7 +8,6 @@ import os
 import shlex
 import subprocess
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
-from pipeline.launch import failures, stage_lock
+from pipeline.launch import failures, mlflow_runs, stage_lock
 from pipeline.stages import ORDER, PROGRESS, shard_progress, vqvae_model
 from pipeline.tracking import tracking_uri
 
@@ -183,28 +182,6 @@ def slurm_elapsed_s(job_id: str) -> float | None:
     return float(max(per_task.values())) if per_task else None
 
 
-@lru_cache(maxsize=None)
-def _away(uri: str) -> str | None:
-    from pipeline.mlflow_outbox import reachable
-
-    return reachable(uri, timeout=3.0)
-
-
-def _mlflow_status(sdir: Path) -> tuple[str, str]:
-    record = sdir / "mlflow_run.json"
-    if not record.exists():
-        return "", ""
-    info = json.loads(record.read_text())
-    if _away(info["tracking_uri"]):  # MLflow would retry for minutes per stage
-        return info["run_id"], "UNKNOWN"
-    try:
-        from mlflow.tracking import MlflowClient
-
-        return info["run_id"], MlflowClient(info["tracking_uri"]).get_run(info["run_id"]).info.status
-    except Exception:  # noqa: BLE001 - an unreachable server must not break the status table
-        return info["run_id"], "UNKNOWN"
-
-
 class SlurmOnce:
     """squeue and sacct for one status table: once one fails, it is not asked about the other stages'
     jobs, since each try waits out its timeout (the controller's ~18 s by default, slurmdbd's
@@ -238,7 +215,7 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
     from pipeline.launch.jobs import DONE
 
     sdir = stage_dir(cfg, stage)
-    run_id, run_status = _mlflow_status(sdir)
+    run_id, run_status = mlflow_runs.status(sdir)
     latest = sdir / "checkpoints" / "latest"
     row = {"stage": stage, "status": "not started", "job": "", "checkpoint": "", "run_id": run_id}
     if latest.exists():
@@ -261,6 +238,8 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
         else:
             word = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "pending", "COMPLETING": "running",
                     "COMPLETED": "incomplete"}.get(state, "failed")
+            if word == "failed" and run_status == "RUNNING":  # killed before it could close its run
+                run_status = row["closed"] = mlflow_runs.close_after_job(sdir, job, state, "submit status")
             if word == "failed" and run_status == "KILLED":  # asked to stop (submit cancel, scancel)
                 word = "stopped"
         row["status"], row["job"] = f"{word} ({state})", job
@@ -270,6 +249,8 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
         if run_status == "RUNNING":  # a local run: its process holds the stage's lock while it lives
             who = stage_lock.holder(sdir)
             row["status"] = {None: "crashed", "?": row["status"]}.get(who, "running")
+            if who is None:
+                row["closed"] = mlflow_runs.close_after_crash(sdir, "submit status")
     elif stage == "train_vqvae" and vqvae_model(cfg) != sdir / "model.pt":
         row["status"] = "not needed"  # encode used a VQ-VAE named with encode.vqvae
     if row["status"].startswith(("failed", "crashed")):
@@ -350,7 +331,7 @@ def _send_kept_records(cfg: DictConfig) -> list[str]:
     kept = sorted(exp_dir.glob(f"*/{mlflow_outbox.OUTBOX}"))
     if not kept:
         return []
-    away = _away(uri)
+    away = mlflow_runs.away(uri)
     if away:
         return [f"does not answer ({away}): records kept in {', '.join(map(str, kept))} are sent "
                 "by the next submit or status once it does"]
@@ -392,6 +373,8 @@ def status_table(cfg: DictConfig) -> str:
                      "states are from accounting, sacct, where it answers)")
     if slurm.accounting_error:
         lines.append(f"SLURM: {slurm.accounting_error}; sacct was not asked again for the other stages' jobs")
+    mlflow_lines += [f"run {r['run_id']} of {stage_name(cfg, r['stage'])} was left RUNNING by its killed process: "
+                     f"closed as {r['closed']}" for r in rows if r.get("closed")]
     if mlflow_lines:
         lines += [f"MLflow ({tracking_uri(cfg)}):"] + [f"  {line}" for line in mlflow_lines]
     sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
