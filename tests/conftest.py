@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 SUBMIT = str(Path(sys.executable).parent / "submit")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_group(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -159,3 +162,46 @@ def evaluated(priors: Path, tmp_path_factory) -> dict:
     proc = submit("stage=evaluate", f"run_root={root}", *EVAL_ARGS, cwd=root.parent, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"root": root, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+# -- SLURM: one local cluster (slurm/local-cluster.sh) for the session's SLURM tests ----------------
+SLURM_FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=5", "train.log_every=10",
+              "train.eval_samples=32", "cluster.mem_gb=2", "cluster.cpus_per_task=1"]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(state), "LOCAL_SLURM_PORT_BASE": "26800"}
+    proc = subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "start"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
+    yield {"SLURM_CONF": conf}
+    subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "stop"], env=env, timeout=120)
+
+
+def slurm_sh(cmd: list[str], slurm: dict) -> str:
+    return subprocess.run(cmd, env={**os.environ, **slurm}, capture_output=True, text=True, timeout=60).stdout
+
+
+def slurm_job_id(out: str) -> str:
+    return re.search(r"job:\s+(\d+)", out).group(1)
+
+
+def train_vqvae_run(run_root: Path):
+    """The MLflow client and run of the experiment's train_vqvae stage."""
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    return client, client.get_run(record["run_id"])
+
+
+def unsplittable_tree(tmp_path: Path) -> Path:
+    """A class-folder tree too small to split into train and val (two files): prepare fails in the job."""
+    src = tmp_path / "tiny"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
+    return src

@@ -1,5 +1,6 @@
 """`cluster=slurm` against a real SLURM cluster on localhost (slurm/local-cluster.sh): training,
-USR2 preemption -> requeue -> resume, time-limit requeue, two nodes, the stage=all chain, status."""
+USR2 preemption -> requeue -> resume, time-limit requeue, two nodes, the stage=all chain, cancel,
+status. Failures (squeue, a rank, array tasks): test_slurm_failures.py."""
 
 from __future__ import annotations
 
@@ -7,66 +8,24 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import EVAL_ARGS, SUBMIT, copy_stages, spoil_last_sample, submit
+from conftest import SLURM_FAST, SUBMIT, slurm_job_id, slurm_sh, submit, train_vqvae_run, unsplittable_tree
 from pipeline.data import shards
 from pipeline.launch import records
-
-REPO = Path(__file__).resolve().parents[1]
-FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=5", "train.log_every=10",
-        "train.eval_samples=32", "cluster.mem_gb=2", "cluster.cpus_per_task=1"]
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "LOCAL_SLURM_DIR": str(state), "LOCAL_SLURM_PORT_BASE": "26800"}
-    proc = subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "start"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
-    yield {"SLURM_CONF": conf}
-    subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "stop"], env=env, timeout=120)
-
-
-def _sh(cmd: list[str], slurm: dict) -> str:
-    return subprocess.run(cmd, env={**os.environ, **slurm}, capture_output=True, text=True, timeout=60).stdout
-
-
-def _job_id(out: str) -> str:
-    return re.search(r"job:\s+(\d+)", out).group(1)
-
 
 def _wait_job(job: str, slurm: dict, timeout: float = 600) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not _sh(["squeue", "-h", "-j", job], slurm).strip():
+        if not slurm_sh(["squeue", "-h", "-j", job], slurm).strip():
             break
         time.sleep(2)
-    return _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0]
-
-
-def _run(run_root):
-    record = json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())
-    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
-    return client, client.get_run(record["run_id"])
-
-
-def _unsplittable_tree(tmp_path: Path) -> Path:
-    """A class-folder tree too small to split into train and val (two files): prepare fails in the job."""
-    src = tmp_path / "tiny"
-    for cls in ("a", "b"):
-        (src / cls).mkdir(parents=True)
-        shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
-    return src
+    return slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0]
 
 
 def _wait_for_first_checkpoint(submit_stdout: str, run_root: Path) -> Path:
@@ -81,20 +40,20 @@ def _wait_for_first_checkpoint(submit_stdout: str, run_root: Path) -> Path:
 
 
 def test_train_on_slurm_and_preemption_requeues_and_resumes(slurm, run_root, tmp_path):
-    proc = submit("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=200",
+    proc = submit("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST, "train.max_steps=200",
                   "train.ckpt_every=20", "train.eval_every=1000", "cluster.time_min=60", cwd=tmp_path, env=slurm)
     assert proc.returncode == 0, proc.stderr
-    job = _job_id(proc.stdout)  # submit returned at once: the job is queued or running
+    job = slurm_job_id(proc.stdout)  # submit returned at once: the job is queued or running
     stdout_log = _wait_for_first_checkpoint(proc.stdout, run_root)
-    _sh(["scancel", "--signal=USR2", job], slurm)
+    slurm_sh(["scancel", "--signal=USR2", job], slurm)
     assert _wait_job(job, slurm) == "COMPLETED"
-    assert "Restarts=1" in _sh(["scontrol", "show", "job", job], slurm)
+    assert "Restarts=1" in slurm_sh(["scontrol", "show", "job", job], slurm)
     log = stdout_log.read_text()
     assert "handing SIGUSR2 to submitit to requeue" in log
     stopped = int(re.search(r"checkpoint saved at step (\d+); rerun", log).group(1))
     resumed = re.search(r"resumed from \S+step_(\d+) \(step (\d+)\)", log)
     assert resumed, log[-3000:]
-    client, run = _run(run_root)
+    client, run = train_vqvae_run(run_root)
     assert run.info.status == "FINISHED"
     assert json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())["attempts"] == 2
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
@@ -108,11 +67,11 @@ def test_train_on_slurm_and_preemption_requeues_and_resumes(slurm, run_root, tmp
 
 
 def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_root, tmp_path):
-    args = ("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=100000",
+    args = ("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST, "train.max_steps=100000",
             "cluster.time_min=10")
     proc = submit(*args, cwd=tmp_path, env=slurm)
     assert proc.returncode == 0, proc.stderr
-    job = _job_id(proc.stdout)
+    job = slurm_job_id(proc.stdout)
     to_cancel, waiting = [job], None
     try:
         again = submit(*args, cwd=tmp_path, env=slurm)  # both would write the same checkpoints
@@ -122,13 +81,13 @@ def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_roo
         local = submit("stage=train_vqvae", f"run_root={run_root}", cwd=tmp_path, env=slurm)
         assert local.returncode == 2 and f"scancel {job}" in local.stderr, local.stderr
         # the chain depends on the queued job instead of queueing the stage again, and waits for it
-        waiting = subprocess.Popen([SUBMIT, "stage=all", "cluster=slurm", f"run_root={run_root}", *FAST, "wait=true"],
+        waiting = subprocess.Popen([SUBMIT, "stage=all", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST, "wait=true"],
                                    cwd=tmp_path, env={**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true"},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not (run_root / "digits" / "evaluate" / "jobs.json").exists() and time.time() < deadline:
             time.sleep(0.5)
-        _sh(["scancel", job], slurm)
+        slurm_sh(["scancel", job], slurm)
         out, err = waiting.communicate(timeout=180)
         queued = re.findall(r"queued(?: after [\d,]+)?\s+(\d+)$", out, re.M)
         to_cancel += queued
@@ -139,7 +98,7 @@ def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_roo
         assert [j["job_id"] for j in vqvae_jobs] == [job]
         assert len(queued) == 5, out  # encode, both priors, sample, evaluate
     finally:
-        _sh(["scancel", *to_cancel], slurm)
+        slurm_sh(["scancel", *to_cancel], slurm)
         if waiting is not None and waiting.poll() is None:
             waiting.kill()
     assert _wait_job(job, slurm) == "CANCELLED"
@@ -147,7 +106,7 @@ def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_roo
 
 def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing(slurm, tmp_path):
     run_root = tmp_path / "runs"
-    proc = submit("stage=all", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=100000",
+    proc = submit("stage=all", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST, "train.max_steps=100000",
                   "cluster.time_min=10", cwd=tmp_path, env=slurm, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     jobs = dict(re.findall(r"^\s*(\w+)\s+queued(?: after [\d,]+)?\s+(\d+)", proc.stdout, re.M))
@@ -155,7 +114,7 @@ def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing
     try:
         deadline = time.time() + 300  # prepare done, train_vqvae training, the rest waiting for it
         while not (run_root / "digits" / "train_vqvae" / "progress.json").exists():
-            assert time.time() < deadline, _sh(["squeue"], slurm)
+            assert time.time() < deadline, slurm_sh(["squeue"], slurm)
             time.sleep(1)
         cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=300)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
@@ -166,9 +125,9 @@ def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing
         for stage in ("encode", "train_top_prior", "train_bottom_prior", "sample", "evaluate"):
             assert re.search(rf"{stage}\s+{jobs[stage]}\s+pending -> cancelled", cancel.stdout), cancel.stdout
         assert not re.search(r"^\s+prepare\s", cancel.stdout, re.M)  # finished: nothing to cancel
-        assert all(not _sh(["squeue", "-h", "-j", job], slurm).strip() for job in jobs.values())
+        assert all(not slurm_sh(["squeue", "-h", "-j", job], slurm).strip() for job in jobs.values())
     finally:
-        _sh(["scancel", *jobs.values()], slurm)
+        slurm_sh(["scancel", *jobs.values()], slurm)
     # the training saved a checkpoint on its way out: the latest is the step the cancel names, and the
     # stage's own log says it stopped on SIGTERM
     latest = (run_root / "digits" / "train_vqvae" / "checkpoints" / "latest").read_text().strip()
@@ -194,19 +153,19 @@ def test_cancel_ends_a_job_in_its_setup_lines_at_once(slurm, tmp_path):
     proc = submit("stage=prepare", "cluster=slurm", f"run_root={run_root}", "cluster.setup=['sleep 600']",
                   cwd=tmp_path, env=slurm)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = _job_id(proc.stdout)
+    job = slurm_job_id(proc.stdout)
     try:
         deadline = time.time() + 120
-        while "RUNNING" not in _sh(["squeue", "-h", "-j", job, "-o", "%T"], slurm):
-            assert time.time() < deadline, _sh(["squeue"], slurm)
+        while "RUNNING" not in slurm_sh(["squeue", "-h", "-j", job, "-o", "%T"], slurm):
+            assert time.time() < deadline, slurm_sh(["squeue"], slurm)
             time.sleep(1)
         cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
         assert re.search(rf"prepare\s+{job}\s+running -> cancelled \(in its setup lines: no step had started\)",
                          cancel.stdout), cancel.stdout
-        assert not _sh(["squeue", "-h", "-j", job], slurm).strip()  # its queued array tasks too
+        assert not slurm_sh(["squeue", "-h", "-j", job], slurm).strip()  # its queued array tasks too
     finally:
-        _sh(["scancel", job], slurm)
+        slurm_sh(["scancel", job], slurm)
     assert not (run_root / "digits" / "prepare" / "done.json").exists()
 
 
@@ -225,20 +184,20 @@ def test_cancel_ends_an_array_task_in_its_setup_lines_at_once_beside_one_in_its_
                   "cluster.mem_gb=1", "cluster.cpus_per_task=1", f"cluster.setup=['. {hold / 'setup.sh'}']",
                   cwd=tmp_path, env=slurm)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = _job_id(proc.stdout)
+    job = slurm_job_id(proc.stdout)
     try:
         deadline = time.time() + 120
-        while not (f"{job}_1.0" in _sh(["squeue", "-h", "-s", "-j", job, "-o", "%i"], slurm).split()
-                   and f"{job}_0" in _sh(["squeue", "-h", "-t", "RUNNING", "-j", job, "-o", "%i"], slurm).split()):
-            assert time.time() < deadline, _sh(["squeue", "-s"], slurm)
+        while not (f"{job}_1.0" in slurm_sh(["squeue", "-h", "-s", "-j", job, "-o", "%i"], slurm).split()
+                   and f"{job}_0" in slurm_sh(["squeue", "-h", "-t", "RUNNING", "-j", job, "-o", "%i"], slurm).split()):
+            assert time.time() < deadline, slurm_sh(["squeue", "-s"], slurm)
             time.sleep(1)
         cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
         assert re.search(rf"prepare\s+{job}\s+running -> stopped \(SLURM state \w+\); task {job}_0 cancelled in "
                          r"its setup lines$", cancel.stdout, re.M), cancel.stdout
-        assert not _sh(["squeue", "-h", "-j", job], slurm).strip()
+        assert not slurm_sh(["squeue", "-h", "-j", job], slurm).strip()
     finally:
-        _sh(["scancel", job], slurm)
+        slurm_sh(["scancel", job], slurm)
     assert not (run_root / "digits" / "prepare" / "done.json").exists()
 
 
@@ -266,7 +225,7 @@ def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage
         where = f"experiment=digits {named + ' ' if named else ''}run_root={run_root}"
         assert f"watch:   submit status {where}" in err
         assert f"stop:    submit cancel {'stage=prepare ' if stage == 'prepare' else ''}{where}" in err
-        assert _sh(["squeue", "-h", "-j", job, "-o", "%T"], slurm).split(), "the job was cancelled"
+        assert slurm_sh(["squeue", "-h", "-j", job, "-o", "%T"], slurm).split(), "the job was cancelled"
     finally:
         proc.kill()
         for extra in {"", named}:  # a set's sample and evaluate are cancelled with its name
@@ -274,7 +233,7 @@ def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage
 
 
 def _run_time_s(job: str, slurm: dict) -> int:
-    run_time = re.search(r"RunTime=(?:(\d+)-)?(\d+):(\d+):(\d+)", _sh(["scontrol", "show", "job", job], slurm))
+    run_time = re.search(r"RunTime=(?:(\d+)-)?(\d+):(\d+):(\d+)", slurm_sh(["scontrol", "show", "job", job], slurm))
     days, hours, minutes, seconds = (int(x or 0) for x in run_time.groups())
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
@@ -285,31 +244,31 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path, mon
     # hour and, once it trains, its limit is cut to end 40-100 s from now: the signal (70 s before
     # the end, checked every 30 s) comes while it still has a minute of steps left. Once requeued it
     # gets its hour back and completes.
-    proc = submit("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *FAST, "train.max_steps=1500",
+    proc = submit("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST, "train.max_steps=1500",
                   "train.ckpt_every=50", "train.eval_every=5000", "cluster.time_min=60",
                   "cluster.signal_delay_s=70", "cluster.max_requeues=5", cwd=tmp_path, env=slurm)
     assert proc.returncode == 0, proc.stderr
-    job = _job_id(proc.stdout)
+    job = slurm_job_id(proc.stdout)
     stdout_log = _wait_for_first_checkpoint(proc.stdout, run_root)
     first_run_s = _run_time_s(job, slurm)
     limit_min = -(-(first_run_s + 40) // 60)
-    _sh(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}"], slurm)
-    assert f"TimeLimit=00:{limit_min:02d}:00" in _sh(["scontrol", "show", "job", job], slurm)
+    slurm_sh(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}"], slurm)
+    assert f"TimeLimit=00:{limit_min:02d}:00" in slurm_sh(["scontrol", "show", "job", job], slurm)
     deadline = time.time() + 200
-    while "Restarts=0" in _sh(["scontrol", "show", "job", job], slurm) and time.time() < deadline:
+    while "Restarts=0" in slurm_sh(["scontrol", "show", "job", job], slurm) and time.time() < deadline:
         time.sleep(1)
-    _sh(["scontrol", "update", f"JobId={job}", "TimeLimit=60"], slurm)
+    slurm_sh(["scontrol", "update", f"JobId={job}", "TimeLimit=60"], slurm)
     assert _wait_job(job, slurm) == "COMPLETED"
-    assert "Restarts=1" in _sh(["scontrol", "show", "job", job], slurm)
+    assert "Restarts=1" in slurm_sh(["scontrol", "show", "job", job], slurm)
     # the chain summary's run time counts both runs, not only the last one
-    last_run = int(_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "ElapsedRaw"], slurm).split()[0])
+    last_run = int(slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "ElapsedRaw"], slurm).split()[0])
     monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
     assert records.slurm_elapsed_s(job) >= last_run + first_run_s
     log = stdout_log.read_text()
     stopped = int(re.search(r"stop requested \(SIGUSR2\); checkpoint saved at step (\d+)", log).group(1))
     assert 50 <= stopped < 1500
     assert re.search(rf"resumed from \S+step_0*{stopped} \(step {stopped}\)", log), log[-3000:]
-    client, run = _run(run_root)
+    client, run = train_vqvae_run(run_root)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(steps) == len(set(steps)) and max(steps) == 1500
@@ -317,19 +276,19 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path, mon
 
 def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
     proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
-                  f"run_root={run_root}", *FAST, "train.max_steps=20", "train.ckpt_every=20", "train.eval_every=20",
+                  f"run_root={run_root}", *SLURM_FAST, "train.max_steps=20", "train.ckpt_every=20", "train.eval_every=20",
                   "tracking.system_metrics_interval=1", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # encode's inputs exist now: its command keeps the cluster and partition, not this job's resources
     assert f"next:    submit stage=encode cluster=slurm cluster.partition=high run_root={run_root} " \
            "data.num_workers=0 tracking.system_metrics_interval=1\n" in proc.stdout, proc.stdout
-    job = _job_id(proc.stdout)
-    nodes = _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"], slurm).strip()
+    job = slurm_job_id(proc.stdout)
+    nodes = slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"], slurm).strip()
     assert nodes == "n[1-2]"
     logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
     digests = {re.search(r"identical on all 2 rank\(s\): sha256 (\w+)", p.read_text()).group(1) for p in logs}
     assert len(logs) == 2 and len(digests) == 1
-    client, run = _run(run_root)
+    client, run = train_vqvae_run(run_root)
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
     assert (run.data.tags["slurm.job_id"], run.data.tags["slurm.nodelist"]) == (job, "n[1-2]")
     # each node's system metrics, named by node: rank 0 logs n1's, the first rank on n2 logs n2's
@@ -339,7 +298,7 @@ def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
 
 
 def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_path):
-    ok = submit("stage=all", "cluster=slurm", f"run_root={tmp_path / 'ok'}", *FAST, "train.max_steps=20",
+    ok = submit("stage=all", "cluster=slurm", f"run_root={tmp_path / 'ok'}", *SLURM_FAST, "train.max_steps=20",
                 "train.ckpt_every=20", "train.eval_every=20", "cluster.array_tasks=2", "sample.per_class=2",
                 "train_vqvae:cluster.nodes=2", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
@@ -353,7 +312,7 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     inputs = ",".join(sorted((jobs[s] for s in ("prepare", "train_vqvae", "sample")), key=int))
     assert re.search(rf"evaluate\s+queued after {inputs}\s", ok.stdout), ok.stdout
     # resources scoped to one stage: the VQ-VAE trained on both nodes, a prior on one
-    nodes = {s: _sh(["sacct", "-X", "-n", "-P", "-j", jobs[s], "-o", "NodeList"], slurm).split() for s in jobs}
+    nodes = {s: slurm_sh(["sacct", "-X", "-n", "-P", "-j", jobs[s], "-o", "NodeList"], slurm).split() for s in jobs}
     assert nodes["train_vqvae"] == ["n[1-2]"] and len(nodes["train_top_prior"]) == 1, nodes
     assert nodes["train_top_prior"][0] in ("n1", "n2"), nodes
     # once every job is done, the same summary as a local chain: wall time (from sacct), key metric
@@ -371,9 +330,9 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     assert {"fid", "cas/top1", "real/top1", "recon/psnr"} <= set(results)
 
     # prepare fails in the job (a class-folder tree too small to split): train_vqvae is cancelled
-    src = _unsplittable_tree(tmp_path)
+    src = unsplittable_tree(tmp_path)
     bad_args = ("stage=all", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'bad'}",
-                *FAST, "cluster.array_tasks=1", "wait=true")
+                *SLURM_FAST, "cluster.array_tasks=1", "wait=true")
     bad = submit(*bad_args, cwd=tmp_path, env=slurm, timeout=600)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     # waiting, it names the failed stage's job, its error and its log (the traceback is there)
@@ -399,160 +358,28 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     assert ready == ["  " + shlex.join(["submit", *bad_args])], status.stdout
 
 
-def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_path, monkeypatch):
-    """squeue fails when the controller is unreachable or overloaded: "not in the queue" would let
-    submit start a stage a second time beside its live job. Only the controller's "Invalid job id"
-    (or no SLURM set up) means gone; anything else refuses, naming the job and squeue's words."""
-    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
-    assert records.queue_state("999999") is None  # the real controller holds no such job
-    # the same cluster's config with the controller's port pointing where nothing listens
-    conf = Path(slurm["SLURM_CONF"]).read_text()
-    away = re.sub(r"^SlurmctldPort=\d+$", "SlurmctldPort=26799", conf, flags=re.M)
-    assert away != conf
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "etc" / "slurm.conf").write_text(away + "\nMessageTimeout=2\nTCPTimeout=1\n")
-    unreachable = {"SLURM_CONF": str(tmp_path / "etc" / "slurm.conf")}
-    monkeypatch.setenv("SLURM_CONF", unreachable["SLURM_CONF"])
-    with pytest.raises(records.SlurmUnavailable, match=r"squeue -j 4242 failed 2 times \(.*Unable to contact "
-                                                       r"slurm controller.*whether job 4242 is still queued"):
-        records.queue_state("4242", pause_s=0)
-
-    run_root = tmp_path / "runs"
-    prepare = run_root / "digits" / "prepare"
-    prepare.mkdir(parents=True)
-    records.add_job(prepare, "4242")
-    before = (prepare / records.JOBS).read_text()
-    one = submit("stage=prepare", "cluster=slurm", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
-    assert one.returncode == 2, one.stdout + one.stderr
-    assert "stage=prepare: squeue -j 4242 failed 2 times" in one.stderr and "nothing was submitted" in one.stderr
-    chain = submit("stage=all", "cluster=slurm", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
-    assert chain.returncode == 2 and "nothing was queued" in chain.stderr, chain.stdout + chain.stderr
-    cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
-    assert cancel.returncode == 1 and "nothing was cancelled" in cancel.stderr, cancel.stdout + cancel.stderr
-    assert (prepare / records.JOBS).read_text() == before  # no job added
-    assert [p.parent.name for p in (run_root / "digits").glob(f"*/{records.JOBS}")] == ["prepare"]  # nor queued
-    # a second stage with a job: status asks squeue once (each failing call waits out the controller's
-    # timeout), counted by a wrapper in front of the real squeue
-    records.add_job(run_root / "digits" / "train_vqvae", "4243")
-    wrapper = tmp_path / "bin" / "squeue"
-    wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "squeue.calls"}\nexec {shutil.which("squeue")} "$@"\n')
-    wrapper.chmod(0o755)
-    counted = {**unreachable, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
-    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=counted)
-    # the controller unreachable and no accounting record of the jobs: their state is unknown, not "failed"
-    assert status.returncode == 0, status.stdout + status.stderr
-    for stage, job in (("prepare", 4242), ("train_vqvae", 4243)):
-        assert re.search(rf"^{stage}\s+unknown \(squeue failed\)\s+{job}", status.stdout, re.M), status.stdout
-    calls = (tmp_path / "squeue.calls").read_text().splitlines()
-    assert len(calls) == 1 and calls[0].startswith("-h -j 4242"), calls
-    assert re.search(r"^SLURM: squeue -j 4242 failed \(.*Unable to contact slurm controller.*\): whether job 4242 is "
-                     r"still queued is unknown; squeue was not asked again", status.stdout, re.M), status.stdout
-    assert "SLURM: sacct" not in status.stdout  # slurmdbd answered
-    # slurmdbd unreachable too (the head node down): sacct is asked once as well, not once per stage
-    dbd_away = re.sub(r"^AccountingStoragePort=\d+$", "AccountingStoragePort=26798", away, flags=re.M)
-    assert dbd_away != away
-    (tmp_path / "etc" / "slurm.conf").write_text(dbd_away + "\nMessageTimeout=2\nTCPTimeout=1\n")
-    sacct = wrapper.parent / "sacct"
-    sacct.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "sacct.calls"}\nexec {shutil.which("sacct")} "$@"\n')
-    sacct.chmod(0o755)
-    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=counted)
-    assert status.returncode == 0, status.stdout + status.stderr
-    for stage, job in (("prepare", 4242), ("train_vqvae", 4243)):
-        assert re.search(rf"^{stage}\s+unknown \(squeue failed\)\s+{job}", status.stdout, re.M), status.stdout
-    calls = (tmp_path / "sacct.calls").read_text().splitlines()
-    assert len(calls) == 1 and "-j 4242" in calls[0], calls
-    assert re.search(r"^SLURM: sacct -j 4242 failed \(.*\); sacct was not asked again for the other stages' jobs$",
-                     status.stdout, re.M), status.stdout
-
-
-def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path):
-    """Rank 1 of a two-node training dies at its python's start (a sitecustomize on PYTHONPATH):
-    rank 0 would wait at the rendezvous for the process group's 30-minute timeout, far past this
-    test's; with cluster.kill_on_bad_exit SLURM ends the step, and the job fails at once."""
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    (hold / "sitecustomize.py").write_text("import os\nif os.environ.get('SLURM_PROCID') == '1':\n    os._exit(3)\n")
-    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
-                  f"run_root={tmp_path / 'runs'}", *FAST, "train.max_steps=20", f"cluster.setup=['export "
-                  f"PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm, timeout=300)
-    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    job = _job_id(proc.stdout + proc.stderr)
-    assert _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0] == "FAILED"
-    stderr = (tmp_path / "runs" / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
-    assert re.search(r"task 1: Exited with exit code 3", stderr), stderr[-2000:]
-
-
-@pytest.mark.parametrize("rank0", ["rendezvous", "python"])
-def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_root, tmp_path, rank0):
-    """Rank 1's training raises at once (a sitecustomize on PYTHONPATH replaces it); its exit, 30 s
-    later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either waits at the rendezvous, where its
-    SIGTERM handler never runs and SLURM kills it, leaving its MLflow run RUNNING for wait=true to
-    close; or is busy in Python code (its training replaced by a sleep), where it takes the SIGTERM
-    for a failure, not a stop. Either way the run ends FAILED with rank 1's error, and status says
-    failed, rank 1's error first (not "stopped")."""
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    (hold / "sitecustomize.py").write_text(
-        "import os, time\nrank = os.environ.get('SLURM_PROCID')\n"
-        f"if rank == '1' or (rank == '0' and {rank0 == 'python'}):\n"
-        "    from pipeline.training import engine\n"
-        "    def train(cfg, ctx, task):\n"
-        "        if rank == '1':\n"
-        "            raise ValueError('rank 1 cannot train')\n"
-        "        while True:\n"
-        "            time.sleep(0.1)\n"
-        "    engine.train = train\n")
-    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
-                  f"run_root={run_root}", *FAST, "train.max_steps=20", f"cluster.setup=['export "
-                  f"PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm, timeout=300)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    job = _job_id(proc.stdout)
-    err = (run_root / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
-    assert "task 1: Exited with exit code 1" in err, err[-2000:]
-    closed = re.search(rf"^  MLflow:  the run was left RUNNING by job {job} \(FAILED\): closed as FAILED$",
-                       proc.stderr, re.M)
-    client, run = _run(run_root)
-    assert run.info.status == "FAILED", run.info
-    if rank0 == "rendezvous":
-        assert "task 0: Killed" in err and closed, err[-2000:] + proc.stderr
-        assert run.data.tags["ended"] == (f"SLURM job {job} ended FAILED before the stage could close this run "
-                                          "(closed by submit wait=true)")
-        assert run.data.tags["error"].startswith("ValueError: rank 1 cannot train (rank 1, ")
-        end = _sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "End"], slurm).split()[0]
-        assert run.info.end_time == 1000 * time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S"))
-    else:  # rank 0 closed its run itself
-        assert not closed and "ended" not in run.data.tags, proc.stderr
-        assert run.data.tags["error"] == ("OtherRankFailed: received SIGTERM after rank 1 failed: "
-                                          "ValueError: rank 1 cannot train")
-    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
-    assert re.search(rf"^train_vqvae\s+failed \(FAILED\)\s+{job}\s", status.stdout, re.M), status.stdout
-    assert re.search(r"^  train_vqvae: ValueError: rank 1 cannot train \(rank 1, ", status.stdout, re.M), status.stdout
-    assert "left RUNNING" not in status.stdout  # closed once
-
-
 def test_cancel_stops_a_two_node_training_with_its_checkpoint_and_mlflow_status(slurm, run_root, tmp_path):
     """A job of several tasks ends when one of them exits with an error (cluster.kill_on_bad_exit):
     a stopped training's rank 1 must not end the job while rank 0 is still marking its MLflow run."""
     proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
-                  f"run_root={run_root}", *FAST, "train.max_steps=100000", "cluster.time_min=10", cwd=tmp_path,
+                  f"run_root={run_root}", *SLURM_FAST, "train.max_steps=100000", "cluster.time_min=10", cwd=tmp_path,
                   env=slurm, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    job = _job_id(proc.stdout)
+    job = slurm_job_id(proc.stdout)
     try:
         deadline = time.time() + 300
         while not (run_root / "digits" / "train_vqvae" / "progress.json").exists():
-            assert time.time() < deadline, _sh(["squeue"], slurm)
+            assert time.time() < deadline, slurm_sh(["squeue"], slurm)
             time.sleep(1)
         cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=300)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
     finally:
-        _sh(["scancel", job], slurm)
+        slurm_sh(["scancel", job], slurm)
     stopped = re.search(rf"train_vqvae\s+{job}\s+running -> stopped, checkpoint at step (\d+) ", cancel.stdout)
     assert stopped, cancel.stdout
     logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
     assert len(logs) == 2 and all(f"checkpoint saved at step {stopped.group(1)}" in p.read_text() for p in logs)
-    client, run = _run(run_root)
+    client, run = train_vqvae_run(run_root)
     assert run.info.status == "KILLED", run.info.status  # rank 0 ended its run before the job ended
     # rank 1 waited for rank 0 to finish: rank 0 exited by itself, then SLURM ended rank 1 (rank 1
     # used to exit first and SLURM terminated rank 0 while it was still marking its run)
@@ -561,38 +388,3 @@ def test_cancel_stops_a_two_node_training_with_its_checkpoint_and_mlflow_status(
     status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
     assert re.search(rf"^train_vqvae\s+stopped \(FAILED\)\s+{job}\s+step {stopped.group(1)}\s", status.stdout,
                      re.M), status.stdout
-
-
-def test_wait_names_the_rank_whose_error_failed_a_two_node_job(slurm, evaluated, tmp_path):
-    """A two-node evaluate where a sample image only rank 1 reads is unreadable: rank 0 stops on the
-    ranks' agreement (its error only echoes rank 1's). wait=true names the cause and its rank, and
-    rank 1 let rank 0 finish before its exit ended the job: rank 0 marked the MLflow run FAILED."""
-    root = copy_stages(evaluated["root"], tmp_path / "runs", "prepare", "train_vqvae", "sample")
-    last, png = spoil_last_sample(root)
-    proc = submit("stage=evaluate", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high", f"run_root={root}",
-                  *EVAL_ARGS, "train.max_steps=5", "train.eval_every=5", "train.ckpt_every=5", "data.num_workers=0",
-                  "cluster.mem_gb=2", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
-    job = _job_id(proc.stdout)
-    assert re.search(rf"^submit: job {job} failed: \S*OtherRankFailed: features of samples-\S+: another rank failed",
-                     proc.stderr, re.M), proc.stderr[-3000:]
-    cause = re.search(r"^  cause:   ValueError: (\S+): (\S+) is not a readable image .*\(rank 1\)$", proc.stderr, re.M)
-    assert cause and cause.groups() == (last, png), proc.stderr[-3000:]
-    log = Path(re.search(r"^  log:     (\S+)$", proc.stderr, re.M).group(1))
-    assert log.name.endswith("-rank1.log") and "is not a readable image" in log.read_text()
-    record = json.loads((root / "digits" / "evaluate" / "mlflow_run.json").read_text())
-    run = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(record["run_id"])
-    assert run.info.status == "FAILED", run.info.status
-
-
-def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
-    src = _unsplittable_tree(tmp_path)  # every task fails the same way
-    proc = submit("stage=prepare", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'runs'}",
-                  "cluster.array_tasks=2", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path,
-                  env=slurm, timeout=600)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    job = _job_id(proc.stdout)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("submit: job")]
-    assert len(lines) == 1 and re.fullmatch(rf"submit: job {job}_0, {job}_1 \(2 tasks\) failed: ValueError: "
-                                            r"data.val_fraction=\S+ of 2 images gives 0 val images; .*", lines[0]), lines
-    assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr

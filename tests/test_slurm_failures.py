@@ -1,0 +1,186 @@
+"""`cluster=slurm` failures against the local SLURM cluster (the `slurm` fixture, conftest.py): a
+squeue that cannot answer, a rank that fails (the job ends, the MLflow run ends FAILED with its
+error, wait=true and status name it), array tasks failing alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import (EVAL_ARGS, SLURM_FAST, copy_stages, slurm_job_id, slurm_sh, spoil_last_sample, submit,
+                      train_vqvae_run, unsplittable_tree)
+from pipeline.launch import records
+
+
+def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_path, monkeypatch):
+    """squeue fails when the controller is unreachable or overloaded: "not in the queue" would let
+    submit start a stage a second time beside its live job. Only the controller's "Invalid job id"
+    (or no SLURM set up) means gone; anything else refuses, naming the job and squeue's words."""
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    assert records.queue_state("999999") is None  # the real controller holds no such job
+    # the same cluster's config with the controller's port pointing where nothing listens
+    conf = Path(slurm["SLURM_CONF"]).read_text()
+    away = re.sub(r"^SlurmctldPort=\d+$", "SlurmctldPort=26799", conf, flags=re.M)
+    assert away != conf
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "slurm.conf").write_text(away + "\nMessageTimeout=2\nTCPTimeout=1\n")
+    unreachable = {"SLURM_CONF": str(tmp_path / "etc" / "slurm.conf")}
+    monkeypatch.setenv("SLURM_CONF", unreachable["SLURM_CONF"])
+    with pytest.raises(records.SlurmUnavailable, match=r"squeue -j 4242 failed 2 times \(.*Unable to contact "
+                                                       r"slurm controller.*whether job 4242 is still queued"):
+        records.queue_state("4242", pause_s=0)
+
+    run_root = tmp_path / "runs"
+    prepare = run_root / "digits" / "prepare"
+    prepare.mkdir(parents=True)
+    records.add_job(prepare, "4242")
+    before = (prepare / records.JOBS).read_text()
+    one = submit("stage=prepare", "cluster=slurm", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
+    assert one.returncode == 2, one.stdout + one.stderr
+    assert "stage=prepare: squeue -j 4242 failed 2 times" in one.stderr and "nothing was submitted" in one.stderr
+    chain = submit("stage=all", "cluster=slurm", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
+    assert chain.returncode == 2 and "nothing was queued" in chain.stderr, chain.stdout + chain.stderr
+    cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=unreachable)
+    assert cancel.returncode == 1 and "nothing was cancelled" in cancel.stderr, cancel.stdout + cancel.stderr
+    assert (prepare / records.JOBS).read_text() == before  # no job added
+    assert [p.parent.name for p in (run_root / "digits").glob(f"*/{records.JOBS}")] == ["prepare"]  # nor queued
+    # a second stage with a job: status asks squeue once (each failing call waits out the controller's
+    # timeout), counted by a wrapper in front of the real squeue
+    records.add_job(run_root / "digits" / "train_vqvae", "4243")
+    wrapper = tmp_path / "bin" / "squeue"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "squeue.calls"}\nexec {shutil.which("squeue")} "$@"\n')
+    wrapper.chmod(0o755)
+    counted = {**unreachable, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=counted)
+    # the controller unreachable and no accounting record of the jobs: their state is unknown, not "failed"
+    assert status.returncode == 0, status.stdout + status.stderr
+    for stage, job in (("prepare", 4242), ("train_vqvae", 4243)):
+        assert re.search(rf"^{stage}\s+unknown \(squeue failed\)\s+{job}", status.stdout, re.M), status.stdout
+    calls = (tmp_path / "squeue.calls").read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("-h -j 4242"), calls
+    assert re.search(r"^SLURM: squeue -j 4242 failed \(.*Unable to contact slurm controller.*\): whether job 4242 is "
+                     r"still queued is unknown; squeue was not asked again", status.stdout, re.M), status.stdout
+    assert "SLURM: sacct" not in status.stdout  # slurmdbd answered
+    # slurmdbd unreachable too (the head node down): sacct is asked once as well, not once per stage
+    dbd_away = re.sub(r"^AccountingStoragePort=\d+$", "AccountingStoragePort=26798", away, flags=re.M)
+    assert dbd_away != away
+    (tmp_path / "etc" / "slurm.conf").write_text(dbd_away + "\nMessageTimeout=2\nTCPTimeout=1\n")
+    sacct = wrapper.parent / "sacct"
+    sacct.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "sacct.calls"}\nexec {shutil.which("sacct")} "$@"\n')
+    sacct.chmod(0o755)
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=counted)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for stage, job in (("prepare", 4242), ("train_vqvae", 4243)):
+        assert re.search(rf"^{stage}\s+unknown \(squeue failed\)\s+{job}", status.stdout, re.M), status.stdout
+    calls = (tmp_path / "sacct.calls").read_text().splitlines()
+    assert len(calls) == 1 and "-j 4242" in calls[0], calls
+    assert re.search(r"^SLURM: sacct -j 4242 failed \(.*\); sacct was not asked again for the other stages' jobs$",
+                     status.stdout, re.M), status.stdout
+
+
+def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path):
+    """Rank 1 of a two-node training dies at its python's start (a sitecustomize on PYTHONPATH):
+    rank 0 would wait at the rendezvous for the process group's 30-minute timeout, far past this
+    test's; with cluster.kill_on_bad_exit SLURM ends the step, and the job fails at once."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text("import os\nif os.environ.get('SLURM_PROCID') == '1':\n    os._exit(3)\n")
+    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
+                  f"run_root={tmp_path / 'runs'}", *SLURM_FAST, "train.max_steps=20", f"cluster.setup=['export "
+                  f"PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = slurm_job_id(proc.stdout + proc.stderr)
+    assert slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0] == "FAILED"
+    stderr = (tmp_path / "runs" / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert re.search(r"task 1: Exited with exit code 3", stderr), stderr[-2000:]
+
+
+@pytest.mark.parametrize("rank0", ["rendezvous", "python"])
+def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_root, tmp_path, rank0):
+    """Rank 1's training raises at once (a sitecustomize on PYTHONPATH replaces it); its exit, 30 s
+    later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either waits at the rendezvous, where its
+    SIGTERM handler never runs and SLURM kills it, leaving its MLflow run RUNNING for wait=true to
+    close; or is busy in Python code (its training replaced by a sleep), where it takes the SIGTERM
+    for a failure, not a stop. Either way the run ends FAILED with rank 1's error, and status says
+    failed, rank 1's error first (not "stopped")."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import os, time\nrank = os.environ.get('SLURM_PROCID')\n"
+        f"if rank == '1' or (rank == '0' and {rank0 == 'python'}):\n"
+        "    from pipeline.training import engine\n"
+        "    def train(cfg, ctx, task):\n"
+        "        if rank == '1':\n"
+        "            raise ValueError('rank 1 cannot train')\n"
+        "        while True:\n"
+        "            time.sleep(0.1)\n"
+        "    engine.train = train\n")
+    proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
+                  f"run_root={run_root}", *SLURM_FAST, "train.max_steps=20", f"cluster.setup=['export "
+                  f"PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = slurm_job_id(proc.stdout)
+    err = (run_root / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert "task 1: Exited with exit code 1" in err, err[-2000:]
+    closed = re.search(rf"^  MLflow:  the run was left RUNNING by job {job} \(FAILED\): closed as FAILED$",
+                       proc.stderr, re.M)
+    client, run = train_vqvae_run(run_root)
+    assert run.info.status == "FAILED", run.info
+    if rank0 == "rendezvous":
+        assert "task 0: Killed" in err and closed, err[-2000:] + proc.stderr
+        assert run.data.tags["ended"] == (f"SLURM job {job} ended FAILED before the stage could close this run "
+                                          "(closed by submit wait=true)")
+        assert run.data.tags["error"].startswith("ValueError: rank 1 cannot train (rank 1, ")
+        end = slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "End"], slurm).split()[0]
+        assert run.info.end_time == 1000 * time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S"))
+    else:  # rank 0 closed its run itself
+        assert not closed and "ended" not in run.data.tags, proc.stderr
+        assert run.data.tags["error"] == ("OtherRankFailed: received SIGTERM after rank 1 failed: "
+                                          "ValueError: rank 1 cannot train")
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+    assert re.search(rf"^train_vqvae\s+failed \(FAILED\)\s+{job}\s", status.stdout, re.M), status.stdout
+    assert re.search(r"^  train_vqvae: ValueError: rank 1 cannot train \(rank 1, ", status.stdout, re.M), status.stdout
+    assert "left RUNNING" not in status.stdout  # closed once
+
+
+def test_wait_names_the_rank_whose_error_failed_a_two_node_job(slurm, evaluated, tmp_path):
+    """A two-node evaluate where a sample image only rank 1 reads is unreadable: rank 0 stops on the
+    ranks' agreement (its error only echoes rank 1's). wait=true names the cause and its rank, and
+    rank 1 let rank 0 finish before its exit ended the job: rank 0 marked the MLflow run FAILED."""
+    root = copy_stages(evaluated["root"], tmp_path / "runs", "prepare", "train_vqvae", "sample")
+    last, png = spoil_last_sample(root)
+    proc = submit("stage=evaluate", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high", f"run_root={root}",
+                  *EVAL_ARGS, "train.max_steps=5", "train.eval_every=5", "train.ckpt_every=5", "data.num_workers=0",
+                  "cluster.mem_gb=2", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    job = slurm_job_id(proc.stdout)
+    assert re.search(rf"^submit: job {job} failed: \S*OtherRankFailed: features of samples-\S+: another rank failed",
+                     proc.stderr, re.M), proc.stderr[-3000:]
+    cause = re.search(r"^  cause:   ValueError: (\S+): (\S+) is not a readable image .*\(rank 1\)$", proc.stderr, re.M)
+    assert cause and cause.groups() == (last, png), proc.stderr[-3000:]
+    log = Path(re.search(r"^  log:     (\S+)$", proc.stderr, re.M).group(1))
+    assert log.name.endswith("-rank1.log") and "is not a readable image" in log.read_text()
+    record = json.loads((root / "digits" / "evaluate" / "mlflow_run.json").read_text())
+    run = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(record["run_id"])
+    assert run.info.status == "FAILED", run.info.status
+
+
+def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
+    src = unsplittable_tree(tmp_path)  # every task fails the same way
+    proc = submit("stage=prepare", "cluster=slurm", "data=folder", f"data.source={src}", f"run_root={tmp_path / 'runs'}",
+                  "cluster.array_tasks=2", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path,
+                  env=slurm, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job = slurm_job_id(proc.stdout)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("submit: job")]
+    assert len(lines) == 1 and re.fullmatch(rf"submit: job {job}_0, {job}_1 \(2 tasks\) failed: ValueError: "
+                                            r"data.val_fraction=\S+ of 2 images gives 0 val images; .*", lines[0]), lines
+    assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr
