@@ -239,3 +239,37 @@ def test_status_shows_the_cause_of_a_multi_rank_failure_first_and_the_echoes_aft
     failures.record(tmp_path, OSError("disk full"), tmp_path / "r0b.log", "rank 0", "7")
     lines = failures.lines(tmp_path, "7")
     assert lines[0].startswith("OSError: disk full (rank 0, ") and len(lines) == 2, lines
+
+
+def test_a_run_left_running_is_closed_once_and_a_sigterm_after_another_ranks_failure_is_one(tmp_path, monkeypatch):
+    """The store is real (sqlite); which job ended how is given, as accounting would say it."""
+    import signal
+
+    from pipeline.launch import failures, mlflow_runs
+    from pipeline.tracking import StageKilled, StageStopped
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    (tmp_path / "mlflow_run.json").write_text(json.dumps({"run_id": run, "tracking_uri": uri, "slurm_job": "7"}))
+    failures.record(tmp_path, ValueError("bad image"), tmp_path / "r1.log", "rank 1", "7")
+    assert mlflow_runs.close_after_job(tmp_path, "8", "FAILED", "test") == ""  # another job's end
+    assert mlflow_runs.close_after_job(tmp_path, "7", "COMPLETED", "test") == ""  # not a failure
+    assert client.get_run(run).info.status == "RUNNING"
+    assert mlflow_runs.close_after_job(tmp_path, "7", "CANCELLED", "test") == "KILLED"
+    closed = client.get_run(run)
+    assert closed.info.status == "KILLED" and closed.info.end_time
+    assert closed.data.tags["ended"] == ("SLURM job 7 ended CANCELLED before the stage could close this run "
+                                         "(closed by test)")
+    assert re.fullmatch(r"ValueError: bad image \(rank 1, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", closed.data.tags["error"])
+    assert mlflow_runs.close_after_job(tmp_path, "7", "FAILED", "test") == ""  # closed once
+    assert mlflow_runs.status(tmp_path) == (run, "KILLED")
+    # rank 0 told to stop after rank 1 recorded its failure: a failure, naming it
+    assert failures.other_rank_failed(tmp_path, "7", StageKilled("received SIGTERM"), 2) == \
+        "rank 1 failed: ValueError: bad image"
+    assert failures.other_rank_failed(tmp_path, "7", StageKilled("received SIGTERM"), 1) is None  # one rank
+    assert failures.other_rank_failed(tmp_path, "7", StageStopped("stop", signal.SIGUSR2), 2) is None  # preempted
+    assert failures.other_rank_failed(tmp_path, "8", StageKilled("received SIGTERM"), 2) is None  # other job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the failure was the execution before the requeue
+    assert failures.other_rank_failed(tmp_path, "7", StageKilled("received SIGTERM"), 2) is None
