@@ -81,8 +81,8 @@ def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_roo
         local = submit("stage=train_vqvae", f"run_root={run_root}", cwd=tmp_path, env=slurm)
         assert local.returncode == 2 and f"scancel {job}" in local.stderr, local.stderr
         # the chain depends on the queued job instead of queueing the stage again, and waits for it
-        waiting = subprocess.Popen([SUBMIT, "stage=all", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST, "wait=true"],
-                                   cwd=tmp_path, env={**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        waiting = subprocess.Popen([SUBMIT, "stage=all", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST,
+                                    "wait=true"], cwd=tmp_path, env={**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true"},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not (run_root / "digits" / "evaluate" / "jobs.json").exists() and time.time() < deadline:
