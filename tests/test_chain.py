@@ -273,3 +273,18 @@ def test_a_run_left_running_is_closed_once_and_a_sigterm_after_another_ranks_fai
     assert failures.other_rank_failed(tmp_path, "8", StageKilled("received SIGTERM"), 2) is None  # other job
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the failure was the execution before the requeue
     assert failures.other_rank_failed(tmp_path, "7", StageKilled("received SIGTERM"), 2) is None
+
+
+def test_a_free_stage_lock_means_its_process_is_gone_only_where_it_ran_here(tmp_path):
+    """`submit status` closes a local run left RUNNING only then: a filesystem may keep flocks per node."""
+    import os
+    import socket
+
+    from pipeline.launch import stage_lock
+
+    assert not stage_lock.last_held_here(tmp_path)  # never locked
+    with stage_lock.exclusive(tmp_path, 0, "train_vqvae"):
+        assert stage_lock.holder(tmp_path).startswith(f"process {os.getpid()} on {socket.gethostname()} since ")
+    assert stage_lock.holder(tmp_path) is None and stage_lock.last_held_here(tmp_path)
+    (tmp_path / ".running-rank0.lock").write_text(f"process 12 on not-{socket.gethostname()} since 2026-12-01 10:00:00")
+    assert stage_lock.holder(tmp_path) is None and not stage_lock.last_held_here(tmp_path)

@@ -249,7 +249,7 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
         if run_status == "RUNNING":  # a local run: its process holds the stage's lock while it lives
             who = stage_lock.holder(sdir)
             row["status"] = {None: "crashed", "?": row["status"]}.get(who, "running")
-            if who is None:
+            if who is None and stage_lock.last_held_here(sdir):
                 row["closed"] = mlflow_runs.close_after_crash(sdir, "submit status")
     elif stage == "train_vqvae" and vqvae_model(cfg) != sdir / "model.pt":
         row["status"] = "not needed"  # encode used a VQ-VAE named with encode.vqvae

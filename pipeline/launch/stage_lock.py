@@ -91,3 +91,13 @@ def holder(sdir: Path, rank: int = 0) -> str | None:
         except OSError:
             return "?"
     return None
+
+
+def last_held_here(sdir: Path, rank: int = 0) -> bool:
+    """Whether the last process to take the stage's lock ran on this machine: only here does a free
+    lock mean that process is gone (a filesystem may keep flocks per node)."""
+    try:
+        words = _path(sdir, rank).read_text().split()
+    except OSError:
+        return False
+    return len(words) >= 4 and words[0] == "process" and words[2] == "on" and words[3] == socket.gethostname()
