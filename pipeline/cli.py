@@ -7,65 +7,15 @@ Exit codes: 0 success, 1 the stage failed, 2 bad command line or config (nothing
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-from pipeline.config import GROUPS, ConfigError, compose, config_dir, group_options, stage_name, to_yaml, validate
-
-USAGE = ("usage: submit stage=<stage> [group=option ...] [key=value ...] [<stage>:key=value ...] [--cfg job] "
-         "[--help]")
-
-
-def _describe(group: str, option: str) -> str:
-    import yaml
-
-    node = yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text())
-    return str(node.get(group, node).get("description", ""))  # stage files are @package _global_
-
-
-def help_text() -> str:
-    import yaml
-
-    from pipeline.stages import ORDER
-
-    lines = [USAGE, "", "Runs one stage of the VQ-VAE-2 pipeline, tracked in MLflow.", "", "stages:"]
-    for st in sorted(group_options("stage"), key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER)):
-        lines.append(f"  {st:<20}{_describe('stage', st)}")
-    from pipeline.config_help import choices, key_comments, leaves, shown
-
-    primary = yaml.safe_load((config_dir() / "config.yaml").read_text())
-    defaults = choices([])
-    lines += ["", "config groups (group=option; default marked *):"]
-    for g in GROUPS:
-        opts = [f"{o}*" if defaults.get(g) == o else o for o in group_options(g)]
-        lines.append(f"  {g:<20}{', '.join(opts)}")
-    comments = key_comments(config_dir() / "config.yaml", "")
-    lines += ["", "top-level keys (default: meaning):"]
-    for key, value in leaves({k: v for k, v in primary.items() if k != "defaults"}):
-        lines += textwrap.wrap(f"{shown(value)}: {comments.get(key, '')}", 110,
-                               initial_indent=f"  {key:<22}", subsequent_indent=" " * 24)
-    lines += ["", "examples:", textwrap.indent(textwrap.dedent("""\
-        submit stage=all                                       # every stage of the embedded default, here (4-13 min on 2 cores)
-        submit stage=prepare                                   # embedded digits -> shards, local
-        submit stage=prepare data=folder data.source=/data/flowers
-        submit stage=prepare data=imagenet data.source=/datasets/ILSVRC2012 prepare.workers=16
-        submit stage=encode verify=true                        # re-read every shard against the manifest (prepare, encode, sample)
-        submit stage=prepare --cfg job                         # print the resolved config, run nothing
-        submit stage=train_top_prior model=paper_imagenet256 --help  # that stage's keys: values and meanings
-        submit stage=prepare tracking.uri=http://127.0.0.1:5000
-        submit stage=all data=imagenet data.source=/datasets/ILSVRC2012 model=paper_imagenet256 cluster=slurm
-        submit stage=all sample_set=t10 sample.temperature=1.0 # samples of other settings from the same priors, evaluated
-        submit stage=all train.max_steps=5000 train_bottom_prior:train.max_steps=8000  # <stage>:key for one stage only
-        submit status                                          # where every stage stands
-        submit cancel                                          # cancel the experiment's queued and running SLURM jobs (stage=<s>: one)"""), "  "),
-        "", "submit stage=<stage> [group=option ...] --help lists that stage's keys, their values and what they mean;",
-        "every key is documented in the YAML files under " + str(config_dir())]
-    return "\n".join(lines)
-
+from pipeline.config import ConfigError, compose, stage_name, to_yaml, validate
+from pipeline.config_help import USAGE, help_text
 
 def _help(args: list[str]) -> int:
     """`--help`: the stages and groups; with a stage=, that stage's keys, values and meanings."""
@@ -85,7 +35,14 @@ def _help(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `submit --help | head`: the reader went away; nothing failed here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit raises again
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it
+
+
+def _main(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         return _help([a for a in args if a not in ("-h", "--help")])
     if args[:1] == ["status"]:

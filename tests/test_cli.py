@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import pytest
 import torch
@@ -32,6 +33,20 @@ def test_help_lists_stages_groups_and_options(tmp_path):
         assert option in line
     assert "not built yet" not in proc.stdout  # every stage is built
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_into_a_pipe_whose_reader_left_exits_quietly(tmp_path):
+    """`submit --help | head`: the reader may be gone before the help is written."""
+    import subprocess
+
+    from conftest import SUBMIT
+
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write fails (EPIPE)
+    proc = subprocess.run([SUBMIT, "--help"], stdout=write, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                          timeout=120)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
 
 
 def test_stage_help_lists_its_keys_with_values_and_meanings(tmp_path):
