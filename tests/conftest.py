@@ -86,6 +86,14 @@ def save_changed_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def val_images(root: Path, limit: int | None = None):
+    """The prepared digits' validation images (32x32, no augmentation), read from their shards."""
+    from pipeline.data import shards
+    from pipeline.data.shard_images import ShardImages
+
+    return ShardImages(shards.shard_urls(root / "digits" / "prepare" / "shards", "val"), 32, "none", limit=limit)
+
+
 def spoil_last_sample(run_root: Path) -> tuple[str, str]:
     """Zero the bytes of the last image of experiment 'digits' samples, in place (the tar stays
     valid, the PNG does not): the second half of the samples, which rank 1 of two reads, holds it.
