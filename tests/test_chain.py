@@ -256,7 +256,10 @@ def test_a_run_left_running_is_closed_once_and_a_sigterm_after_another_ranks_fai
     failures.record(tmp_path, ValueError("bad image"), tmp_path / "r1.log", "rank 1", "7")
     assert mlflow_runs.close_after_job(tmp_path, "8", "FAILED", "test") == ""  # another job's end
     assert mlflow_runs.close_after_job(tmp_path, "7", "COMPLETED", "test") == ""  # not a failure
+    (tmp_path / "mlflow_outbox").mkdir()  # records the stage kept, its own end among them: sent first
+    assert mlflow_runs.close_after_job(tmp_path, "7", "CANCELLED", "test") == ""
     assert client.get_run(run).info.status == "RUNNING"
+    (tmp_path / "mlflow_outbox").rmdir()
     assert mlflow_runs.close_after_job(tmp_path, "7", "CANCELLED", "test") == "KILLED"
     closed = client.get_run(run)
     assert closed.info.status == "KILLED" and closed.info.end_time

@@ -78,10 +78,14 @@ def _record(sdir: Path) -> dict | None:
         return None
 
 
-def _close(record: dict, status: str, tags: dict[str, str], end_ms: int | None) -> bool:
+def _close(sdir: Path, record: dict, status: str, tags: dict[str, str], end_ms: int | None) -> bool:
     """Close the run with ``status`` if it is still RUNNING; True if this call closed it."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.mlflow_outbox import OUTBOX
+
+    if (Path(sdir) / OUTBOX).exists():  # the stage ended, its records (its end too) wait to be sent
+        return False
     if away(record["tracking_uri"]):  # MLflow would retry for minutes
         return False
     client = MlflowClient(record["tracking_uri"])
@@ -107,7 +111,7 @@ def close_after_job(sdir: Path, job: str, state: str, by: str) -> str:
     cause = failures.recorded(sdir, job)
     if cause:
         tags["error"] = f"{cause['error']} ({', '.join(filter(None, [cause['where'], cause['time']]))})"
-    return status if _close(record, status, tags, _slurm_end_ms(job)) else ""
+    return status if _close(sdir, record, status, tags, _slurm_end_ms(job)) else ""
 
 
 def close_after_crash(sdir: Path, by: str) -> str:
@@ -121,4 +125,4 @@ def close_after_crash(sdir: Path, by: str) -> str:
     end_ms = int(max(logs) * 1000) if logs else None
     tags = {"ended": f"the process running the stage on this machine ended without closing this run (killed: "
                      f"SIGKILL, out of memory?); closed by {by}"}
-    return "FAILED" if _close(record, "FAILED", tags, end_ms) else ""
+    return "FAILED" if _close(sdir, record, "FAILED", tags, end_ms) else ""
