@@ -184,3 +184,42 @@ def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
     assert len(lines) == 1 and re.fullmatch(rf"submit: job {job}_0, {job}_1 \(2 tasks\) failed: ValueError: "
                                             r"data.val_fraction=\S+ of 2 images gives 0 val images; .*", lines[0]), lines
     assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr
+
+
+def test_cancel_ends_a_hung_job_outright_and_closes_the_run_it_left_running(slurm, run_root, tmp_path):
+    """A training that does not stop on SIGTERM (here it ignores the signal; a rank stuck in a
+    collective never runs its handler) is cancelled outright after cancel_grace_s; SLURM kills it,
+    so `submit cancel` closes the MLflow run it left RUNNING."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import os, pathlib, signal, time\n"
+        "if os.environ.get('SLURM_PROCID') == '0':\n"
+        "    from pipeline.training import engine\n"
+        "    def train(cfg, ctx, task):\n"
+        "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"        pathlib.Path('{tmp_path / 'hung'}').touch()\n"
+        "        while True:\n"
+        "            time.sleep(1)\n"
+        "    engine.train = train\n")
+    proc = submit("stage=train_vqvae", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST,
+                  f"cluster.setup=['export PYTHONPATH={hold}:$PYTHONPATH']", cwd=tmp_path, env=slurm, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = slurm_job_id(proc.stdout)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "hung").exists():
+            assert time.time() < deadline, slurm_sh(["squeue"], slurm)
+            time.sleep(1)
+        cancel = submit("cancel", f"run_root={run_root}", "cancel_grace_s=5", cwd=tmp_path, env=slurm, timeout=300)
+    finally:
+        slurm_sh(["scancel", job], slurm)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert re.search(rf"^  train_vqvae\s+{job}\s+running -> cancelled after cancel_grace_s=5; its MLflow run, left "
+                     r"RUNNING, closed as KILLED$", cancel.stdout, re.M), cancel.stdout
+    _, run = train_vqvae_run(run_root)
+    assert run.info.status == "KILLED", run.info
+    assert run.data.tags["ended"] == (f"SLURM job {job} ended CANCELLED before the stage could close this run "
+                                      "(closed by submit cancel)")
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+    assert re.search(rf"^train_vqvae\s+stopped \(CANCELLED\)\s+{job}\s", status.stdout, re.M), status.stdout
