@@ -291,3 +291,27 @@ def test_a_free_stage_lock_means_its_process_is_gone_only_where_it_ran_here(tmp_
     assert stage_lock.holder(tmp_path) is None and stage_lock.last_held_here(tmp_path)
     (tmp_path / ".running-rank0.lock").write_text(f"process 12 on not-{socket.gethostname()} since 2026-12-01 10:00:00")
     assert stage_lock.holder(tmp_path) is None and not stage_lock.last_held_here(tmp_path)
+
+
+def test_status_calls_a_local_run_crashed_and_closes_it_only_where_its_lock_was_taken_here(tmp_path):
+    """A RUNNING run whose stage lock is free: crashed if the lock was last taken on this machine;
+    from another machine's lock a free flock tells nothing (it may be kept per node)."""
+    import socket
+
+    runs, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    sdir = runs / "digits" / "train_vqvae"
+    sdir.mkdir(parents=True)
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("digits")).info.run_id
+    (sdir / "mlflow_run.json").write_text(json.dumps({"run_id": run, "tracking_uri": uri, "slurm_job": ""}))
+    lock = sdir / ".running-rank0.lock"
+    lock.write_text(f"process 12 on not-{socket.gethostname()} since 2026-12-01 10:00:00")
+    status = submit("status", f"run_root={runs}", cwd=tmp_path)
+    assert re.search(r"^train_vqvae\s+running or crashed\s", status.stdout, re.M), status.stdout
+    assert client.get_run(run).info.status == "RUNNING" and "left RUNNING" not in status.stdout
+    lock.write_text(f"process 12 on {socket.gethostname()} since 2026-12-01 10:00:00")
+    status = submit("status", f"run_root={runs}", cwd=tmp_path)
+    assert re.search(r"^train_vqvae\s+crashed\s", status.stdout, re.M), status.stdout
+    assert re.search(rf"^  run {run} of train_vqvae was left RUNNING by its killed process: closed as FAILED$",
+                     status.stdout, re.M), status.stdout
+    assert client.get_run(run).info.status == "FAILED"

@@ -248,8 +248,10 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
                          "FINISHED": "incomplete"}.get(run_status, run_status.lower())
         if run_status == "RUNNING":  # a local run: its process holds the stage's lock while it lives
             who = stage_lock.holder(sdir)
+            if who is None and not stage_lock.last_held_here(sdir):
+                who = "?"  # taken on another machine: a filesystem may keep flocks per node
             row["status"] = {None: "crashed", "?": row["status"]}.get(who, "running")
-            if who is None and stage_lock.last_held_here(sdir):
+            if who is None:
                 row["closed"] = mlflow_runs.close_after_crash(sdir, "submit status")
     elif stage == "train_vqvae" and vqvae_model(cfg) != sdir / "model.pt":
         row["status"] = "not needed"  # encode used a VQ-VAE named with encode.vqvae
