@@ -263,9 +263,11 @@ def test_a_run_left_running_is_closed_once_and_a_sigterm_after_another_ranks_fai
     assert mlflow_runs.close_after_job(tmp_path, "7", "CANCELLED", "test") == "KILLED"
     closed = client.get_run(run)
     assert closed.info.status == "KILLED" and closed.info.end_time
-    assert closed.data.tags["ended"] == ("SLURM job 7 ended CANCELLED before the stage could close this run "
+    tags = closed.data.tags  # the execution that opened the run: its first
+    assert tags["execution.1.ended"] == ("SLURM job 7 ended CANCELLED before the stage could close this run "
                                          "(closed by test)")
-    assert re.fullmatch(r"ValueError: bad image \(rank 1, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", closed.data.tags["error"])
+    assert re.fullmatch(r"ValueError: bad image \(rank 1, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", tags["error"])
+    assert tags["execution.1.error"] == tags["error"]
     assert mlflow_runs.close_after_job(tmp_path, "7", "FAILED", "test") == ""  # closed once
     assert mlflow_runs.status(tmp_path) == (run, "KILLED")
     # rank 0 told to stop after rank 1 recorded its failure: a failure, naming it

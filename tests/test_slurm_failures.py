@@ -136,13 +136,13 @@ def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_
     assert run.info.status == "FAILED", run.info
     if rank0 == "rendezvous":
         assert "task 0: Killed" in err and closed, err[-2000:] + proc.stderr
-        assert run.data.tags["ended"] == (f"SLURM job {job} ended FAILED before the stage could close this run "
-                                          "(closed by submit wait=true)")
+        assert run.data.tags["execution.1.ended"] == (
+            f"SLURM job {job} ended FAILED before the stage could close this run (closed by submit wait=true)")
         assert run.data.tags["error"].startswith("ValueError: rank 1 cannot train (rank 1, ")
         end = slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "End"], slurm).split()[0]
         assert run.info.end_time == 1000 * time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S"))
     else:  # rank 0 closed its run itself
-        assert not closed and "ended" not in run.data.tags, proc.stderr
+        assert not closed and "execution.1.ended" not in run.data.tags, proc.stderr
         assert run.data.tags["error"] == ("OtherRankFailed: received SIGTERM after rank 1 failed: "
                                           "ValueError: rank 1 cannot train")
     status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
@@ -219,7 +219,7 @@ def test_cancel_ends_a_hung_job_outright_and_closes_the_run_it_left_running(slur
                      r"RUNNING, closed as KILLED$", cancel.stdout, re.M), cancel.stdout
     _, run = train_vqvae_run(run_root)
     assert run.info.status == "KILLED", run.info
-    assert run.data.tags["ended"] == (f"SLURM job {job} ended CANCELLED before the stage could close this run "
-                                      "(closed by submit cancel)")
+    assert run.data.tags["execution.1.ended"] == (
+        f"SLURM job {job} ended CANCELLED before the stage could close this run (closed by submit cancel)")
     status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
     assert re.search(rf"^train_vqvae\s+stopped \(CANCELLED\)\s+{job}\s", status.stdout, re.M), status.stdout

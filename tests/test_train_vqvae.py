@@ -130,7 +130,7 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
                      status.stdout, re.M), status.stdout
     _, run = _run(run_root)
     run_id = run.info.run_id
-    assert run.info.status == "FAILED" and "closed by submit status" in run.data.tags["ended"], run.info
+    assert run.info.status == "FAILED" and "closed by submit status" in run.data.tags["execution.1.ended"], run.info
     assert run.info.end_time == int(logs[-1].stat().st_mtime * 1000)  # when its process last wrote
     later = submit("status", f"run_root={run_root}", cwd=tmp_path)  # closed once: now a failed run
     assert re.search(rf"^train_vqvae\s+failed\s+step {int(killed_at[5:])}", later.stdout, re.M), later.stdout

@@ -6,8 +6,9 @@ first: out of memory, a node failure, `kill -9`, a cancel past ``cancel_grace_s`
 the job when another rank failed (``cluster.kill_on_bad_exit``; a rank 0 blocked in a collective
 or a rendezvous never runs its signal handler). The MLflow UI would show that run as running for
 ever. Whoever next learns that the stage's process is gone (`submit status`, `submit cancel`,
-``wait=true``) closes the run: the status the end deserves, the time it ended, an ``ended`` tag
-saying how, and the error another rank recorded (the cause) as ``error``. A resumed stage reopens
+``wait=true``) closes the run: the status the end deserves, the time it ended, an
+``execution.<n>.ended`` tag saying how, and the error another rank recorded (the cause) as
+``error`` and ``execution.<n>.error``. A resumed stage reopens
 the same run, as after any other end.
 """
 
@@ -107,10 +108,13 @@ def close_after_job(sdir: Path, job: str, state: str, by: str) -> str:
     status, record = _CLOSED_AS.get(state), _record(sdir)
     if not status or not record or record.get("slurm_job") != job:  # not opened by this job
         return ""
-    tags = {"ended": f"SLURM job {job} ended {state} before the stage could close this run (closed by {by})"}
+    execution = f"execution.{record.get('attempts', 1)}"  # the one that opened it: a resume adds one
+    tags = {f"{execution}.ended": f"SLURM job {job} ended {state} before the stage could close this run "
+                                  f"(closed by {by})"}
     cause = failures.recorded(sdir, job)
-    if cause:
-        tags["error"] = f"{cause['error']} ({', '.join(filter(None, [cause['where'], cause['time']]))})"
+    if cause:  # where a stage's own failure puts it (tracking.StageRun, launch.jobs)
+        tags["error"] = tags[f"{execution}.error"] = (
+            f"{cause['error']} ({', '.join(filter(None, [cause['where'], cause['time']]))})")
     return status if _close(sdir, record, status, tags, _slurm_end_ms(job)) else ""
 
 
@@ -123,6 +127,6 @@ def close_after_crash(sdir: Path, by: str) -> str:
         return ""
     logs = [p.stat().st_mtime for p in Path(sdir).glob("logs/*.log")]
     end_ms = int(max(logs) * 1000) if logs else None
-    tags = {"ended": f"the process running the stage on this machine ended without closing this run (killed: "
-                     f"SIGKILL, out of memory?); closed by {by}"}
+    tags = {f"execution.{record.get('attempts', 1)}.ended": "the process running the stage on this machine ended "
+            f"without closing this run (killed: SIGKILL, out of memory?); closed by {by}"}
     return "FAILED" if _close(sdir, record, "FAILED", tags, end_ms) else ""
