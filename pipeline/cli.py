@@ -1,7 +1,8 @@
 """`submit`: compose the config, validate it, run the chosen stage on the chosen executor.
 
 Exit codes: 0 success, 1 the stage failed, 2 bad command line or config (nothing was created),
-130 interrupted (the MLflow run is marked KILLED).
+75 a training stopped on request after a checkpoint, 130/143 interrupted/terminated (the MLflow run
+is marked KILLED), 141 its output's reader went away (`| head`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, compose, stage_name, to_yaml, validate
 from pipeline.config_help import USAGE, help_text
+
 
 def _help(args: list[str]) -> int:
     """`--help`: the stages and groups; with a stage=, that stage's keys, values and meanings."""
