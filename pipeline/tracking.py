@@ -171,7 +171,7 @@ class StageRun:
             "run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id,
             "attempts": self.attempt + 1, "execution": self.node.execution, "start_time": start_time,
             # the SLURM job (an array's id) that opened it: a later `submit status` closes the run
-            # if that job ends while the run is still RUNNING (pipeline.launch.orphaned_runs)
+            # if that job ends while the run is still RUNNING (pipeline.launch.mlflow_runs)
             "slurm_job": (os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", ""))
             if self.cfg.cluster.name == "slurm" else ""})
         self.set_tags({"executions": self.attempt + 1, **execution_tags(self.attempt + 1)})
