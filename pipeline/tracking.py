@@ -150,6 +150,9 @@ class StageRun:
         if run is not None:
             self.attempt = int(record.get("attempts", 1))
             self.run_id, start_time = run.info.run_id, run.info.start_time
+            if run.info.status == "RUNNING":  # its last execution was killed, and nobody closed the run since
+                client.set_tag(self.run_id, f"execution.{self.attempt}.ended", "ended without closing this run "
+                               f"(killed); found RUNNING when execution {self.attempt + 1} started")
             client.update_run(self.run_id, status="RUNNING")
             log.info("resuming MLflow run %s (execution %d of this stage)", self.run_id, self.attempt + 1)
         else:

@@ -317,3 +317,29 @@ def test_status_calls_a_local_run_crashed_and_closes_it_only_where_its_lock_was_
     assert re.search(rf"^  run {run} of train_vqvae was left RUNNING by its killed process: closed as FAILED$",
                      status.stdout, re.M), status.stdout
     assert client.get_run(run).info.status == "FAILED"
+
+
+def test_a_resumed_run_found_running_records_that_its_last_execution_was_killed(tmp_path):
+    """Where nobody closed the run of a killed execution (no status, cancel or wait=true looked),
+    the next execution says so in that execution's tags as it reopens the run."""
+    from pipeline.config import compose
+    from pipeline.tracking import StageRun
+
+    run_root = tmp_path / "runs"
+    cfg = compose(["stage=prepare", f"run_root={run_root}", "tracking.system_metrics=false"])
+    sdir = run_root / "digits" / "prepare"
+    sdir.mkdir(parents=True)
+    with StageRun(cfg, "prepare", sdir) as first:
+        pass
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    with StageRun(cfg, "prepare", sdir):  # closed FINISHED before: nothing to say
+        pass
+    assert not any(k.endswith(".ended") for k in client.get_run(first.run_id).data.tags)
+    client.update_run(first.run_id, status="RUNNING")  # as the second execution, killed, left it
+    with StageRun(cfg, "prepare", sdir) as third:
+        pass
+    tags = client.get_run(third.run_id).data.tags
+    assert third.run_id == first.run_id and client.get_run(first.run_id).info.status == "FINISHED"
+    assert tags["execution.2.ended"] == ("ended without closing this run (killed); found RUNNING when execution 3 "
+                                         "started")
+    assert [k for k in tags if k.endswith(".ended")] == ["execution.2.ended"]

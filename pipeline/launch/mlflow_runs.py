@@ -8,8 +8,8 @@ or a rendezvous never runs its signal handler). The MLflow UI would show that ru
 ever. Whoever next learns that the stage's process is gone (`submit status`, `submit cancel`,
 ``wait=true``) closes the run: the status the end deserves, the time it ended, an
 ``execution.<n>.ended`` tag saying how, and the error another rank recorded (the cause) as
-``error`` and ``execution.<n>.error``. A resumed stage reopens
-the same run, as after any other end.
+``error`` and ``execution.<n>.error``. A resumed stage reopens the same run, as after any other
+end; where nobody closed it, the resume records the killed execution's end (``tracking.StageRun``).
 """
 
 from __future__ import annotations
