@@ -105,8 +105,8 @@ def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path)
 
 @pytest.mark.parametrize("rank0", ["rendezvous", "python"])
 def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_root, tmp_path, rank0):
-    """Rank 1's training raises at once (a sitecustomize on PYTHONPATH replaces it); its exit, 30 s
-    later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either waits at the rendezvous, where its
+    """Rank 1's training raises once rank 0 has opened its MLflow run (a sitecustomize on PYTHONPATH
+    replaces it); its exit, 30 s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either waits at the rendezvous, where its
     SIGTERM handler never runs and SLURM kills it, leaving its MLflow run RUNNING for wait=true to
     close; or is busy in Python code (its training replaced by a sleep), where it takes the SIGTERM
     for a failure, not a stop. Either way the run ends FAILED with rank 1's error, and status says
@@ -118,7 +118,10 @@ def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_
         f"if rank == '1' or (rank == '0' and {rank0 == 'python'}):\n"
         "    from pipeline.training import engine\n"
         "    def train(cfg, ctx, task):\n"
-        "        if rank == '1':\n"
+        "        if rank == '1':  # once rank 0 has opened its MLflow run\n"
+        "            deadline = time.time() + 120\n"
+        "            while not (ctx.stage_dir / 'mlflow_run.json').exists() and time.time() < deadline:\n"
+        "                time.sleep(0.2)\n"
         "            raise ValueError('rank 1 cannot train')\n"
         "        while True:\n"
         "            time.sleep(0.1)\n"
