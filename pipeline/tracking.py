@@ -107,11 +107,11 @@ class StageRun:
     """Context manager around one execution of a stage; sets the MLflow run status truthfully.
 
     FINISHED on success, KILLED on StageKilled/KeyboardInterrupt, FAILED (with an ``error`` tag)
-    on any other exception.
+    on any other exception. ``slurm_job``: the SLURM job running the stage ('' outside one).
     """
 
-    def __init__(self, cfg: DictConfig, stage: str, stage_dir: Path, task: int = 0):
-        self.cfg, self.stage, self.stage_dir = cfg, stage, Path(stage_dir)
+    def __init__(self, cfg: DictConfig, stage: str, stage_dir: Path, task: int = 0, slurm_job: str = ""):
+        self.cfg, self.stage, self.stage_dir, self.slurm_job = cfg, stage, Path(stage_dir), slurm_job
         from pipeline.training.distributed import detect, node
 
         # rank 0 (SLURM or torchrun rank, known before the group exists) of array task 0 logs
@@ -173,10 +173,9 @@ class StageRun:
         atomic.write_json(self.stage_dir / RUN_FILE, {
             "run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id,
             "attempts": self.attempt + 1, "execution": self.node.execution, "start_time": start_time,
-            # the SLURM job (an array's id) that opened it: a later `submit status` closes the run
-            # if that job ends while the run is still RUNNING (pipeline.launch.mlflow_runs)
-            "slurm_job": (os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", ""))
-            if self.cfg.cluster.name == "slurm" else ""})
+            # the SLURM job that opened it: a later `submit status` closes the run if that job
+            # ends while the run is still RUNNING (pipeline.launch.mlflow_runs)
+            "slurm_job": self.slurm_job})
         self.set_tags({"executions": self.attempt + 1, **execution_tags(self.attempt + 1)})
         if self.cfg.tracking.system_metrics and _has_psutil():
             prefix = "system/" if self.node.count == 1 else f"system/{self.node.name}/"

@@ -117,7 +117,7 @@ class StageJob:
         try:
             log.info("stage %s of experiment '%s': outputs in %s, log %s", self.stage,
                      cfg.experiment, sdir, log_file)
-            with StageRun(cfg, self.stage, sdir, self.task) as run:
+            with StageRun(cfg, self.stage, sdir, self.task, job) as run:
                 log.info("MLflow run %s at %s (%s)", run.run_id, tracking_uri(cfg),
                          ui_command(tracking_uri(cfg)))
                 run.set_tags({"log_file": str(log_file)})  # this execution's; all are under logs/
