@@ -17,7 +17,7 @@ import pytest
 
 from conftest import SLURM_FAST, SUBMIT, slurm_job_id, slurm_sh, submit, train_vqvae_run, unsplittable_tree
 from pipeline.data import shards
-from pipeline.launch import records
+from pipeline.launch import accounting, records
 
 def _wait_job(job: str, slurm: dict, timeout: float = 600) -> str:
     deadline = time.time() + timeout
@@ -263,7 +263,7 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path, mon
     # the chain summary's run time counts both runs, not only the last one
     last_run = int(slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "ElapsedRaw"], slurm).split()[0])
     monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
-    assert records.slurm_elapsed_s(job) >= last_run + first_run_s
+    assert accounting.elapsed_s(job) >= last_run + first_run_s
     log = stdout_log.read_text()
     stopped = int(re.search(r"stop requested \(SIGUSR2\); checkpoint saved at step (\d+)", log).group(1))
     assert 50 <= stopped < 1500

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import (GROUPS, ConfigError, compose, split_stage_scoped, stage_dir, stage_name, unknown_key_fix,
                              validate)
-from pipeline.launch import executors, records
+from pipeline.launch import accounting, executors, records
 from pipeline.launch.jobs import DONE
 from pipeline.stages import BUILT, NEEDS, ORDER
 
@@ -118,7 +118,7 @@ def slurm_summary_rows(cfgs: dict[str, DictConfig], queued: list[dict[str, Any]]
             row = {"status": "not needed", "seconds": None, "outputs": f"encode.vqvae={cfgs['encode'].encode.vqvae}"}
         else:
             row = {"status": "already done" if r["status"] == "already done" else "done",
-                   "seconds": records.slurm_elapsed_s(r["job"]) if r["job"] else None,
+                   "seconds": accounting.elapsed_s(r["job"]) if r["job"] else None,
                    "outputs": str(stage_dir(cfg, r["stage"]))}
         rows.append({"stage": r["stage"], **row})
     return _with_metrics(cfg, rows)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import time
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.launch import failures
+from pipeline.launch import accounting, failures
 from pipeline.tracking import RUN_FILE
 
 log = logging.getLogger("pipeline")
@@ -30,22 +28,6 @@ log = logging.getLogger("pipeline")
 # where it was stopped from outside (a resubmit resumes it), FAILED where it broke
 _CLOSED_AS = {"CANCELLED": "KILLED", "PREEMPTED": "KILLED", "TIMEOUT": "KILLED", "DEADLINE": "KILLED",
               "FAILED": "FAILED", "OUT_OF_MEMORY": "FAILED", "NODE_FAIL": "FAILED", "BOOT_FAIL": "FAILED"}
-
-
-def _slurm_end_ms(job: str) -> int | None:
-    """When the job ended, from accounting (an array: its last task); None if unknown."""
-    try:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "End"], capture_output=True, text=True,
-                             timeout=30).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    ends = []
-    for word in out:
-        try:
-            ends.append(time.mktime(time.strptime(word, "%Y-%m-%dT%H:%M:%S")))
-        except ValueError:  # "Unknown": a task not ended
-            continue
-    return int(max(ends) * 1000) if ends else None
 
 
 @lru_cache(maxsize=None)
@@ -115,7 +97,7 @@ def close_after_job(sdir: Path, job: str, state: str, by: str) -> str:
     if cause:  # where a stage's own failure puts it (tracking.StageRun, launch.jobs)
         tags["error"] = tags[f"{execution}.error"] = (
             f"{cause['error']} ({', '.join(filter(None, [cause['where'], cause['time']]))})")
-    return status if _close(sdir, record, status, tags, _slurm_end_ms(job)) else ""
+    return status if _close(sdir, record, status, tags, accounting.end_ms(job)) else ""
 
 
 def close_after_crash(sdir: Path, by: str) -> str:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
-from pipeline.launch import failures, mlflow_runs, stage_lock
+from pipeline.launch import accounting, failures, mlflow_runs, stage_lock
 from pipeline.stages import ORDER, PROGRESS, shard_progress, vqvae_model
 from pipeline.tracking import tracking_uri
 
@@ -57,41 +57,6 @@ def add_job(sdir: Path, job_id: str) -> None:
     jobs = json.loads(path.read_text()) if path.exists() else []
     jobs.append({"job_id": job_id, "submitted": time.strftime("%Y-%m-%d %H:%M:%S")})
     atomic.write_json(path, jobs)
-
-
-_LIVE = ("RUNNING", "REQUEUED", "PENDING", "COMPLETING")
-
-
-def _sacct_states(job_id: str) -> list[str] | str:
-    """The job's (an array's tasks') states from accounting, or why sacct did not answer."""
-    try:
-        proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
-                              text=True, timeout=30)
-    except OSError as e:
-        return str(e)
-    except subprocess.TimeoutExpired:
-        return "no answer in 30 s"
-    if proc.returncode:  # its last line says why (slurmdbd unreachable, accounting disabled, ...)
-        return (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    return [s for s in proc.stdout.split() if s and s != "by"]
-
-
-def slurm_state(job_id: str) -> str:
-    """The job's state from accounting (the array's worst task state for an array); UNKNOWN where
-    sacct does not answer."""
-    states = _sacct_states(job_id)
-    return "UNKNOWN" if isinstance(states, str) else _worst(states)
-
-
-def _worst(states: list[str]) -> str:
-    """One state for a job from its tasks' states: a failure if any task failed, else any live state."""
-    for bad in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"):
-        if bad in states:
-            return bad
-    for live in _LIVE:
-        if live in states:
-            return live
-    return states[0] if states else "UNKNOWN"
 
 
 def live_job(sdir: Path) -> tuple[str, str] | None:
@@ -158,28 +123,11 @@ def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = Non
                 warned = True
         time.sleep(poll_s)
     for _ in range(12):  # accounting may not have recorded the end yet
-        state = slurm_state(job_id)
-        if state not in _LIVE:
+        state = accounting.state(job_id)
+        if state not in accounting.LIVE:
             return state
         time.sleep(poll_s)
     return state
-
-
-def slurm_elapsed_s(job_id: str) -> float | None:
-    """A finished job's run time from accounting, summed over its runs (``-D``: a preempted or
-    timed-out job requeued runs again under the same id); an array: its longest task. None if
-    unknown."""
-    try:
-        out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "JobID,ElapsedRaw"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    per_task: dict[str, int] = {}
-    for line in out:
-        task, _, seconds = line.partition("|")
-        if seconds.isdigit():
-            per_task[task] = per_task.get(task, 0) + int(seconds)
-    return float(max(per_task.values())) if per_task else None
 
 
 class SlurmOnce:
@@ -201,14 +149,14 @@ class SlurmOnce:
         raise self.error
 
     def accounting(self, job_id: str) -> str:
-        """``slurm_state``: UNKNOWN without asking once sacct has failed."""
+        """``accounting.state``: UNKNOWN without asking once sacct has failed."""
         if self.accounting_error:
             return "UNKNOWN"
-        states = _sacct_states(job_id)
+        states = accounting.states(job_id)
         if isinstance(states, str):
             self.accounting_error = f"sacct -j {job_id} failed ({states})"
             return "UNKNOWN"
-        return _worst(states)
+        return accounting.worst(states)
 
 
 def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any]:
