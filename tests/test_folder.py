@@ -106,6 +106,24 @@ def test_class_tree_without_splits_is_split_here(tmp_path):
     assert len(train_keys) == 24 and not train_keys & {s["__key__"] for s in val}
 
 
+def test_a_class_too_small_to_split_is_named_with_the_fix(tmp_path):
+    """sklearn's own error names neither the folder nor what to do about it."""
+    src = tmp_path / "pets"
+    for cls, n in (("cat", 10), ("dog", 1), ("newt", 0)):
+        (src / cls).mkdir(parents=True)
+        for i in range(n):
+            (src / cls / f"{i}.png").write_bytes(_image((9, 9, 9), fmt="PNG"))
+    (src / "newt" / "notes.txt").write_text("not an image")
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", "data=folder", f"data.source={src}", "data.val_fraction=0.3",
+                  f"run_root={run_root}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert (f"failed: ValueError: {src}: class folders with fewer than 2 images (.jpeg, .jpg, .png, .webp): "
+            "'dog' (1), 'newt' (0); ") in proc.stderr, proc.stderr
+    assert "give the split yourself as <split>/<class>/ folders" in proc.stderr
+    assert not list((run_root / "digits" / "prepare").glob("shards/*.tar"))
+
+
 def test_sigterm_marks_the_run_killed(tmp_path):
     src = tmp_path / "stuck"
     (src / "a").mkdir(parents=True)
