@@ -124,6 +124,37 @@ def test_a_class_too_small_to_split_is_named_with_the_fix(tmp_path):
     assert not list((run_root / "digits" / "prepare").glob("shards/*.tar"))
 
 
+def test_a_held_out_folder_named_valid_is_val_and_a_tree_without_one_is_refused(tmp_path, caplog):
+    """Trees from torchvision/Kaggle name the held-out split valid/ or validation/, often beside a
+    test/; a train/ with no held-out folder at all used to give train shards only, and later stages
+    no val split."""
+    import pytest
+
+    from pipeline.data.sources import FolderSource
+
+    src = tmp_path / "flowers"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (src / split / cls).mkdir(parents=True)
+            (src / split / cls / "0.png").write_bytes(_image(COLOURS[cls], fmt="PNG"))
+    with pytest.raises(ValueError, match=r"has train/ and 0 held-out folders named val/, valid/, validation/ "
+                                         r"\(besides: test/\); prepare needs exactly one: rename the folder to "
+                                         r"hold out to val/"):
+        FolderSource(src, 0.1, 0)
+    (src / "valid" / "dog").mkdir(parents=True)
+    (src / "valid" / "dog" / "1.png").write_bytes(_image(COLOURS["dog"], fmt="PNG"))
+    splits = FolderSource(src, 0.1, 0).samples()
+    assert {s: [(r.origin, r.label) for r in refs] for s, refs in splits.items()} == {
+        "train": [("train/cat/0.png", 0), ("train/dog/0.png", 1)], "val": [("valid/dog/1.png", 1)]}
+    assert f"{src}: reading train/ and valid/ only, not test/" in caplog.text
+    (src / "validation").mkdir()
+    with pytest.raises(ValueError, match="has train/ and 2 held-out folders .* keep one of valid/, validation/"):
+        FolderSource(src, 0.1, 0)
+    (src / "train").rename(src / "training")
+    with pytest.raises(ValueError, match=r"has valid/ but no train/ \(besides: test/, training/\): put the "):
+        FolderSource(src, 0.1, 0)
+
+
 def test_sigterm_marks_the_run_killed(tmp_path):
     src = tmp_path / "stuck"
     (src / "a").mkdir(parents=True)

@@ -6,6 +6,7 @@ demand, so the shard writer can run in parallel workers and restart anywhere.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,10 @@ from PIL import Image
 from pipeline.data import images
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
-SPLIT_NAMES = ("train", "val")
+log = logging.getLogger("pipeline.prepare")
+
+# other names trees use for the held-out split (torchvision's ImageFolder datasets, Kaggle): read as val
+VAL_ALIASES = ("val", "valid", "validation")
 
 
 @dataclass(frozen=True)
@@ -100,10 +104,10 @@ class FolderSource:
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser().resolve()
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
-        split_dirs = [p for p in subdirs if p.name in SPLIT_NAMES]
+        split_dirs = [p for p in subdirs if p.name == "train" or p.name in VAL_ALIASES]
         if split_dirs:
             self.layout = "split/class/image"
-            self._splits = {p.name: p for p in split_dirs}
+            self._splits = self._split_folders(split_dirs, [p.name for p in subdirs if p not in split_dirs])
             classes = {c.name for p in split_dirs for c in p.iterdir() if c.is_dir()}
         else:
             self.layout = "class/image (val split made here)"
@@ -113,6 +117,26 @@ class FolderSource:
         if not self.class_names:
             raise ValueError(f"{self.root}: no class folders found; expected "
                              "<split>/<class>/<image> or <class>/<image>")
+
+    def _split_folders(self, split_dirs: list[Path], others: list[str]) -> dict[str, Path]:
+        """train/ and one held-out folder; without both, later stages would find no train or no val
+        shards, so the tree is refused here, naming what it has."""
+        names = [p.name for p in split_dirs]
+        held_out = [p for p in split_dirs if p.name in VAL_ALIASES]
+        listed = "/, ".join(others[:5]) + "/" + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        besides = f" (besides: {listed})" if others else ""
+        if "train" not in names:
+            raise ValueError(f"{self.root}: has {names[0]}/ but no train/{besides}: put the training images in "
+                             "train/<class>/, or point data.source at a <class>/<image> tree to split here")
+        if len(held_out) != 1:
+            fix = ("rename the folder to hold out to val/" if not held_out else
+                   f"keep one of {'/, '.join(p.name for p in held_out)}/")
+            raise ValueError(f"{self.root}: has train/ and {len(held_out)} held-out folders named "
+                             f"{'/, '.join(VAL_ALIASES)}/{besides}; prepare needs exactly one: {fix}, or point "
+                             "data.source at a <class>/<image> tree to split here")
+        if others:  # e.g. test/: prepare writes train and val shards only
+            log.warning("%s: reading train/ and %s/ only, not %s", self.root, held_out[0].name, listed)
+        return {"train": split_dirs[names.index("train")], "val": held_out[0]}
 
     def _files(self, class_root: Path) -> list[tuple[Path, int]]:
         index = {c: i for i, c in enumerate(self.class_names)}
