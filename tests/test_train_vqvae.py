@@ -204,6 +204,12 @@ def test_nan_marks_failed_and_keeps_the_checkpoint(run_root, tmp_path):
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert re.search(r"resume=false: \S+checkpoints holds checkpoints \(latest step_00000020\) .* "
                          r"experiment=<a new name>", refused.stderr), refused.stderr
+        # another model: refused too, naming what changed (the job would have failed after starting)
+        refused = submit(stage, *args[:-1], "model.vqvae.res_blocks=3", cwd=tmp_path, timeout=600)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert (f"submit: error: stage=train_vqvae: {ckpt_dir / 'step_00000020'} was trained with another model or "
+                "dataset configuration (model.vqvae.res_blocks=2 there, 3 now) -- pass the values it was trained "
+                "with to resume it, or experiment=<a new name> to train from scratch") in refused.stderr
     assert sorted((run_root / "digits" / "train_vqvae" / "logs").iterdir()) == logs
     assert _run(run_root)[1].info.status == "FAILED"  # still the NaN's run, not a new failure
     assert (ckpt_dir / "step_00000020").exists()  # nothing deleted

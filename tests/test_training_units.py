@@ -156,3 +156,25 @@ def test_split_calls_in_one_process_runs_every_call_and_raises_its_error():
     assert split_calls({"x": lambda: 1, "y": lambda: 2}) == {"x": 1, "y": 2}
     with pytest.raises(KeyError):
         split_calls({"x": lambda: {}["missing"]})
+
+
+def test_a_checkpoint_refuses_another_model_naming_the_keys_or_says_it_cannot_name_them(tmp_path):
+    import json
+
+    from pipeline.config import compose
+    from pipeline.training.fingerprint import config_hash, resume_refusal, trained_with
+
+    cfg = compose(["stage=train_vqvae"])
+    ckpt = tmp_path / "step_00000020"
+    ckpt.mkdir()
+    assert resume_refusal(ckpt, cfg) is None  # no client state (a save cut short): nothing to tell
+    (ckpt / "client.json").write_text(json.dumps({"config_hash": config_hash(cfg), "trained_with": trained_with(cfg)}))
+    assert resume_refusal(ckpt, cfg) is None
+    assert resume_refusal(ckpt, compose(["stage=train_vqvae", "train.lr=0.1", "data.num_workers=0"])) is None
+    other = compose(["stage=train_vqvae", "data.resolution=64", "model.top_prior.layers=7"])
+    assert resume_refusal(ckpt, other) == (f"{ckpt} was trained with another model or dataset configuration "
+                                           "(data.resolution=32 there, 64 now; model.top_prior.layers=6 there, 7 now)")
+    many = compose(["stage=train_vqvae", "model=paper_imagenet256"])
+    assert resume_refusal(ckpt, many).endswith(" more)")
+    (ckpt / "client.json").write_text(json.dumps({"config_hash": "0" * 16}))  # before settings were kept
+    assert resume_refusal(ckpt, cfg) == f"{ckpt} was trained with another model or dataset configuration"

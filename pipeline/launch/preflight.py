@@ -16,6 +16,7 @@ from pipeline.launch import executors, records, stage_lock
 from pipeline.mlflow_outbox import reachable
 from pipeline.tracking import tracking_uri
 from pipeline.training.distributed import detect
+from pipeline.training.fingerprint import RESUME_FIX, resume_refusal
 
 
 def _warn(message: str) -> None:
@@ -36,7 +37,7 @@ def check_stage(cfg: DictConfig, stage: str) -> None:
     executors.check_available(cfg)
     _tracking_answers(cfg)
     _not_queued(cfg, stage)
-    _no_fresh_start_over_checkpoints(cfg, stage)
+    _checkpoints_resumable(cfg, stage)
 
 
 def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
@@ -47,7 +48,7 @@ def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
     if todo:
         _tracking_answers(cfg)
     for stage in todo:
-        _no_fresh_start_over_checkpoints(cfgs[stage], stage)
+        _checkpoints_resumable(cfgs[stage], stage)
         if cfg.cluster.name != "slurm":
             _not_queued(cfg, stage)
             stage_lock.check_free(stage_dir(cfg, stage), detect().rank, stage_name(cfg, stage))
@@ -112,11 +113,18 @@ def _not_queued(cfg: DictConfig, stage: str) -> None:
                           f"or cancel it first: scancel {job}")
 
 
-def _no_fresh_start_over_checkpoints(cfg: DictConfig, stage: str) -> None:
-    """resume=false asks for a fresh start: refused where checkpoints exist (the training refuses it
-    too, for a job queued before they did)."""
+def _checkpoints_resumable(cfg: DictConfig, stage: str) -> None:
+    """A training resumes its checkpoints: refused, before its config, command and MLflow run are
+    touched, where it cannot (the training refuses it too, for a job queued before they existed).
+    resume=false asks for a fresh start: refused where checkpoints exist (nothing is deleted)."""
     latest = stage_dir(cfg, stage) / "checkpoints" / "latest"
-    if not cfg.resume and latest.exists():
-        raise ConfigError("resume=false", f"{latest.parent} holds checkpoints (latest {latest.read_text().strip()}) "
+    if not latest.exists():
+        return
+    tag = latest.read_text().strip()
+    if not cfg.resume:
+        raise ConfigError("resume=false", f"{latest.parent} holds checkpoints (latest {tag}) "
                           "and nothing is deleted", "pass experiment=<a new name> to start over elsewhere, or "
                           "move that directory away (or drop resume=false to continue it)")
+    refusal = resume_refusal(latest.parent / tag, cfg)
+    if refusal:
+        raise ConfigError(f"stage={stage_name(cfg, stage)}", refusal, RESUME_FIX)

@@ -14,7 +14,6 @@ request) is resumed by fast-forwarding through its segment (``train.exact_resume
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import signal
@@ -32,6 +31,7 @@ from pipeline.stages import PROGRESS, StageContext
 from pipeline.tracking import StageStopped
 from pipeline.training import distributed
 from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch
+from pipeline.training.fingerprint import RESUME_FIX, config_hash, resume_refusal, trained_with
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,6 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """What makes a checkpoint incompatible: the model architecture and the dataset."""
-    keys = {"model": cfg.model, "data": cfg.data.name, "resolution": cfg.data.resolution}
-    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(keys), resolve=True), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def train(cfg: DictConfig, ctx: StageContext, task: Task) -> dict[str, Any]:
@@ -214,7 +207,8 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
             stop_now = distributed.any_true(stop.signal is not None)
             if step % every == 0 or step == max_steps or stop_now:
                 ckpts.save(engine, step, {"samples": samples, "segment_start": stream.start,
-                                          "config_hash": config_hash(cfg), "mlflow_run_id": ctx.run.run_id})
+                                          "config_hash": config_hash(cfg), "trained_with": trained_with(cfg),
+                                          "mlflow_run_id": ctx.run.run_id})
             if stop_now and step < max_steps:
                 raise StageStopped(f"stop requested ({stop.signal or 'another rank'}); checkpoint saved at "
                                    f"step {step}; rerun the same command to resume", stop.signum)
@@ -256,11 +250,9 @@ def _resume(cfg: DictConfig, ckpts: CheckpointManager, engine: Any) -> dict[str,
         raise CheckpointMismatch(
             f"resume=false but {ckpts.dir} holds checkpoints ({ckpts.latest()}); nothing is deleted: pass "
             "experiment=<a new name> to start over elsewhere, or move that directory away")
-    client = json.loads((ckpts.dir / ckpts.latest() / "client.json").read_text())
-    if client.get("config_hash") != config_hash(cfg):
-        raise CheckpointMismatch(
-            f"{ckpts.dir / ckpts.latest()} was trained with another model or dataset configuration; "
-            "pass experiment=<a new name> to train this one from scratch")
+    refusal = resume_refusal(ckpts.dir / ckpts.latest(), cfg)
+    if refusal:
+        raise CheckpointMismatch(f"{refusal}: {RESUME_FIX}")
     return ckpts.load(engine, weights_only=bool(cfg.resume_weights_only)) or {}
 
 

@@ -1,0 +1,56 @@
+"""What a training checkpoint was trained with (the model and the dataset), so that resuming it with
+another one is refused, naming the keys that differ, before anything starts (``submit``'s checks)
+and again in the job (a job queued before the checkpoint existed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """What makes a checkpoint incompatible: the model architecture and the dataset."""
+    keys = {"model": cfg.model, "data": cfg.data.name, "resolution": cfg.data.resolution}
+    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(keys), resolve=True), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trained_with(cfg: DictConfig) -> dict[str, Any]:
+    """The keys ``config_hash`` covers, flat (``model.vqvae.hidden_channels``: 64), kept in each
+    checkpoint to say which of them changed."""
+    flat: dict[str, Any] = {"data.name": cfg.data.name, "data.resolution": cfg.data.resolution}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}", value)
+        else:
+            flat[prefix] = node
+
+    walk("model", OmegaConf.to_container(cfg.model, resolve=True))
+    return flat
+
+
+# what to do about a refusal
+RESUME_FIX = "pass the values it was trained with to resume it, or experiment=<a new name> to train from scratch"
+
+
+def resume_refusal(checkpoint: Path, cfg: DictConfig) -> str | None:
+    """Why the checkpoint ``checkpoint`` (a ``step_*`` dir) cannot be resumed with ``cfg`` (see
+    RESUME_FIX), or None where it can (or has no client state to tell)."""
+    client_file = checkpoint / "client.json"
+    if not client_file.exists():
+        return None
+    client = json.loads(client_file.read_text())
+    if client.get("config_hash") == config_hash(cfg):
+        return None
+    then, now = client.get("trained_with"), trained_with(cfg)
+    changed = [] if then is None else [f"{k}={then.get(k, '(unset)')} there, {now.get(k, '(unset)')} now"
+                                       for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+    # none listed: a checkpoint written before they were recorded
+    return f"{checkpoint} was trained with another model or dataset configuration" + (f" ({shown})" if shown else "")
