@@ -253,10 +253,54 @@ def validate(cfg: DictConfig) -> None:
     if named is not None and not SAMPLE_SET_NAME.fullmatch(named):
         raise ConfigError(f"sample_set={named}", "not usable in a directory name",
                           "pass letters, digits, '.', '_' or '-' (not first), e.g. sample_set=t07, or null")
+    _check_data(cfg)
+    if "train" in cfg:
+        _check_training(cfg)
     if "sample" in cfg:
         _check_sampling(cfg)
     if "eval" in cfg:
         _check_eval(cfg)
+
+
+def _at_least(cfg: DictConfig, keys: tuple[str, ...], low: int) -> None:
+    """Integer settings a job would otherwise trip over after it started (a zero step interval
+    divides by zero, a resolution not a multiple of 8 fails in the VQ-VAE's first forward)."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ConfigError(f"{key}={value}", f"must be an integer of at least {low}", f"pass {key}=<n>")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    _at_least(cfg, ("data.shard_size", "data.shuffle_buffer"), 1)
+    _at_least(cfg, ("data.num_workers",), 0)
+    _at_least(cfg, ("data.resolution",), 8)
+    if int(d.resolution) % 8:  # the top codes are 1/8 of the image side
+        raise ConfigError(f"data.resolution={d.resolution}", "must be a multiple of 8 (top codes are 1/8 of the "
+                          "side, bottom codes 1/4)", f"pass data.resolution={max(8, int(d.resolution) // 8 * 8)}")
+    if not 0 < float(d.val_fraction) < 1:
+        raise ConfigError(f"data.val_fraction={d.val_fraction}", "must be between 0 and 1 (exclusive)",
+                          "pass e.g. data.val_fraction=0.1")
+
+
+def _check_training(cfg: DictConfig) -> None:
+    t = cfg.train
+    _at_least(cfg, tuple(f"train.{k}" for k in ("max_steps", "log_every", "eval_every", "eval_samples", "ckpt_every",
+                                                "keep_ckpts")), 1)
+    _at_least(cfg, ("train.warmup_steps",), 0)
+    _at_least(cfg, ("deepspeed.micro_batch", "deepspeed.grad_accum"), 1)
+    _check_choice(cfg, "train.schedule", ("cosine", "constant"))
+    if int(cfg.deepspeed.zero_stage) not in (0, 1, 2):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}", "must be 0, 1 or 2",
+                          "pass deepspeed.zero_stage=1 to shard the optimizer state, 2 to shard gradients too")
+    if float(t.lr) <= 0:
+        raise ConfigError(f"train.lr={t.lr}", "must be > 0", "pass e.g. train.lr=3e-4")
+    if not 0 <= float(t.min_lr_ratio) <= 1:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}", "must be in [0, 1]", "pass e.g. train.min_lr_ratio=0.1")
+    if float(cfg.deepspeed.grad_clip) < 0:
+        raise ConfigError(f"deepspeed.grad_clip={cfg.deepspeed.grad_clip}", "must be >= 0 (0: off)",
+                          "pass e.g. deepspeed.grad_clip=1.0")
 
 
 def _check_sampling(cfg: DictConfig) -> None:

@@ -122,6 +122,13 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     (["stage=encode", "train_top_prior:train.lr=0.1"], ["train_top_prior:train.lr", "stage=train_top_prior only",
                                                        "runs stage=encode"]),
     (["stage=train_vqvae", "deepspeed.bf16=1"], ["deepspeed.bf16=1", "must be auto, true or false"]),
+    # settings the job would only trip over after it started (VQ-VAE shapes, a division by zero)
+    (["stage=train_vqvae", "data.resolution=30"], ["data.resolution=30", "multiple of 8", "data.resolution=24"]),
+    (["stage=train_top_prior", "train.ckpt_every=0"], ["train.ckpt_every=0", "integer of at least 1"]),
+    (["stage=all", "train_top_prior:train.lr=-1"], ["train.lr=-1", "must be > 0"]),
+    (["stage=evaluate", "train.schedule=linear"], ["train.schedule=linear", "cosine, constant"]),
+    (["stage=train_vqvae", "deepspeed.zero_stage=3"], ["deepspeed.zero_stage=3", "must be 0, 1 or 2"]),
+    (["stage=prepare", "data.val_fraction=1"], ["data.val_fraction=1", "between 0 and 1"]),
     (["stage=train_top_prior", "verify=true"], ["verify=true", "stage=train_top_prior writes no shards",
                                                 "stage=prepare, stage=encode or stage=sample"]),
     (["stage=all", "verify=true"], ["verify=true", "writes no shards", "one stage at a time"]),
