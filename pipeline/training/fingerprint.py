@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline.tracking import flatten
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -19,20 +20,11 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def trained_with(cfg: DictConfig) -> dict[str, Any]:
-    """The keys ``config_hash`` covers, flat (``model.vqvae.hidden_channels``: 64), kept in each
+def trained_with(cfg: DictConfig) -> dict[str, str]:
+    """The keys ``config_hash`` covers, flat (``model.vqvae.hidden_channels``: "64"), kept in each
     checkpoint to say which of them changed."""
-    flat: dict[str, Any] = {"data.name": cfg.data.name, "data.resolution": cfg.data.resolution}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}", value)
-        else:
-            flat[prefix] = node
-
-    walk("model", OmegaConf.to_container(cfg.model, resolve=True))
-    return flat
+    return {"data.name": str(cfg.data.name), "data.resolution": str(cfg.data.resolution),
+            **flatten(cfg.model, "model.")}
 
 
 # what to do about a refusal
