@@ -297,7 +297,8 @@ def _check_training(cfg: DictConfig) -> None:
     if float(t.lr) <= 0:
         raise ConfigError(f"train.lr={t.lr}", "must be > 0", "pass e.g. train.lr=3e-4")
     if not 0 <= float(t.min_lr_ratio) <= 1:
-        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}", "must be in [0, 1]", "pass e.g. train.min_lr_ratio=0.1")
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}", "must be in [0, 1]",
+                          "pass e.g. train.min_lr_ratio=0.1")
     if float(cfg.deepspeed.grad_clip) < 0:
         raise ConfigError(f"deepspeed.grad_clip={cfg.deepspeed.grad_clip}", "must be >= 0 (0: off)",
                           "pass e.g. deepspeed.grad_clip=1.0")

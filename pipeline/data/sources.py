@@ -164,9 +164,10 @@ class FolderSource:
         if few:  # sklearn would only say "the least populated class in y has 1 member"
             shown = ", ".join(few[:10]) + (f" and {len(few) - 10} more" if len(few) > 10 else "")
             exts = ", ".join(sorted(IMAGE_EXTS))
-            raise ValueError(f"{self.root}: class folders with fewer than 2 images ({exts}): {shown}; a val split stratified over the classes needs at least one image per "
-                             "class on each side: add images, remove those folders, or give the split yourself "
-                             "as <split>/<class>/ folders")
+            raise ValueError(f"{self.root}: class folders with fewer than 2 images ({exts}): {shown}; a val "
+                             "split stratified over the classes needs at least one image per class on each side: "
+                             "add images, remove those folders, or give the split yourself as <split>/<class>/ "
+                             "folders")
         train, val = train_test_split(files, test_size=self.val_fraction, random_state=self.seed,
                                       stratify=labels)
         return {"train": [self._ref(f, y, "train") for f, y in sorted(train)],
