@@ -249,11 +249,17 @@ def _chain(args: list[str], print_cfg: bool) -> int:
             for stage, c in cfgs.items():
                 print(f"# --- {stage}\n{to_yaml(c)}", end="")
             return 0
-        preflight.check_chain(cfgs, chain.stages_to_run(cfgs)[0])
+        todo, done, _ = chain.stages_to_run(cfgs)
+        preflight.check_chain(cfgs, todo)
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    for stage in chain.stages_to_run(cfgs)[0]:
+    changed = chain.done_with_other_settings(cfgs, done)
+    if changed:
+        print("warning: stages done before with other settings are not run again (outputs are never "
+              "overwritten):\n  " + "\n  ".join(changed) + "\n  to run them with these settings: "
+              "experiment=<a new name>, or sample_set=<a name> for sample and evaluate settings", file=sys.stderr)
+    for stage in todo:
         records.record_command(stage_dir(cfg, stage), args)
     start = time.time()
     if cfg.cluster.name == "slurm":

@@ -279,8 +279,9 @@ def _check_data(cfg: DictConfig) -> None:
     if int(d.resolution) % 8:  # the top codes are 1/8 of the image side
         raise ConfigError(f"data.resolution={d.resolution}", "must be a multiple of 8 (top codes are 1/8 of the "
                           "side, bottom codes 1/4)", f"pass data.resolution={max(8, int(d.resolution) // 8 * 8)}")
-    if not 0 < float(d.val_fraction) < 1:
-        raise ConfigError(f"data.val_fraction={d.val_fraction}", "must be between 0 and 1 (exclusive)",
+    fraction = d.get("val_fraction")  # data=imagenet has its own val split
+    if fraction is not None and not 0 < float(fraction) < 1:
+        raise ConfigError(f"data.val_fraction={fraction}", "must be between 0 and 1 (exclusive)",
                           "pass e.g. data.val_fraction=0.1")
 
 

@@ -71,6 +71,18 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
     assert db.execute("select count(*) from runs").fetchone()[0] == len(runs)
     db.close()
+    assert "with other settings" not in again.stderr
+    # other settings for done stages: not run again, and said so (they would go unused without a word),
+    # each at the stage whose outputs depend on it
+    other = submit("stage=all", *SMALL, "sample.temperature=0.9", "model.top_prior.layers=7", cwd=tmp_path,
+                   timeout=300)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert all(re.search(rf"^\s+{stage}\s+done before\s", other.stdout, re.M) for stage in metric), other.stdout
+    warning = other.stderr[other.stderr.index("warning: stages done before with other settings"):].splitlines()
+    assert warning[1:4] == ["  train_top_prior: model.top_prior.layers=6 there, 7 now",
+                            "  sample: sample.temperature=0.7 there, 0.9 now",
+                            "  to run them with these settings: experiment=<a new name>, or sample_set=<a name> for "
+                            "sample and evaluate settings"], other.stderr
 
     # another set of samples from the same priors: only sample and evaluate run, into their own dirs
     before = {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()}
@@ -78,6 +90,7 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     hot = submit("stage=all", *SMALL, "sample_set=hot", "sample.temperature=1.0", "sample.seed=1", cwd=tmp_path,
                  timeout=600)
     assert hot.returncode == 0, hot.stdout[-3000:] + hot.stderr[-3000:]
+    assert "with other settings" not in hot.stderr  # the sample settings are the new set's own
     for stage in ("prepare", "train_vqvae", "encode", "train_top_prior", "train_bottom_prior"):
         assert re.search(rf"^\s+{stage}\s+done before\s+{metric[stage]}\s+{re.escape(str(exp / stage))}$",
                          hot.stdout, re.M), hot.stdout

@@ -158,23 +158,36 @@ def test_split_calls_in_one_process_runs_every_call_and_raises_its_error():
         split_calls({"x": lambda: {}["missing"]})
 
 
-def test_a_checkpoint_refuses_another_model_naming_the_keys_or_says_it_cannot_name_them(tmp_path):
+def test_a_checkpoint_refuses_another_model_naming_the_keys_its_stage_depends_on(tmp_path):
     import json
 
     from pipeline.config import compose
     from pipeline.training.fingerprint import config_hash, resume_refusal, trained_with
 
-    cfg = compose(["stage=train_vqvae"])
+    def cfg(*overrides):
+        return compose(["stage=train_vqvae", *overrides])
+
     ckpt = tmp_path / "step_00000020"
     ckpt.mkdir()
-    assert resume_refusal(ckpt, cfg) is None  # no client state (a save cut short): nothing to tell
-    (ckpt / "client.json").write_text(json.dumps({"config_hash": config_hash(cfg), "trained_with": trained_with(cfg)}))
-    assert resume_refusal(ckpt, cfg) is None
-    assert resume_refusal(ckpt, compose(["stage=train_vqvae", "train.lr=0.1", "data.num_workers=0"])) is None
-    other = compose(["stage=train_vqvae", "data.resolution=64", "model.top_prior.layers=7"])
-    assert resume_refusal(ckpt, other) == (f"{ckpt} was trained with another model or dataset configuration "
-                                           "(data.resolution=32 there, 64 now; model.top_prior.layers=6 there, 7 now)")
-    many = compose(["stage=train_vqvae", "model=paper_imagenet256"])
-    assert resume_refusal(ckpt, many).endswith(" more)")
-    (ckpt / "client.json").write_text(json.dumps({"config_hash": "0" * 16}))  # before settings were kept
-    assert resume_refusal(ckpt, cfg) == f"{ckpt} was trained with another model or dataset configuration"
+    assert resume_refusal(ckpt, cfg(), "train_vqvae") is None  # no client state (a save cut short): nothing to tell
+    (ckpt / "client.json").write_text(json.dumps({"config_hash": config_hash(cfg()), "trained_with": trained_with(cfg())}))
+    assert resume_refusal(ckpt, cfg(), "train_vqvae") is None
+    assert resume_refusal(ckpt, cfg("train.lr=0.1", "data.num_workers=0"), "train_vqvae") is None
+    other = cfg("data.resolution=64", "model.top_prior.layers=7", "model.vqvae.res_blocks=3")
+    assert resume_refusal(ckpt, other, "train_vqvae") == (
+        f"{ckpt} was trained with another model or dataset configuration "
+        "(data.resolution=32 there, 64 now; model.vqvae.res_blocks=2 there, 3 now)")
+    # each stage by the settings it depends on: another stage's model section is not one of them
+    assert resume_refusal(ckpt, cfg("model.classifier.blocks=2"), "train_vqvae") is None
+    assert "model.classifier.blocks=1 there, 2 now" in resume_refusal(ckpt, cfg("model.classifier.blocks=2"), "evaluate")
+    assert resume_refusal(ckpt, cfg("model.vqvae.beta=0.5"), "train_top_prior") is None
+    assert resume_refusal(ckpt, cfg("model.vqvae.codebook_size_top=16"), "train_top_prior").endswith(
+        "(model.vqvae.codebook_size_top=32 there, 16 now)")
+    every = {k: ("x" if k.startswith("model.vqvae.") else v) for k, v in trained_with(cfg()).items()}
+    (ckpt / "client.json").write_text(json.dumps({"config_hash": "0" * 16, "trained_with": every}))
+    assert resume_refusal(ckpt, cfg(), "train_vqvae").endswith(f"; and {len(cfg().model.vqvae) - 8} more)")
+    # written before checkpoints kept their settings: the hash over all of model.* decides
+    (ckpt / "client.json").write_text(json.dumps({"config_hash": config_hash(cfg())}))
+    assert resume_refusal(ckpt, cfg(), "train_vqvae") is None
+    assert resume_refusal(ckpt, cfg("model.classifier.blocks=2"), "train_vqvae") == (
+        f"{ckpt} was trained with another model or dataset configuration")

@@ -17,7 +17,8 @@ from pipeline.config import (GROUPS, ConfigError, compose, split_stage_scoped, s
                              validate)
 from pipeline.launch import accounting, executors, records
 from pipeline.launch.jobs import DONE
-from pipeline.stages import BUILT, NEEDS, ORDER
+from pipeline.stages import BUILT, NEEDS, ORDER, depends_on
+from pipeline.tracking import flatten
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
@@ -63,6 +64,32 @@ def stages_to_run(cfgs: dict[str, DictConfig]) -> tuple[list[str], list[str], li
     done = [s for s in chain if (stage_dir(cfg, s) / DONE).exists()]
     skip = ["train_vqvae"] if "encode" in cfgs and cfgs["encode"].encode.vqvae and "train_vqvae" not in done else []
     return [s for s in chain if s not in done and s not in skip], done, skip
+
+
+# Settings of where and how a stage runs, is tracked, checked or logged, not of what it made (the
+# directory names, experiment and sample_set, are the same for the same stage dir or have no say)
+_NOT_OUTPUTS = ("cluster.", "tracking.", "stage.", "run_root", "experiment", "sample_set", "wait", "cancel_grace_s",
+                "resume", "verify", "prepare.workers", "train.log_every", "train.eval_every", "train.eval_samples",
+                "train.keep_ckpts", "train.sample_grid")  # "resume" covers resume_weights_only
+
+
+def done_with_other_settings(cfgs: dict[str, DictConfig], done: list[str]) -> list[str]:
+    """The done stages whose recorded config differs from what this command asks of them, one line
+    each (``train_top_prior: model.top_prior.layers=6 there, 8 now``): a chain does not run a done
+    stage again, so those settings would go unused without a word. Keys the stage did not record
+    (added since) are left out."""
+    lines = []
+    for stage in done:
+        recorded = stage_dir(cfgs[stage], stage) / "config.yaml"
+        if not recorded.exists():
+            continue
+        then, now = flatten(OmegaConf.load(recorded)), flatten(cfgs[stage])
+        changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
+                   if then[k] != now[k] and not k.startswith(_NOT_OUTPUTS) and depends_on(stage, k)]
+        if changed:
+            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+            lines.append(f"{stage_name(cfgs[stage], stage)}: {'; '.join(changed[:4])}{more}")
+    return lines
 
 
 # The number that says whether each stage worked, from its summary (done.json).

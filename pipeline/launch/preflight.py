@@ -125,6 +125,6 @@ def _checkpoints_resumable(cfg: DictConfig, stage: str) -> None:
         raise ConfigError("resume=false", f"{latest.parent} holds checkpoints (latest {tag}) "
                           "and nothing is deleted", "pass experiment=<a new name> to start over elsewhere, or "
                           "move that directory away (or drop resume=false to continue it)")
-    refusal = resume_refusal(latest.parent / tag, cfg)
+    refusal = resume_refusal(latest.parent / tag, cfg, stage)
     if refusal:
         raise ConfigError(f"stage={stage_name(cfg, stage)}", refusal, RESUME_FIX)

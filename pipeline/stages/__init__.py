@@ -117,6 +117,22 @@ NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
     "sample": (("train_vqvae", "model.pt"), ("train_top_prior", "model.pt"), ("train_bottom_prior", "model.pt")),
     "evaluate": (("prepare", "shards/dataset.json"), ("train_vqvae", "model.pt"), ("sample", "shards/dataset.json")),
 }
+# The model.* settings (sections or keys) a stage's own outputs depend on, what it builds or trains;
+# a later stage depends on an earlier one's settings through that stage's outputs
+MODEL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "train_vqvae": ("vqvae",), "encode": ("vqvae",),
+    "train_top_prior": ("top_prior", "vqvae.codebook_size_top"),  # its vocabulary: the VQ-VAE's codebook
+    "train_bottom_prior": ("bottom_prior", "vqvae.codebook_size_top", "vqvae.codebook_size_bottom"),
+    "evaluate": ("classifier",),
+}
+
+
+def depends_on(stage: str, key: str) -> bool:
+    """Whether ``stage``'s outputs depend on the flat config key ``key``: any key outside model.*,
+    and of model.* those of ``MODEL_SETTINGS``."""
+    if not key.startswith("model."):
+        return True
+    return any(key == f"model.{s}" or key.startswith(f"model.{s}.") for s in MODEL_SETTINGS.get(stage, ()))
 
 
 def missing_inputs(cfg: DictConfig, stage: str) -> list[tuple[str, Path]]:

@@ -136,7 +136,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
         # does not keep flattened views of the parameters (ZeRO >= 1, bf16).
         engine.module.to(memory_format=torch.channels_last)
     ckpts = CheckpointManager(ctx.stage_dir / "checkpoints", info.rank, info.world_size, int(t.keep_ckpts))
-    client = _resume(cfg, ckpts, engine)
+    client = _resume(cfg, ctx.stage, ckpts, engine)
     step, samples = int(client.get("step", 0)), int(client.get("samples", 0))
     ga = int(cfg.deepspeed.grad_accum)
     global_batch = int(cfg.deepspeed.micro_batch) * ga * info.world_size
@@ -243,14 +243,14 @@ def _segment(task: Task, step: int, max_steps: int, every: int, ga: int, exact: 
     return _Stream(start, batches, source)
 
 
-def _resume(cfg: DictConfig, ckpts: CheckpointManager, engine: Any) -> dict[str, Any]:
+def _resume(cfg: DictConfig, stage: str, ckpts: CheckpointManager, engine: Any) -> dict[str, Any]:
     if ckpts.latest() is None:
         return {}
     if not bool(cfg.resume):
         raise CheckpointMismatch(
             f"resume=false but {ckpts.dir} holds checkpoints ({ckpts.latest()}); nothing is deleted: pass "
             "experiment=<a new name> to start over elsewhere, or move that directory away")
-    refusal = resume_refusal(ckpts.dir / ckpts.latest(), cfg)
+    refusal = resume_refusal(ckpts.dir / ckpts.latest(), cfg, stage)
     if refusal:
         raise CheckpointMismatch(f"{refusal}: {RESUME_FIX}")
     return ckpts.load(engine, weights_only=bool(cfg.resume_weights_only)) or {}

@@ -10,11 +10,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.stages import depends_on
 from pipeline.tracking import flatten
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """What makes a checkpoint incompatible: the model architecture and the dataset."""
+    """The model and dataset settings as one digest (kept in checkpoints; what a checkpoint written
+    before ``trained_with`` existed is compared by)."""
     keys = {"model": cfg.model, "data": cfg.data.name, "resolution": cfg.data.resolution}
     blob = json.dumps(OmegaConf.to_container(OmegaConf.create(keys), resolve=True), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -31,18 +33,23 @@ def trained_with(cfg: DictConfig) -> dict[str, str]:
 RESUME_FIX = "pass the values it was trained with to resume it, or experiment=<a new name> to train from scratch"
 
 
-def resume_refusal(checkpoint: Path, cfg: DictConfig) -> str | None:
-    """Why the checkpoint ``checkpoint`` (a ``step_*`` dir) cannot be resumed with ``cfg`` (see
-    RESUME_FIX), or None where it can (or has no client state to tell)."""
+def resume_refusal(checkpoint: Path, cfg: DictConfig, stage: str) -> str | None:
+    """Why the checkpoint ``checkpoint`` (a ``step_*`` dir) of ``stage`` cannot be resumed with
+    ``cfg`` (see RESUME_FIX), or None where it can (or has no client state to tell). Compared: the
+    dataset and the model settings the stage depends on (``stages.MODEL_SETTINGS``; a changed
+    model.classifier does not stop the VQ-VAE's training), where both sides have them."""
     client_file = checkpoint / "client.json"
     if not client_file.exists():
         return None
     client = json.loads(client_file.read_text())
-    if client.get("config_hash") == config_hash(cfg):
-        return None
     then, now = client.get("trained_with"), trained_with(cfg)
-    changed = [] if then is None else [f"{k}={then.get(k, '(unset)')} there, {now.get(k, '(unset)')} now"
-                                       for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if then is None:  # written before checkpoints kept their settings: only the hash over all of model.*
+        if client.get("config_hash") == config_hash(cfg):
+            return None
+        return f"{checkpoint} was trained with another model or dataset configuration"
+    changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
+               if then[k] != now[k] and depends_on(stage, k)]
+    if not changed:
+        return None
     shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
-    # none listed: a checkpoint written before they were recorded
-    return f"{checkpoint} was trained with another model or dataset configuration" + (f" ({shown})" if shown else "")
+    return f"{checkpoint} was trained with another model or dataset configuration ({shown})"
