@@ -145,6 +145,29 @@ def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):
     assert "train_vqvae" in chain.stages_to_run(chain.compose_all([f"run_root={tmp_path / 'runs'}"]))[0]
 
 
+def test_done_stages_are_compared_by_the_settings_their_outputs_depend_on(tmp_path):
+    """What stage=all says of done stages a command asks other settings of (the run above shows it
+    end to end): DeepSpeed and loader settings are the trainings', not prepare's; where and how a
+    stage ran is not compared, nor a key the stage did not record (one added since)."""
+    from pipeline.config import stage_dir, to_yaml
+
+    run_root = f"run_root={tmp_path / 'runs'}"
+    then = chain.compose_all([run_root, "deepspeed.micro_batch=8", "data.num_workers=2", "seed=3",
+                              "tracking.system_metrics=false", "model.classifier.blocks=2"])
+    for stage in ("prepare", "train_vqvae"):
+        sdir = stage_dir(then[stage], stage)
+        sdir.mkdir(parents=True)
+        recorded = to_yaml(then[stage]).replace("\n    usage_decay: 0.95\n", "\n")  # as before the key existed
+        (sdir / "config.yaml").write_text(recorded)
+        (sdir / "done.json").write_text("{}")
+    now = chain.compose_all([run_root, "model.vqvae.usage_decay=0.5"])
+    todo, done, _ = chain.stages_to_run(now)
+    assert done == ["prepare", "train_vqvae"] and todo[0] == "encode"
+    assert chain.done_with_other_settings(now, done) == [
+        "prepare: seed=3 there, 0 now",
+        "train_vqvae: data.num_workers=2 there, 0 now; deepspeed.micro_batch=8 there, 64 now; seed=3 there, 0 now"]
+
+
 def test_a_failed_chain_says_how_to_go_on(tmp_path):
     src = tmp_path / "tiny"  # a class-folder tree prepare cannot use: no decodable image
     for cls in ("a", "b"):

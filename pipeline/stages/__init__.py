@@ -127,9 +127,17 @@ MODEL_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Keys only the trainings read (the training stream, DeepSpeed): prepare's shards, encode's codes and
+# the samples do not depend on them
+TRAINING_ONLY = ("deepspeed.", "data.num_workers", "data.shuffle_buffer", "data.hflip")
+TRAINING = ("train_vqvae", "train_top_prior", "train_bottom_prior", "evaluate")  # evaluate: its classifiers
+
+
 def depends_on(stage: str, key: str) -> bool:
-    """Whether ``stage``'s outputs depend on the flat config key ``key``: any key outside model.*,
-    and of model.* those of ``MODEL_SETTINGS``."""
+    """Whether ``stage``'s outputs depend on the flat config key ``key``: of model.* those of
+    ``MODEL_SETTINGS``, of ``TRAINING_ONLY`` the trainings', any other key."""
+    if key.startswith(TRAINING_ONLY):
+        return stage in TRAINING
     if not key.startswith("model."):
         return True
     return any(key == f"model.{s}" or key.startswith(f"model.{s}.") for s in MODEL_SETTINGS.get(stage, ()))
