@@ -264,7 +264,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _at_least(cfg: DictConfig, keys: tuple[str, ...], low: int) -> None:
     """Integer settings a job would otherwise trip over after it started (a zero step interval
-    divides by zero, a resolution not a multiple of 8 fails in the VQ-VAE's first forward)."""
+    divides by zero, a zero batch never ends)."""
     for key in keys:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
@@ -272,6 +272,7 @@ def _at_least(cfg: DictConfig, keys: tuple[str, ...], low: int) -> None:
 
 
 def _check_data(cfg: DictConfig) -> None:
+    """A resolution not a multiple of 8 failed in the VQ-VAE's first forward (a tensor-size error)."""
     d = cfg.data
     _at_least(cfg, ("data.shard_size", "data.shuffle_buffer"), 1)
     _at_least(cfg, ("data.num_workers",), 0)
