@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -75,6 +75,16 @@ def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, 
         else:
             out[key] = str(v)
     return out
+
+
+def changed_settings(then: Mapping[str, str], now: Mapping[str, str], compared: Callable[[str], bool],
+                     limit: int) -> str:
+    """``key=old there, new now; ...`` for the flat keys both sides have that ``compared`` keeps and
+    that differ (a key one side lacks was added or dropped since: not a change of setting), the
+    first ``limit`` of them and how many more; '' where none differs."""
+    changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
+               if then[k] != now[k] and compared(k)]
+    return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
 def ui_command(uri: str) -> str:

@@ -106,10 +106,10 @@ def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path)
 @pytest.mark.parametrize("rank0", ["rendezvous", "python"])
 def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_root, tmp_path, rank0):
     """Rank 1's training raises once rank 0 has opened its MLflow run (a sitecustomize on PYTHONPATH
-    replaces it); its exit, 30 s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either waits at the rendezvous, where its
-    SIGTERM handler never runs and SLURM kills it, leaving its MLflow run RUNNING for wait=true to
-    close; or is busy in Python code (its training replaced by a sleep), where it takes the SIGTERM
-    for a failure, not a stop. Either way the run ends FAILED with rank 1's error, and status says
+    replaces it); its exit, 30 s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either
+    waits at the rendezvous, where its SIGTERM handler never runs and SLURM kills it, leaving its
+    MLflow run RUNNING for wait=true to close; or is busy in Python code (its training replaced by
+    a sleep), where it takes the SIGTERM for a failure, not a stop. Either way the run ends FAILED with rank 1's error, and status says
     failed, rank 1's error first (not "stopped")."""
     hold = tmp_path / "hold"
     hold.mkdir()

@@ -18,7 +18,7 @@ from pipeline.config import (GROUPS, ConfigError, compose, split_stage_scoped, s
 from pipeline.launch import accounting, executors, records
 from pipeline.launch.jobs import DONE
 from pipeline.stages import BUILT, NEEDS, ORDER, depends_on
-from pipeline.tracking import flatten
+from pipeline.tracking import changed_settings, flatten
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
@@ -83,12 +83,10 @@ def done_with_other_settings(cfgs: dict[str, DictConfig], done: list[str]) -> li
         recorded = stage_dir(cfgs[stage], stage) / "config.yaml"
         if not recorded.exists():
             continue
-        then, now = flatten(OmegaConf.load(recorded)), flatten(cfgs[stage])
-        changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
-                   if then[k] != now[k] and not k.startswith(_NOT_OUTPUTS) and depends_on(stage, k)]
+        changed = changed_settings(flatten(OmegaConf.load(recorded)), flatten(cfgs[stage]),
+                                   lambda k: not k.startswith(_NOT_OUTPUTS) and depends_on(stage, k), limit=4)
         if changed:
-            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
-            lines.append(f"{stage_name(cfgs[stage], stage)}: {'; '.join(changed[:4])}{more}")
+            lines.append(f"{stage_name(cfgs[stage], stage)}: {changed}")
     return lines
 
 

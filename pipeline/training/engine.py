@@ -31,7 +31,7 @@ from pipeline.stages import PROGRESS, StageContext
 from pipeline.tracking import StageStopped
 from pipeline.training import distributed
 from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch
-from pipeline.training.fingerprint import RESUME_FIX, config_hash, resume_refusal, trained_with
+from pipeline.training.fingerprint import RESUME_FIX, resume_refusal, trained_with
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
             stop_now = distributed.any_true(stop.signal is not None)
             if step % every == 0 or step == max_steps or stop_now:
                 ckpts.save(engine, step, {"samples": samples, "segment_start": stream.start,
-                                          "config_hash": config_hash(cfg), "trained_with": trained_with(cfg),
-                                          "mlflow_run_id": ctx.run.run_id})
+                                          "trained_with": trained_with(cfg), "mlflow_run_id": ctx.run.run_id})
             if stop_now and step < max_steps:
                 raise StageStopped(f"stop requested ({stop.signal or 'another rank'}); checkpoint saved at "
                                    f"step {step}; rerun the same command to resume", stop.signum)

@@ -11,19 +11,19 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.stages import depends_on
-from pipeline.tracking import flatten
+from pipeline.tracking import changed_settings, flatten
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """The model and dataset settings as one digest (kept in checkpoints; what a checkpoint written
-    before ``trained_with`` existed is compared by)."""
+    """The model and dataset settings as one digest: what checkpoints written before they kept
+    ``trained_with`` hold, and are compared by."""
     keys = {"model": cfg.model, "data": cfg.data.name, "resolution": cfg.data.resolution}
     blob = json.dumps(OmegaConf.to_container(OmegaConf.create(keys), resolve=True), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def trained_with(cfg: DictConfig) -> dict[str, str]:
-    """The keys ``config_hash`` covers, flat (``model.vqvae.hidden_channels``: "64"), kept in each
+    """The model and dataset settings, flat (``model.vqvae.hidden_channels``: "64"), kept in each
     checkpoint to say which of them changed."""
     return {"data.name": str(cfg.data.name), "data.resolution": str(cfg.data.resolution),
             **flatten(cfg.model, "model.")}
@@ -47,9 +47,5 @@ def resume_refusal(checkpoint: Path, cfg: DictConfig, stage: str) -> str | None:
         if client.get("config_hash") == config_hash(cfg):
             return None
         return f"{checkpoint} was trained with another model or dataset configuration"
-    changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
-               if then[k] != now[k] and depends_on(stage, k)]
-    if not changed:
-        return None
-    shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
-    return f"{checkpoint} was trained with another model or dataset configuration ({shown})"
+    changed = changed_settings(then, now, lambda k: depends_on(stage, k), limit=8)
+    return f"{checkpoint} was trained with another model or dataset configuration ({changed})" if changed else None
