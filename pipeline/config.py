@@ -101,9 +101,22 @@ def compose(overrides: list[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise _explain(e, overrides) from None
     _check_types(cfg, defaults, "")
-    # The job may run elsewhere (another cwd, another node): pin run_root to an absolute path.
-    cfg.run_root = str(Path(os.path.expanduser(str(cfg.run_root))).absolute())
+    # The job may run elsewhere (another cwd, another node), and a done stage's recorded config is
+    # compared with a later command's: pin every path to an absolute one.
+    cfg.run_root = _absolute(cfg.run_root)
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value != "???" and not str(value).startswith("/"):
+            OmegaConf.update(cfg, key, _absolute(value))
     return cfg
+
+
+# Config keys holding a file or folder path (besides run_root), made absolute by compose.
+PATH_KEYS = ("data.source", "encode.vqvae", "eval.inception_weights", "eval.cache_root")
+
+
+def _absolute(path: object) -> str:
+    return str(Path(os.path.expanduser(str(path))).absolute())
 
 
 def _explain(err: Exception, overrides: list[str]) -> ConfigError:

@@ -168,6 +168,28 @@ def test_done_stages_are_compared_by_the_settings_their_outputs_depend_on(tmp_pa
         "train_vqvae: data.num_workers=2 there, 0 now; deepspeed.micro_batch=8 there, 64 now; seed=3 there, 0 now"]
 
 
+def test_a_tree_named_by_a_relative_path_is_the_same_tree_named_absolute(tmp_path, monkeypatch):
+    """Prepared with data.source=tree from its parent folder, a chain named with the absolute path (or
+    from elsewhere) is not told that prepare ran with another data.source."""
+    from pipeline.config import stage_dir, to_yaml
+
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    run_root = f"run_root={tmp_path / 'runs'}"
+    monkeypatch.chdir(tmp_path)
+    then = chain.compose_all([run_root, "data=folder", "data.source=tree"])
+    sdir = stage_dir(then["prepare"], "prepare")
+    sdir.mkdir(parents=True)
+    (sdir / "config.yaml").write_text(to_yaml(then["prepare"]))
+    (sdir / "done.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "tree")
+    for source in (tmp_path / "tree", "."):
+        now = chain.compose_all([run_root, "data=folder", f"data.source={source}"])
+        assert chain.done_with_other_settings(now, ["prepare"]) == []
+    now = chain.compose_all([run_root, "data=folder", "data.source=a"])
+    assert chain.done_with_other_settings(now, ["prepare"]) == [
+        f"prepare: data.source={tmp_path / 'tree'} there, {tmp_path / 'tree' / 'a'} now"]
+
+
 def test_a_failed_chain_says_how_to_go_on(tmp_path):
     src = tmp_path / "tiny"  # a class-folder tree prepare cannot use: no decodable image
     for cls in ("a", "b"):

@@ -87,6 +87,26 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
+    """A job may run in another directory, and a done stage's recorded config is compared with later
+    commands': every path key is absolute in the composed config."""
+    (tmp_path / "flowers").mkdir()
+    (tmp_path / "vq.pt").write_bytes(b"")
+    proc = submit("stage=prepare", "data=folder", "data.source=flowers", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["data"]["source"] == str(tmp_path / "flowers")
+    proc = submit("stage=encode", "encode.vqvae=vq.pt", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["encode"]["vqvae"] == str(tmp_path / "vq.pt")
+    proc = submit("stage=evaluate", "eval.cache_root=cache", "run_root=/elsewhere", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["eval"]["cache_root"] == str(tmp_path / "cache")
+    proc = submit("stage=evaluate", "run_root=/elsewhere", "--cfg", "job", cwd=tmp_path)  # the default follows run_root
+    assert yaml.safe_load(proc.stdout)["eval"]["cache_root"] == "/elsewhere/fidelity_cache"
+    missing = submit("stage=evaluate", "eval.features=inception", "eval.inception_weights=w.pth", cwd=tmp_path)
+    assert missing.returncode == 2 and f"eval.inception_weights={tmp_path / 'w.pth'}: no such file" in missing.stderr
+
+
 @pytest.mark.parametrize("args, names", [
     (["stage=nope"], ["stage=nope", "prepare"]),
     (["stage=prepare", "data=nope"], ["data=nope", "digits, folder"]),
