@@ -155,6 +155,28 @@ def test_a_held_out_folder_named_valid_is_val_and_a_tree_without_one_is_refused(
         FolderSource(src, 0.1, 0)
 
 
+def test_a_class_folder_named_train_is_a_class(tmp_path):
+    """CIFAR-100 has a class "train": a folder of that name holding images is a class, not the split;
+    a tree of split folders holding images but no class folders has no labels and is refused."""
+    import pytest
+
+    from pipeline.data.sources import FolderSource
+
+    src = tmp_path / "cifar"
+    for cls in ("cat", "train", "val"):
+        (src / cls).mkdir(parents=True)
+        for i in range(2):
+            (src / cls / f"{i}.png").write_bytes(_image((9, 9, 9), fmt="PNG"))
+    source = FolderSource(src, 0.5, 0)
+    assert source.layout.startswith("class/image") and source.class_names == ["cat", "train", "val"]
+    splits = source.samples()
+    assert sorted(r.label for r in splits["val"]) == [0, 1, 2] and len(splits["train"]) == 3
+    (src / "cat").rename(tmp_path / "cat")
+    with pytest.raises(ValueError, match=r"cifar: train/, val/ hold images but no class folders, and the "
+                                         r"labels come from those: put the images in <split>/<class>/"):
+        FolderSource(src, 0.5, 0)
+
+
 def test_sigterm_marks_the_run_killed(tmp_path):
     src = tmp_path / "stuck"
     (src / "a").mkdir(parents=True)

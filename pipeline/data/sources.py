@@ -104,7 +104,12 @@ class FolderSource:
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser().resolve()
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
-        split_dirs = [p for p in subdirs if p.name == "train" or p.name in VAL_ALIASES]
+        named = [p for p in subdirs if p.name == "train" or p.name in VAL_ALIASES]
+        # a folder named train/ or val/ holding images itself is a class (CIFAR-100 has "train")
+        split_dirs = [p for p in named if not _holds_images_only(p)]
+        if named and not split_dirs and len(named) == len(subdirs):
+            raise ValueError(f"{self.root}: {'/, '.join(p.name for p in named)}/ hold images but no class "
+                             "folders, and the labels come from those: put the images in <split>/<class>/")
         if split_dirs:
             self.layout = "split/class/image"
             self._splits = self._split_folders(split_dirs, [p.name for p in subdirs if p not in split_dirs])
@@ -175,6 +180,11 @@ class FolderSource:
 
     def load(self, ref: SampleRef) -> images.EncodedImage:
         return images.encode((self.root / ref.origin).read_bytes(), self.jpeg_quality, self.max_side)
+
+
+def _holds_images_only(folder: Path) -> bool:
+    entries = list(folder.iterdir())
+    return not any(p.is_dir() for p in entries) and any(p.suffix.lower() in IMAGE_EXTS for p in entries)
 
 
 def open_source(data: DictConfig, seed: int, index_dir: Path | None = None) -> Source:
