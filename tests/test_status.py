@@ -163,3 +163,21 @@ def test_a_resumed_run_found_running_records_that_its_last_execution_was_killed(
     assert tags["execution.2.ended"] == ("ended without closing this run (killed); found RUNNING when execution 3 "
                                          "started")
     assert [k for k in tags if k.endswith(".ended")] == ["execution.2.ended"]
+
+
+def test_status_of_an_experiment_that_never_ran_names_those_that_did(tmp_path):
+    """A mistyped experiment= or a status asked from another folder used to print a table of 'not
+    started' stages and nothing else."""
+    nowhere = submit("status", cwd=tmp_path)
+    assert nowhere.returncode == 0, nowhere.stderr
+    assert f"nothing has run in {tmp_path / 'runs'} (no such folder) -- pass run_root=<where it ran>" in nowhere.stdout
+    assert (f"  submit stage=all experiment=digits run_root={tmp_path / 'runs'} plus the data=, model=, cluster= "
+            "it should use") in nowhere.stdout
+    for made in ("flowers/prepare", "pets/sample-hot", "mlartifacts/0", "cifar/sample"):
+        (tmp_path / "runs" / made).mkdir(parents=True)
+    typo = submit("status", "experiment=flower", cwd=tmp_path)
+    assert typo.returncode == 0, typo.stderr
+    assert (f"nothing has run for experiment 'flower' in {tmp_path / 'runs'}; experiments there: cifar, flowers, pets "
+            "-- pass experiment=<one of them> to see it") in typo.stdout, typo.stdout
+    ran = submit("status", "experiment=flowers", cwd=tmp_path)
+    assert "nothing has run" not in ran.stdout and "plus the data=" not in ran.stdout, ran.stdout

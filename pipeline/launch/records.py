@@ -312,7 +312,10 @@ def status_table(cfg: DictConfig) -> str:
         lines.append("can run now (a failed or stopped stage resumes from its last checkpoint):")
         lines += [f"  {c}" for c in dict.fromkeys(c for c in commands.values() if c)]
     unknown = [s for s in ready if not commands[s]]
-    if unknown:  # not recorded (run by an older version): status does not know the overrides (data=, ...)
+    exp_dir = Path(cfg.run_root) / str(cfg.experiment)
+    if not exp_dir.exists():
+        lines.append(f"  submit stage=all {experiment_args(cfg)} plus the data=, model=, cluster= it should use")
+    elif unknown:  # not recorded (run by an older version): status does not know the overrides (data=, ...)
         lines.append(f"  {', '.join(unknown)}: submit stage=<name> with this experiment's overrides")
     running = [(r["stage"], progress_line(stage_dir(cfg, r["stage"]))) for r in rows if r["status"].startswith("running")]
     if any(line for _, line in running):
@@ -327,7 +330,23 @@ def status_table(cfg: DictConfig) -> str:
                      f"closed as {r['closed']}" for r in rows if r.get("closed")]
     if mlflow_lines:
         lines += [f"MLflow ({tracking_uri(cfg)}):"] + [f"  {line}" for line in mlflow_lines]
-    sets = sample_sets_table(Path(cfg.run_root) / str(cfg.experiment))
+    sets = sample_sets_table(exp_dir)
     if sets:
         lines += ["", "evaluated sets of samples (FID and CAS also as multiples of real data's):", sets]
+    if not exp_dir.exists():
+        lines.append(_nothing_ran(cfg))
     return "\n".join(lines)
+
+
+def _nothing_ran(cfg: DictConfig) -> str:
+    """Said under the table of an experiment with no stage dir yet: often a mistyped experiment= or a
+    status asked from another folder than the one the chain ran from (run_root=./runs by default)."""
+    root = Path(cfg.run_root)
+    there = sorted(p.name for p in root.iterdir() if p.is_dir() and any(  # sample-<set>: a sample set's
+        d.is_dir() and d.name.partition("-")[0] in ORDER for d in p.iterdir())) if root.is_dir() else []
+    if there:
+        shown = ", ".join(there[:10]) + (f" and {len(there) - 10} more" if len(there) > 10 else "")
+        return (f"nothing has run for experiment '{cfg.experiment}' in {root}; experiments there: {shown} -- "
+                "pass experiment=<one of them> to see it")
+    return (f"nothing has run in {root}{'' if root.is_dir() else ' (no such folder)'} -- pass run_root=<where it "
+            "ran> to see a run made elsewhere (by default runs/ under the folder submit was run from)")
