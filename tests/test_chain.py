@@ -83,6 +83,16 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
                             "  sample: sample.temperature=0.7 there, 0.9 now",
                             "  to run them with these settings: experiment=<a new name>, or sample_set=<a name> for "
                             "sample and evaluate settings"], other.stderr
+    # the done sample alone, with another temperature: refused before anything is touched (the job used
+    # to un-mark it done, mark its MLflow run failed, then fail on its own shards); the same settings
+    # and a sampler giving identical samples are not other settings
+    kept = {p: p.read_bytes() for p in (exp / "sample").iterdir() if p.is_file()}
+    alone = submit("stage=sample", *SMALL, "sample.temperature=0.9", "sample.method=naive", cwd=tmp_path)
+    assert alone.returncode == 2, alone.stdout[-2000:] + alone.stderr[-2000:]
+    assert ("submit: error: stage=sample: is done, with other settings (sample.temperature=0.7 there, 0.9 now), "
+            "and finished outputs are never overwritten -- pass the values it ran with, or sample_set=<name> to "
+            "draw another set beside it") in alone.stderr, alone.stderr
+    assert {p: p.read_bytes() for p in (exp / "sample").iterdir() if p.is_file()} == kept
 
     # another set of samples from the same priors: only sample and evaluate run, into their own dirs
     before = {p: p.stat().st_mtime_ns for p in (exp / "sample" / "shards").iterdir()}

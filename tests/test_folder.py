@@ -104,6 +104,22 @@ def test_class_tree_without_splits_is_split_here(tmp_path):
     assert Counter(int(s["cls"]) for s in val) == {0: 2, 1: 2, 2: 2}  # stratified
     train_keys = {s["__key__"] for s in _read(shard_dir, "train")}
     assert len(train_keys) == 24 and not train_keys & {s["__key__"] for s in val}
+    # run again with another split: refused before anything is touched (the job used to un-mark the
+    # stage done, mark its MLflow run failed, then fail on the shards of the first split); settings
+    # that do not change the shards run it again
+    sdir = run_root / "digits" / "prepare"
+    kept = {p: p.read_bytes() for p in sdir.iterdir() if p.is_file()}
+    other = submit("stage=prepare", "data=folder", f"data.source={src}", "data.val_fraction=0.3",
+                   f"run_root={run_root}", cwd=tmp_path)
+    assert other.returncode == 2, other.stderr + other.stdout
+    assert ("stage=prepare: is done, with other settings (data.val_fraction=0.2 there, 0.3 now), and finished "
+            "outputs are never overwritten -- pass the values it ran with, or experiment=<a new name> to make "
+            "them anew") in other.stderr
+    assert {p: p.read_bytes() for p in sdir.iterdir() if p.is_file()} == kept
+    same = submit("stage=prepare", "data=folder", f"data.source={src}", "data.val_fraction=0.2", "prepare.workers=2",
+                  f"run_root={run_root}", cwd=tmp_path)
+    assert same.returncode == 0 and "all 2 shards of this task in" in same.stdout + same.stderr, same.stderr
+    assert (sdir / "done.json").exists()
 
 
 def test_a_class_too_small_to_split_is_named_with_the_fix(tmp_path):

@@ -146,6 +146,11 @@ def test_changed_plan_is_refused_and_marks_the_run_failed(tmp_path):
     assert submit("stage=prepare", f"run_root={run_root}", cwd=tmp_path).returncode == 0
     shard_dir = run_root / "digits" / "prepare" / "shards"
     before = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    done = shard_dir.parent / "done.json"
+    proc = submit("stage=prepare", f"run_root={run_root}", "data.shard_size=100", cwd=tmp_path)
+    assert proc.returncode == 2 and "(data.shard_size=256 there, 100 now)" in proc.stderr, proc.stderr
+    assert done.exists()  # done: refused before the job starts, run and marker as they were
+    done.unlink()  # e.g. a rerun stopped before it finished: the job itself refuses the other plan
     proc = submit("stage=prepare", f"run_root={run_root}", "data.shard_size=100", cwd=tmp_path)
     assert proc.returncode == 1
     assert "another shard plan" in proc.stderr and "experiment=" in proc.stderr

@@ -81,6 +81,11 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
     out = moved / "digits" / "sample" / "shards"
 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    done = out.parent / "done.json"
+    early = submit("stage=sample", f"run_root={moved}", *ARGS, "sample.batch_size=8", cwd=tmp_path)
+    assert early.returncode == 2 and "(sample.batch_size=16 there, 8 now)" in early.stderr, early.stderr
+    assert done.exists()  # done: refused before the job starts
+    done.unlink()  # not marked done (e.g. a rerun stopped early): the job compares the shards' settings
     # refused, naming what differs (a batch size changes the draws too)
     for setting, named in (("sample.temperature=0.5", "sample.temperature 0.7 there, 0.5 now"),
                            ("sample.batch_size=8", "sample.batch_size 16 there, 8 now"),

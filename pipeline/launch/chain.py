@@ -17,8 +17,7 @@ from pipeline.config import (GROUPS, ConfigError, compose, split_stage_scoped, s
                              validate)
 from pipeline.launch import accounting, executors, records
 from pipeline.launch.jobs import DONE
-from pipeline.stages import BUILT, NEEDS, ORDER, depends_on
-from pipeline.tracking import changed_settings, flatten
+from pipeline.stages import BUILT, NEEDS, ORDER
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
@@ -68,23 +67,13 @@ def stages_to_run(cfgs: dict[str, DictConfig]) -> tuple[list[str], list[str], li
 
 # Settings of where and how a stage runs, is tracked, checked or logged, not of what it made (the
 # directory names, experiment and sample_set, are the same for the same stage dir or have no say)
-_NOT_OUTPUTS = ("cluster.", "tracking.", "stage.", "run_root", "experiment", "sample_set", "wait", "cancel_grace_s",
-                "resume", "verify", "prepare.workers", "train.log_every", "train.eval_every", "train.eval_samples",
-                "train.keep_ckpts", "train.sample_grid")  # "resume" covers resume_weights_only
-
-
 def done_with_other_settings(cfgs: dict[str, DictConfig], done: list[str]) -> list[str]:
     """The done stages whose recorded config differs from what this command asks of them, one line
     each (``train_top_prior: model.top_prior.layers=6 there, 8 now``): a chain does not run a done
-    stage again, so those settings would go unused without a word. Keys the stage did not record
-    (added since) are left out."""
+    stage again, so those settings would go unused without a word."""
     lines = []
     for stage in done:
-        recorded = stage_dir(cfgs[stage], stage) / "config.yaml"
-        if not recorded.exists():
-            continue
-        changed = changed_settings(flatten(OmegaConf.load(recorded)), flatten(cfgs[stage]),
-                                   lambda k: not k.startswith(_NOT_OUTPUTS) and depends_on(stage, k), limit=4)
+        changed = records.settings_changed(cfgs[stage], stage)
         if changed:
             lines.append(f"{stage_name(cfgs[stage], stage)}: {changed}")
     return lines

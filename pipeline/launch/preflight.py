@@ -1,7 +1,8 @@
 """What `submit` refuses before any job starts or is queued (exit 2, nothing written): a stage
 without an implementation or with missing inputs, an executor that is not here, a stage whose
 SLURM job is still queued or that runs in another local `submit`, an MLflow server that does
-not answer, and resume=false over checkpoints. Each refusal names the key or path and the fix."""
+not answer, resume=false over checkpoints, and a done stage's shards asked for with other
+settings. Each refusal names the key or path and the fix."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def check_stage(cfg: DictConfig, stage: str) -> None:
     _tracking_answers(cfg)
     _not_queued(cfg, stage)
     _checkpoints_resumable(cfg, stage)
+    _done_outputs_kept(cfg, stage)
 
 
 def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
@@ -111,6 +113,27 @@ def _not_queued(cfg: DictConfig, stage: str) -> None:
         raise ConfigError(f"stage={stage_name(cfg, stage)}", f"its SLURM job {job} is still {state}",
                           f"wait for it (submit status {records.experiment_args(cfg)}) "
                           f"or cancel it first: scancel {job}")
+
+
+# Stages whose done outputs a rerun with other settings refuses (after un-marking them done, in the
+# job): their shards are bound to the settings that wrote them. A training continues its checkpoint
+# (more steps, another lr), and evaluate recomputes its metrics.
+_SHARD_STAGES = ("prepare", "encode", "sample")
+
+
+def _done_outputs_kept(cfg: DictConfig, stage: str) -> None:
+    """A done prepare, encode or sample run again with other settings would be un-marked done and
+    fail on its own shards: refused before anything is touched."""
+    from pipeline.launch.jobs import DONE
+
+    if stage not in _SHARD_STAGES or cfg.verify or not (stage_dir(cfg, stage) / DONE).exists():
+        return
+    changed = records.settings_changed(cfg, stage)
+    if changed:
+        new_set = "sample_set=<name> to draw another set beside it" if stage == "sample" else \
+            "experiment=<a new name> to make them anew"
+        raise ConfigError(f"stage={stage_name(cfg, stage)}", f"is done, with other settings ({changed}), and "
+                          "finished outputs are never overwritten", f"pass the values it ran with, or {new_set}")
 
 
 def _checkpoints_resumable(cfg: DictConfig, stage: str) -> None:

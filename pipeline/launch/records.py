@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.launch import accounting, failures, mlflow_runs, stage_lock
-from pipeline.stages import ORDER, PROGRESS, shard_progress, vqvae_model
-from pipeline.tracking import tracking_uri
+from pipeline.stages import ORDER, PROGRESS, depends_on, shard_progress, vqvae_model
+from pipeline.tracking import changed_settings, flatten, tracking_uri
 
 log = logging.getLogger(__name__)
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
@@ -30,6 +30,24 @@ COMMAND = "command.json"  # the `submit` arguments (and working dir) that last r
 _SITE = tuple(f"cluster.{k}" for k in ("partition", "account", "qos", "constraint", "exclude", "setup", "extra"))
 _SHARED_KEYS = ("experiment", "run_root", "sample_set", *GROUPS, *_SITE)
 _SHARED_PREFIXES = ("data.", "model.", "tracking.", "cluster.extra.")
+
+
+# Config keys that say where or how a stage ran, was tracked or logged, not what its outputs hold
+NOT_OUTPUTS = ("cluster.", "tracking.", "stage.", "run_root", "experiment", "sample_set", "wait", "cancel_grace_s",
+               "resume", "verify", "prepare.workers", "encode.workers", "encode.batch_size", "sample.method",
+               "train.log_every", "train.eval_every", "train.eval_samples", "train.keep_ckpts",
+               "train.sample_grid")  # "resume" covers resume_weights_only; sample.method: identical samples
+
+
+def settings_changed(cfg: DictConfig, stage: str) -> str:
+    """``key=old there, new now; ...`` for each key ``stage``'s outputs depend on that its last run
+    recorded (config.yaml) with another value than ``cfg``'s; '' where none, or nothing is recorded.
+    Keys the stage did not record (added since) are left out."""
+    recorded = stage_dir(cfg, stage) / "config.yaml"
+    if not recorded.exists():
+        return ""
+    return changed_settings(flatten(OmegaConf.load(recorded)), flatten(cfg),
+                            lambda k: not k.startswith(NOT_OUTPUTS) and depends_on(stage, k), limit=4)
 
 
 def shared_overrides(args: list[str]) -> list[str]:
