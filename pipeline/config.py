@@ -259,6 +259,13 @@ def validate(cfg: DictConfig) -> None:
     if float(cfg.tracking.system_metrics_interval) <= 0:
         raise ConfigError(f"tracking.system_metrics_interval={cfg.tracking.system_metrics_interval}",
                           "must be > 0 seconds", "pass e.g. tracking.system_metrics_interval=10")
+    # a/b, ../x or '' would put the stage dirs elsewhere (other odd names are left: a run may exist)
+    if "/" in str(cfg.experiment) or str(cfg.experiment) in ("", ".", ".."):
+        raise ConfigError(f"experiment={cfg.experiment}", "not usable as a directory name under run_root",
+                          "pass a name without '/', e.g. experiment=imagenet256")
+    if str(cfg.experiment) in _RUN_ROOT_OWN:
+        raise ConfigError(f"experiment={cfg.experiment}", f"{Path(cfg.run_root) / str(cfg.experiment)} holds "
+                          "the run_root's own files", "pass another name, e.g. experiment=imagenet256")
     named = cfg.get("sample_set")
     if named is not None and not isinstance(named, str):  # 0.70 or 1e3 would silently become sample-0.7/, sample-1000.0/
         raise ConfigError(f"sample_set={named}", f"read as a {type(named).__name__} value, not a name",
@@ -367,6 +374,8 @@ def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
 # The stages whose outputs depend on how samples are drawn: one directory per ``sample_set``.
 SAMPLE_SET_STAGES = ("sample", "evaluate")
 SAMPLE_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# What run_root holds besides the experiments (tracking's artifacts, evaluate's default feature cache)
+_RUN_ROOT_OWN = ("mlartifacts", "fidelity_cache", "mlflow.db")
 
 
 def stage_name(cfg: DictConfig, stage: str) -> str:

@@ -87,7 +87,8 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     # to un-mark it done, mark its MLflow run failed, then fail on its own shards); the same settings
     # and a sampler giving identical samples are not other settings
     kept = {p: p.read_bytes() for p in (exp / "sample").iterdir() if p.is_file()}
-    alone = submit("stage=sample", *SMALL, "sample.temperature=0.9", "sample.method=naive", cwd=tmp_path)
+    alone = submit("stage=sample", *[o for o in SMALL if o.startswith("sample.")], "sample.temperature=0.9",
+                   "sample.method=naive", cwd=tmp_path)
     assert alone.returncode == 2, alone.stdout[-2000:] + alone.stderr[-2000:]
     assert ("submit: error: stage=sample: is done, with other settings (sample.temperature=0.7 there, 0.9 now), "
             "and finished outputs are never overwritten -- pass the values it ran with, or sample_set=<name> to "
