@@ -106,7 +106,7 @@ def compose(overrides: list[str]) -> DictConfig:
     cfg.run_root = _absolute(cfg.run_root)
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if value is not None and value != "???" and not str(value).startswith("/"):
+        if value is not None and not str(value).startswith("/"):  # None also where it is ??? (missing)
             OmegaConf.update(cfg, key, _absolute(value))
     return cfg
 

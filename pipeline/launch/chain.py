@@ -65,8 +65,6 @@ def stages_to_run(cfgs: dict[str, DictConfig]) -> tuple[list[str], list[str], li
     return [s for s in chain if s not in done and s not in skip], done, skip
 
 
-# Settings of where and how a stage runs, is tracked, checked or logged, not of what it made (the
-# directory names, experiment and sample_set, are the same for the same stage dir or have no say)
 def done_with_other_settings(cfgs: dict[str, DictConfig], done: list[str]) -> list[str]:
     """The done stages whose recorded config differs from what this command asks of them, one line
     each (``train_top_prior: model.top_prior.layers=6 there, 8 now``): a chain does not run a done

@@ -32,7 +32,8 @@ _SHARED_KEYS = ("experiment", "run_root", "sample_set", *GROUPS, *_SITE)
 _SHARED_PREFIXES = ("data.", "model.", "tracking.", "cluster.extra.")
 
 
-# Config keys that say where or how a stage ran, was tracked or logged, not what its outputs hold
+# Config keys that say where or how a stage ran, was tracked, checked or logged, not what its outputs
+# hold (the directory names, experiment and sample_set, are the same for the same stage dir)
 NOT_OUTPUTS = ("cluster.", "tracking.", "stage.", "run_root", "experiment", "sample_set", "wait", "cancel_grace_s",
                "resume", "verify", "prepare.workers", "encode.workers", "encode.batch_size", "sample.method",
                "train.log_every", "train.eval_every", "train.eval_samples", "train.keep_ckpts",
