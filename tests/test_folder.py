@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -120,6 +121,20 @@ def test_class_tree_without_splits_is_split_here(tmp_path):
                   f"run_root={run_root}", cwd=tmp_path)
     assert same.returncode == 0 and "all 2 shards of this task in" in same.stdout + same.stderr, same.stderr
     assert (sdir / "done.json").exists()
+    # an image added to the tree since: the same command is refused by the job (the listing tells), which
+    # leaves the stage done and its MLflow run FINISHED instead of a done prepare turned failed for good
+    kept = {name: (sdir / name).read_bytes() for name in ("done.json", "config.yaml")}
+    (src / "cat" / "10.png").write_bytes(_image(COLOURS["cat"], fmt="PNG"))
+    grown = submit("stage=prepare", "data=folder", f"data.source={src}", "data.val_fraction=0.2", "prepare.workers=3",
+                   f"run_root={run_root}", cwd=tmp_path)
+    assert grown.returncode == 1, grown.stderr + grown.stdout
+    assert "failed: PlanMismatch: " in grown.stderr and "images were added to or removed from" in grown.stderr
+    assert "stage prepare: its finished outputs were not touched and it is still done" in grown.stdout + grown.stderr
+    assert {name: (sdir / name).read_bytes() for name in kept} == kept and not (sdir / "failed.json").exists()
+    run_id = json.loads(kept["done.json"])["run_id"]
+    run = MlflowClient(tracking_uri=f"sqlite:///{run_root / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FINISHED" and "PlanMismatch" in run.data.tags["execution.3.error"], run.data.tags
+    assert re.search(r"^prepare\s+done\s", submit("status", f"run_root={run_root}", cwd=tmp_path).stdout, re.M)
 
 
 def test_a_class_too_small_to_split_is_named_with_the_fix(tmp_path):

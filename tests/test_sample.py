@@ -91,7 +91,8 @@ def test_samples_every_class_into_shards_logs_a_grid_and_a_rerun_skips(experimen
                            ("sample.batch_size=8", "sample.batch_size 16 there, 8 now"),
                            ("sample.per_class=5", "another plan of which samples go where")):
         changed = submit("stage=sample", f"run_root={moved}", *ARGS, setting, cwd=tmp_path)
-        assert changed.returncode == 1 and "other sampling settings" in changed.stderr, setting
+        assert changed.returncode == 1 and "OutputsMadeOtherwise" in changed.stderr, setting
+        assert "other sampling settings" in changed.stderr, setting
         assert named in changed.stderr and changed.stderr.count(" there, ") == named.count(" there, "), changed.stderr
         assert "draw these beside them with sample_set=<name>" in changed.stderr  # without retraining
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten

@@ -30,7 +30,12 @@ FORMAT = "vqvae2-pipeline/image-shards-v1"
 MANIFEST = "dataset.json"
 
 
-class PlanMismatch(Exception):
+class OutputsMadeOtherwise(Exception):
+    """A stage's completed shards were made with other settings or inputs than this run's: it writes
+    nothing (finished shards are never overwritten), and a stage that was done stays done."""
+
+
+class PlanMismatch(OutputsMadeOtherwise):
     """A completed shard on disk was written under another plan (other data, seed or size)."""
 
 
@@ -87,7 +92,7 @@ def completed_stats(out_dir: Path, plan: ShardPlan) -> dict | None:
     if stats.get("plan") != plan.digest:
         raise PlanMismatch(
             f"{sp}: written under another shard plan (data, seed, data.shard_size, data.max_side "
-            f"or data.jpeg_quality changed); "
+            f"or data.jpeg_quality changed, or images were added to or removed from the dataset); "
             f"use a new experiment=... or run_root=..., or move {Path(out_dir)} away")
     if tp.stat().st_size != stats["bytes"]:
         return None  # tar replaced or damaged after completion: write it again

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.config import stage_dir
+from pipeline.data.shards import OutputsMadeOtherwise
 from pipeline.launch import failures
 from pipeline.stages import StageContext, stage_function
 from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri, ui_command
@@ -109,10 +110,14 @@ class StageJob:
         suffix = (f"-task{self.task}" if self.tasks > 1 else "") + (f"-rank{rank}" if rank else "")
         log_file = sdir / "logs" / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.log"
         handler = _setup_logging(log_file)
-        atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
+        finished_before = None  # (done.json, config.yaml) of a done stage run again, to restore on a refusal
         if rank == 0 and self.task == 0 and not cfg.verify:  # running again: done once it finishes again
+            if (sdir / DONE).exists() and (sdir / "config.yaml").exists():
+                finished_before = (sdir / DONE).read_text(), (sdir / "config.yaml").read_text()
             (sdir / DONE).unlink(missing_ok=True)
             failures.forget_earlier(sdir, job)
+        atomic.write_text(sdir / "config.yaml", self.cfg_yaml)
+        refused: OutputsMadeOtherwise | None = None
         previous = signal.signal(signal.SIGTERM, _raise_killed)
         try:
             log.info("stage %s of experiment '%s': outputs in %s, log %s", self.stage,
@@ -134,10 +139,17 @@ class StageJob:
                 except Exception as e:
                     failures.log_traceback(handler, self.stage)  # before the log goes to MLflow
                     run.set_tags({f"execution.{run.attempt + 1}.error": failures.message(e)})  # in the UI
-                    raise
+                    if not (finished_before and isinstance(e, OutputsMadeOtherwise)):
+                        raise
+                    refused = e  # nothing was written: its run stays FINISHED, the stage done
                 finally:
                     handler.flush()
                     run.log_artifact(log_file, "logs")
+            if refused is not None and finished_before:
+                atomic.write_text(sdir / DONE, finished_before[0])
+                atomic.write_text(sdir / "config.yaml", finished_before[1])
+                log.warning("stage %s: its finished outputs were not touched and it is still done", self.stage)
+                raise refused
             if result.get("complete", True) and rank == 0 and not cfg.verify:
                 # the stage's outputs are final: `stage=all` skips it, `submit status` reports it done
                 atomic.write_json(sdir / DONE, {"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -151,6 +163,8 @@ class StageJob:
             _requeue_if_scheduled(stopped, rank, ends_with_rank0)
             raise
         except Exception as e:  # for `submit status`: what went wrong, where its log is
+            if e is refused:
+                raise
             where = ", ".join(filter(None, [f"task {self.task}" if self.tasks > 1 else "",
                                            f"rank {rank}" if env.world_size > 1 else ""]))
             failures.record(sdir, e, log_file, where, job)
