@@ -96,6 +96,20 @@ def test_learns_logs_and_exports(run_root, tmp_path):
     ckpts = sorted(p.name for p in (run_root / "digits" / "train_vqvae" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000100", "step_00000200"]
 
+    # run again, done: nothing to train, and model.pt is kept as it is (later stages know it by its
+    # sha256), also where another stage's model section or a lower max_steps is asked for; the summary
+    # still carries the validation
+    sdir = run_root / "digits" / "train_vqvae"
+    exported = (sdir / "model.pt").read_bytes(), (sdir / "model.pt").stat().st_mtime_ns
+    for extra, said in ((["train.max_steps=200"], "vqvae: already trained to train.max_steps=200: nothing to train"),
+                        (["train.max_steps=150", "model.top_prior.layers=3"],
+                         "vqvae: the checkpoint is at step 200, past train.max_steps=150: nothing to train")):
+        again = submit(*_args(run_root, *extra, "train.ckpt_every=100"), cwd=tmp_path, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert said in again.stdout + again.stderr and "holds these weights already: kept" in again.stdout
+        assert ((sdir / "model.pt").read_bytes(), (sdir / "model.pt").stat().st_mtime_ns) == exported
+        assert json.loads((sdir / "done.json").read_text())["summary"]["val_psnr"] == pytest.approx(psnr[200], abs=1e-3)
+
 
 def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"

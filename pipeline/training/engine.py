@@ -149,6 +149,11 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
                  "sharding and activations)%s", 16 * sum(p.numel() for p in model.parameters()) / 2**30,
                  _peak_memory())
 
+    if step > max_steps:  # a training does not go back: its checkpoint is what it is
+        ctx.log.warning("%s: the checkpoint is at step %d, past train.max_steps=%d: nothing to train, used as it "
+                        "is (experiment=<a new name> trains one of %d steps)", task.kind, step, max_steps, max_steps)
+    elif step == max_steps:
+        ctx.log.info("%s: already trained to train.max_steps=%d: nothing to train", task.kind, max_steps)
     every = max(1, int(t.ckpt_every))
     window: dict[str, float] = {}
     results: dict[str, float] = {}  # the latest validation: part of the stage's summary
@@ -211,9 +216,13 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
             if stop_now and step < max_steps:
                 raise StageStopped(f"stop requested ({stop.signal or 'another rank'}); checkpoint saved at "
                                    f"step {step}; rerun the same command to resume", stop.signum)
+    if not results:  # nothing trained in this run: the stage's summary still carries the validation
+        engine.eval()
+        with torch.no_grad():
+            results = task.evaluate(engine.module, step, ctx)
     digest = _check_replicas(engine)
     ctx.log.info("weights and buffers identical on all %d rank(s): sha256 %s", info.world_size, digest)
-    out = _export(cfg, ctx, task, engine, info.rank)
+    out = _export(cfg, ctx, task, engine, info.rank, step)
     return {**results, "steps": step, "samples_seen": samples, "model": str(out), "outputs": str(ctx.stage_dir)}
 
 
@@ -291,18 +300,38 @@ def _check_replicas(engine: Any) -> str:
     return digest
 
 
-def _export(cfg: DictConfig, ctx: StageContext, task: Task, engine: Any, rank: int) -> Path:
-    """``model.pt``: fp32 weights, model config and data facts; loads with ``weights_only=True``."""
+def _export(cfg: DictConfig, ctx: StageContext, task: Task, engine: Any, rank: int, step: int) -> Path:
+    """``model.pt``: fp32 weights, model config and data facts; loads with ``weights_only=True``.
+    A file holding these weights already is kept: later stages know a model by its file's sha256."""
     path = ctx.stage_dir / "model.pt"
     if rank == 0:
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
                  for k, v in engine.module.state_dict().items()}
         blob = {"kind": task.kind, "state_dict": state,
                 "model_config": OmegaConf.to_container(cfg.model, resolve=True),
-                "resolution": int(cfg.data.resolution), "step": int(cfg.train.max_steps), **task.export_meta()}
+                "resolution": int(cfg.data.resolution), "step": step, **task.export_meta()}
+        if _holds(path, blob):
+            ctx.log.info("%s holds these weights already: kept", path)
+            return path
         tmp = atomic.temp_name(path)
-        torch.save(blob, tmp)
+        with open(tmp, "wb") as f:  # a file object: the archive's inner name is not the temp file's
+            torch.save(blob, f)
         atomic.commit(tmp, path)
         ctx.run.log_artifact(path)
         ctx.log.info("exported %s", path)
     return path
+
+
+def _holds(path: Path, blob: dict[str, Any]) -> bool:
+    """Whether ``path`` is an export of the same weights and facts (the model config aside: a model.*
+    section of another stage may differ, and the weights say the rest)."""
+    if not path.exists():
+        return False
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: written again
+        return False
+    ours, theirs = blob["state_dict"], old.get("state_dict", {})
+    facts = (blob.keys() | old.keys()) - {"state_dict", "model_config"}
+    return (all(old.get(k) == blob.get(k) for k in facts) and ours.keys() == theirs.keys()
+            and all(torch.equal(ours[k], theirs[k]) for k in ours))
