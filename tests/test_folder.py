@@ -208,6 +208,31 @@ def test_a_class_folder_named_train_is_a_class(tmp_path):
         FolderSource(src, 0.5, 0)
 
 
+def test_a_class_without_training_images_is_refused_and_one_without_val_images_named(tmp_path, caplog):
+    """A class folder only in val/, or one whose images sit a folder too deep, used to become a class
+    of every model with no training image."""
+    import pytest
+
+    from pipeline.data.sources import FolderSource
+
+    src = tmp_path / "pets"
+    for path in ("train/cat/0.png", "train/dog/sub/0.png", "val/cat/1.png", "val/dog/1.png", "val/emu/1.png"):
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_bytes(_image(COLOURS["cat"], fmt="PNG"))
+    with pytest.raises(ValueError, match=r"pets: classes with no image in train/ \(directly in the class folder, "
+                                         r"one of .jpeg, .jpg, .png, .webp\): dog, emu; put their training images "
+                                         r"in train/<class>/, or remove their folders"):
+        FolderSource(src, 0.1, 0).samples()
+    (src / "train" / "dog" / "sub" / "0.png").rename(src / "train" / "dog" / "0.png")
+    (src / "val" / "emu" / "1.png").rename(src / "train" / "cat" / "2.png")
+    (src / "val" / "emu").rmdir()
+    (src / "val" / "dog" / "1.png").unlink()
+    splits = FolderSource(src, 0.1, 0).samples()
+    assert sorted(r.label for r in splits["train"]) == [0, 0, 1] and [r.label for r in splits["val"]] == [0]
+    assert f"{src}: classes with no image in val/ (directly in the class folder" in caplog.text
+    assert "): dog; evaluate has no real val image of them" in caplog.text
+
+
 def test_sigterm_marks_the_run_killed(tmp_path):
     src = tmp_path / "stuck"
     (src / "a").mkdir(parents=True)

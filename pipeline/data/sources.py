@@ -154,7 +154,9 @@ class FolderSource:
 
     def samples(self) -> dict[str, list[SampleRef]]:
         if self._splits:
-            return {s: [self._ref(f, y, s) for f, y in self._files(d)] for s, d in self._splits.items()}
+            splits = {s: [self._ref(f, y, s) for f, y in self._files(d)] for s, d in self._splits.items()}
+            self._check_classes(splits)
+            return splits
         from sklearn.model_selection import train_test_split
 
         files = self._files(self.root)
@@ -177,6 +179,26 @@ class FolderSource:
                                       stratify=labels)
         return {"train": [self._ref(f, y, "train") for f, y in sorted(train)],
                 "val": [self._ref(f, y, "val") for f, y in sorted(val)]}
+
+    def _check_classes(self, splits: dict[str, list[SampleRef]]) -> None:
+        """A class with no training image (its folder only in the held-out split, or its images one
+        folder too deep) would still be a class of every model, learned from nothing."""
+        def without(split: str) -> list[str]:
+            have = {r.label for r in splits[split]}
+            return [c for i, c in enumerate(self.class_names) if i not in have]
+
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+        where = f"directly in the class folder, one of {', '.join(sorted(IMAGE_EXTS))}"
+        untrained = without("train")
+        if untrained:
+            raise ValueError(f"{self.root}: classes with no image in train/ ({where}): {listed(untrained)}; put "
+                             "their training images in train/<class>/, or remove their folders")
+        unseen = without("val")
+        if unseen:
+            log.warning("%s: classes with no image in %s/ (%s): %s; evaluate has no real val image of them",
+                        self.root, self._splits["val"].name, where, listed(unseen))
 
     def load(self, ref: SampleRef) -> images.EncodedImage:
         return images.encode((self.root / ref.origin).read_bytes(), self.jpeg_quality, self.max_side)
