@@ -100,15 +100,16 @@ def _check_settings(out_dir: Path, mine: list, flips: dict[str, bool], vqvae_pat
         if _complete(out_dir, s["name"]):
             stats = json.loads((out_dir / s["name"].replace(".tar", "_stats.json")).read_text())
             if stats.get("vqvae_sha256", vqvae_sha256) != vqvae_sha256:  # shards before 2026-11-25 lack it
-                raise shards.OutputsMadeOtherwise(f"encode.vqvae: {out_dir / s['name']} holds codes of another VQ-VAE (sha256 "
-                                 f"{stats['vqvae_sha256'][:16]}) than {vqvae_path} ({vqvae_sha256[:16]}) -- "
-                                 "pass the same encode.vqvae, or use another experiment= (finished shards "
-                                 "are never overwritten)")
+                raise shards.OutputsMadeOtherwise(
+                    f"encode.vqvae: {out_dir / s['name']} holds codes of another VQ-VAE (sha256 "
+                    f"{stats['vqvae_sha256'][:16]}) than {vqvae_path} ({vqvae_sha256[:16]}) -- pass the same "
+                    "encode.vqvae, or use another experiment= (finished shards are never overwritten)")
             done = stats["hflip"]
             if done != flips[split]:
-                raise shards.OutputsMadeOtherwise(f"encode.hflip: {out_dir / s['name']} was written with hflip={done}, this run "
-                                 f"asks for {flips[split]} -- keep encode.hflip={str(done).lower()}, or use "
-                                 "another experiment= (finished shards are never overwritten)")
+                raise shards.OutputsMadeOtherwise(
+                    f"encode.hflip: {out_dir / s['name']} was written with hflip={done}, this run asks for "
+                    f"{flips[split]} -- keep encode.hflip={str(done).lower()}, or use another experiment= "
+                    "(finished shards are never overwritten)")
 
 
 @torch.no_grad()

@@ -149,11 +149,12 @@ def _completed(out_dir: Path, name: str, made_with: dict) -> dict | None:
     stats = json.loads(sp.read_text())
     if stats["plan"] != _sha(made_with):
         if "made_with" not in stats:
-            raise shards.OutputsMadeOtherwise(f"{sp}: written with other sampling settings, by an earlier version that did not "
-                             f"record them (nor sample.batch_size); {_ELSEWHERE.format(out_dir.parent)}")
-        raise shards.OutputsMadeOtherwise(f"{sp}: written with other sampling settings or models: "
-                         f"{_differences(stats['made_with'], made_with)}; pass the same settings, or "
-                         f"{_ELSEWHERE.format(out_dir.parent)}")
+            raise shards.OutputsMadeOtherwise(
+                f"{sp}: written with other sampling settings, by an earlier version that did not record them "
+                f"(nor sample.batch_size); {_ELSEWHERE.format(out_dir.parent)}")
+        raise shards.OutputsMadeOtherwise(
+            f"{sp}: written with other sampling settings or models: {_differences(stats['made_with'], made_with)}; "
+            f"pass the same settings, or {_ELSEWHERE.format(out_dir.parent)}")
     return stats if tp.stat().st_size == stats["bytes"] else None
 
 
