@@ -109,8 +109,8 @@ def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_
     replaces it); its exit, 30 s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either
     waits at the rendezvous, where its SIGTERM handler never runs and SLURM kills it, leaving its
     MLflow run RUNNING for wait=true to close; or is busy in Python code (its training replaced by
-    a sleep), where it takes the SIGTERM for a failure, not a stop. Either way the run ends FAILED with rank 1's error, and status says
-    failed, rank 1's error first (not "stopped")."""
+    a sleep), where it takes the SIGTERM for a failure, not a stop. Either way the run ends FAILED
+    with rank 1's error, and status says failed, rank 1's error first (not "stopped")."""
     hold = tmp_path / "hold"
     hold.mkdir()
     (hold / "sitecustomize.py").write_text(
