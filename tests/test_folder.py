@@ -149,8 +149,8 @@ def test_a_class_too_small_to_split_is_named_with_the_fix(tmp_path):
     proc = submit("stage=prepare", "data=folder", f"data.source={src}", "data.val_fraction=0.3",
                   f"run_root={run_root}", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr + proc.stdout
-    assert (f"failed: ValueError: {src}: class folders with fewer than 2 images (.jpeg, .jpg, .png, .webp): "
-            "'dog' (1), 'newt' (0); ") in proc.stderr, proc.stderr
+    assert (f"failed: ValueError: {src}: class folders with fewer than 2 images (.bmp, .gif, .jpeg, .jpg, .png, "
+            ".tif, .tiff, .webp): 'dog' (1), 'newt' (0); ") in proc.stderr, proc.stderr
     assert "give the split yourself as <split>/<class>/ folders" in proc.stderr
     assert not list((run_root / "digits" / "prepare").glob("shards/*.tar"))
 
@@ -220,8 +220,8 @@ def test_a_class_without_training_images_is_refused_and_one_without_val_images_n
         (src / path).parent.mkdir(parents=True, exist_ok=True)
         (src / path).write_bytes(_image(COLOURS["cat"], fmt="PNG"))
     with pytest.raises(ValueError, match=r"pets: classes with no image in train/ \(directly in the class folder, "
-                                         r"one of .jpeg, .jpg, .png, .webp\): dog, emu; put their training images "
-                                         r"in train/<class>/, or remove their folders"):
+                                         r"one of .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp\): dog, emu; "
+                                         r"put their training images in train/<class>/, or remove their folders"):
         FolderSource(src, 0.1, 0).samples()
     (src / "train" / "dog" / "sub" / "0.png").rename(src / "train" / "dog" / "0.png")
     (src / "val" / "emu" / "1.png").rename(src / "train" / "cat" / "2.png")
@@ -231,6 +231,107 @@ def test_a_class_without_training_images_is_refused_and_one_without_val_images_n
     assert sorted(r.label for r in splits["train"]) == [0, 0, 1] and [r.label for r in splits["val"]] == [0]
     assert f"{src}: classes with no image in val/ (directly in the class folder" in caplog.text
     assert "): dog; evaluate has no real val image of them" in caplog.text
+
+
+def _exif_turned(stored: np.ndarray, orientation: int) -> bytes:
+    """A JPEG as a phone writes it: pixels as the sensor read them, the turn in an EXIF tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def test_images_are_written_as_a_viewer_shows_them():
+    """PIL decodes pixels as stored: a phone photo came out sideways, a transparent background as the
+    colour hidden under it (black here), a 16-bit greyscale PNG white."""
+    from pipeline.data.images import encode
+
+    def pixels(raw: bytes) -> np.ndarray:
+        img = Image.open(io.BytesIO(encode(raw).data))
+        assert img.mode == "RGB"
+        return np.asarray(img).astype(int)
+
+    red, blue = (220, 20, 20), (20, 20, 220)
+    stored = np.zeros((20, 40, 3), np.uint8)   # 40 wide: red left half, blue right half
+    stored[:, :20], stored[:, 20:] = red, blue
+    turned = encode(_exif_turned(stored, 6))   # 6: turn 90 degrees clockwise to view
+    assert (turned.width, turned.height) == (20, 40) and "EXIF orientation 6 applied" in turned.converted
+    upright = pixels(_exif_turned(stored, 6))
+    assert upright.shape == (40, 20, 3)
+    assert np.abs(upright[5, 10] - red).max() < 30 and np.abs(upright[34, 10] - blue).max() < 30
+    upside_down = pixels(_exif_turned(stored, 3))  # 3: turn 180 degrees
+    assert upside_down.shape == (20, 40, 3) and np.abs(upside_down[10, 5] - blue).max() < 30
+    plain = _exif_turned(stored, 1)
+    assert encode(plain).data == plain and encode(plain).converted == ""  # upright: its bytes are kept
+
+    rgba = np.zeros((8, 8, 4), np.uint8)      # left half transparent (black under it), right opaque green
+    rgba[:, 4:] = (0, 200, 0, 255)
+    got = pixels(_png(Image.fromarray(rgba, "RGBA")))
+    assert (got[:, :4] == 255).all() and (got[:, 4:] == (0, 200, 0)).all()
+    paletted = Image.new("P", (8, 8), 0)
+    paletted.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    paletted.paste(1, (4, 0, 8, 8))
+    got = pixels(_png(paletted, transparency=0))
+    assert (got[:, :4] == 255).all() and (got[:, 4:] == (0, 200, 0)).all()
+
+    wide = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    raw16 = _png(Image.fromarray(wide))
+    assert Image.open(io.BytesIO(raw16)).mode == "I;16"
+    got = pixels(raw16)
+    assert (got[..., 0] == got[..., 2]).all() and np.abs(got[..., 0] - wide / 257).max() <= 0.5
+    for fmt in ("BMP", "TIFF", "GIF"):
+        buf = io.BytesIO()
+        Image.fromarray(stored).save(buf, format=fmt)
+        written = encode(buf.getvalue())
+        assert written.ext == "png" and written.converted.endswith(f"{fmt}->PNG")
+        assert np.abs(pixels(buf.getvalue())[10, 5] - red).max() < 30
+
+
+def test_a_tree_as_users_have_it(tmp_path):
+    """Hidden files and folders are not the dataset (Jupyter's .ipynb_checkpoints used to be a class,
+    macOS' ._<name>.jpg a skipped image); BMP, TIFF and GIF are read; what is not read is said."""
+    src = tmp_path / "pets"
+    for cls, colour in COLOURS.items():
+        (src / cls / ".ipynb_checkpoints").mkdir(parents=True)
+        for i in range(4):
+            (src / cls / f"{i}.png").write_bytes(_image(colour, fmt="PNG"))
+        (src / cls / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+        (src / cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (src / ".ipynb_checkpoints").mkdir()
+    (src / ".DS_Store").write_bytes(b"Bud1")
+    for fmt, ext in (("BMP", "bmp"), ("TIFF", "tif"), ("GIF", "gif")):
+        (src / "emu" / f"more.{ext}").write_bytes(_image(COLOURS["emu"], fmt=fmt))
+    stored = np.zeros((30, 40, 3), np.uint8) + np.array(COLOURS["dog"], np.uint8)
+    (src / "dog" / "phone.jpg").write_bytes(_exif_turned(stored, 8))
+    (src / "dog" / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (src / "cat" / "deeper").mkdir()
+    (src / "cat" / "deeper" / "9.png").write_bytes(_image(COLOURS["cat"], fmt="PNG"))
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", "data=folder", f"data.source={src}", "data.val_fraction=0.2",
+                  f"run_root={run_root}", "experiment=pets", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert (f"{src}: 2 entries in class folders are not read as images: folders (1), .heic (1) (e.g. cat/deeper); "
+            "images need one of .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp") in proc.stdout + proc.stderr
+
+    shard_dir = run_root / "pets" / "prepare" / "shards"
+    manifest = json.loads((shard_dir / "dataset.json").read_text())
+    assert manifest["class_names"] == ["cat", "dog", "emu"]
+    samples = {s["__key__"]: s for split in ("train", "val") for s in _read(shard_dir, split)}
+    assert set(samples) == {f"{cls}__{i}_png" for cls in COLOURS for i in range(4)} | {
+        "emu__more_bmp", "emu__more_tif", "emu__more_gif", "dog__phone_jpg"}
+    assert sum(s["skipped"] for s in manifest["splits"].values()) == 0
+    for key, s in samples.items():
+        img = Image.open(io.BytesIO(s.get("jpg") or s.get("png")))
+        cls = manifest["class_names"][int(s["cls"])]
+        assert np.abs(np.asarray(img.convert("RGB"))[5, 5].astype(int) - COLOURS[cls]).max() < 60, key
+    assert Image.open(io.BytesIO(samples["dog__phone_jpg"]["jpg"])).size == (30, 40)  # upright: 30 wide, 40 high
 
 
 def test_sigterm_marks_the_run_killed(tmp_path):

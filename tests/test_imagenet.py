@@ -26,6 +26,9 @@ def _read(shard_dir, split):
 @pytest.mark.parametrize("layout", ["folders", "kaggle", "devkit"])
 def test_layouts_are_detected_and_labelled(tmp_path, layout):
     labels = fake.build(tmp_path / "in", layout)
+    root = tmp_path / "in" / ("ILSVRC/Data/CLS-LOC" if layout == "kaggle" else "")
+    for folder in (root / "train" / fake.SYNSETS[0], root / "val"):  # as copied by a Mac: no images, not listed
+        (folder / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     source = ImageNetSource(tmp_path / "in")
     assert source.layout == layout
     assert source.class_ids == fake.SYNSETS

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.data import images
-from pipeline.data.sources import IMAGE_EXTS, SampleRef, safe_key
+from pipeline.data.sources import SampleRef, is_image, safe_key
 
 LAYOUTS = ("auto", "folders", "kaggle", "devkit", "tars")  # tars: pipeline.data.imagenet_tars
 SYNSET = re.compile(r"^n\d{8}$")
@@ -46,7 +46,7 @@ def _find(root: Path, names: list[str], depth: int = 3) -> Path | None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+    return sorted(f for f in folder.iterdir() if is_image(f) and f.is_file())
 
 
 def _synsets_from_meta_mat(path: Path | BinaryIO) -> tuple[list[str], dict[str, str]]:

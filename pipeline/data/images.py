@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+EXIF_ORIENTATION = 0x0112
 
 
 class BadImage(Exception):
@@ -18,7 +20,7 @@ class BadImage(Exception):
 class EncodedImage:
     data: bytes
     ext: str            # "jpg" or "png": the WebDataset entry name
-    width: int          # original size, before any resize
+    width: int          # original size, upright, before any resize
     height: int
     converted: str      # "" when the original bytes were kept, else what was done
 
@@ -29,23 +31,50 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _upright(im: Image.Image) -> tuple[Image.Image, str]:
+    """Phone and camera JPEGs are often stored sideways with an EXIF tag saying how to turn them;
+    the loaders decode pixels as stored, so the turn is applied here, once."""
+    try:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block loses the turn, not the image
+        return im, ""
+    if orientation not in range(2, 9):
+        return im, ""
+    return ImageOps.exif_transpose(im), f"EXIF orientation {orientation} applied"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB as the image looks in a viewer: transparency over white (dropping alpha would show the
+    colour hidden under it, often black), 16-bit greyscale scaled to 8 bits (PIL clips it: white)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def encode(raw: bytes, jpeg_quality: int = 95, max_side: int | None = None) -> EncodedImage:
     """Decode ``raw`` fully (catching truncation) and return shard-ready bytes.
 
-    RGB JPEG/PNG within ``max_side`` keep their bytes. Anything else is converted to RGB: JPEGs
-    (CMYK, greyscale, or resized) are re-encoded as JPEG at ``jpeg_quality``, everything else as
-    PNG, so no file is rejected for its mode or for a misleading extension (the format is
-    detected from the content). ``max_side`` caps the longer side (aspect kept, Lanczos filter).
+    Upright RGB JPEG/PNG within ``max_side`` keep their bytes. Anything else is converted to RGB
+    (:func:`_to_rgb`) and turned upright: JPEGs (CMYK, greyscale, turned, or resized) are re-encoded
+    as JPEG at ``jpeg_quality``, everything else as PNG, so no file is rejected for its mode or for
+    a misleading extension (the format is detected from the content). ``max_side`` caps the longer
+    side (aspect kept, Lanczos filter).
     """
     try:
         with Image.open(io.BytesIO(raw)) as im:
             fmt, mode = im.format, im.mode
             im.load()
-            rgb = im.convert("RGB") if mode != "RGB" else im.copy()
+            turned, turn = _upright(im)
+            plain = mode == "RGB" and "transparency" not in im.info
+            rgb = turned.copy() if plain else _to_rgb(turned)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"{type(e).__name__}: {e}") from None
     w, h = rgb.size
-    notes = [] if mode == "RGB" else [f"{fmt}/{mode}->RGB"]
+    notes = ([] if plain else [f"{fmt}/{mode}->RGB"]) + ([turn] if turn else [])
     if max_side and max(w, h) > max_side:
         scale = max_side / max(w, h)
         rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -18,11 +19,22 @@ from PIL import Image
 
 from pipeline.data import images
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+IMAGE_EXTS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}  # PIL decodes them all
 log = logging.getLogger("pipeline.prepare")
 
 # other names trees use for the held-out split (torchvision's ImageFolder datasets, Kaggle): read as val
 VAL_ALIASES = ("val", "valid", "validation")
+
+
+def is_image(path: Path) -> bool:
+    """An image of the dataset, by its name. Hidden files are not: macOS leaves a ``._<name>.jpg``
+    (no image) beside every file it copies to some disks, and ``.DS_Store`` in every folder."""
+    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """Sorted subfolders, without hidden ones (``.ipynb_checkpoints``, ``.git``), which are no class."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,7 @@ class FolderSource:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser().resolve()
-        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
+        subdirs = subfolders(self.root)
         named = [p for p in subdirs if p.name == "train" or p.name in VAL_ALIASES]
         # a folder named train/ or val/ holding images itself is a class (CIFAR-100 has "train")
         split_dirs = [p for p in named if not _holds_images_only(p)]
@@ -113,7 +125,7 @@ class FolderSource:
         if split_dirs:
             self.layout = "split/class/image"
             self._splits = self._split_folders(split_dirs, [p.name for p in subdirs if p not in split_dirs])
-            classes = {c.name for p in split_dirs for c in p.iterdir() if c.is_dir()}
+            classes = {c.name for p in split_dirs for c in subfolders(p)}
         else:
             self.layout = "class/image (val split made here)"
             self._splits = {}
@@ -145,8 +157,19 @@ class FolderSource:
 
     def _files(self, class_root: Path) -> list[tuple[Path, int]]:
         index = {c: i for i, c in enumerate(self.class_names)}
-        return [(f, index[c.name]) for c in sorted(class_root.iterdir()) if c.is_dir()
-                for f in sorted(c.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+        files, unread = [], []
+        for c in subfolders(class_root):
+            for f in sorted(c.iterdir()):
+                if is_image(f):
+                    files.append((f, index[c.name]))
+                elif not f.name.startswith("."):
+                    unread.append(f)
+        if unread:  # .heic from phones, .svg, a folder one level too deep: said, not silently dropped
+            kinds = Counter("folders" if f.is_dir() else f.suffix.lower() or "no extension" for f in unread)
+            log.warning("%s: %d entries in class folders are not read as images: %s (e.g. %s); images need one "
+                        "of %s", class_root, len(unread), ", ".join(f"{k} ({n})" for k, n in kinds.most_common(6)),
+                        unread[0].relative_to(class_root), ", ".join(sorted(IMAGE_EXTS)))
+        return files
 
     def _ref(self, path: Path, label: int, split: str) -> SampleRef:
         rel = path.relative_to(self.root).as_posix()
@@ -205,8 +228,7 @@ class FolderSource:
 
 
 def _holds_images_only(folder: Path) -> bool:
-    entries = list(folder.iterdir())
-    return not any(p.is_dir() for p in entries) and any(p.suffix.lower() in IMAGE_EXTS for p in entries)
+    return not subfolders(folder) and any(is_image(p) for p in folder.iterdir())
 
 
 def open_source(data: DictConfig, seed: int, index_dir: Path | None = None) -> Source:
