@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, compose, stage_name, to_yaml, validate
+from pipeline.config import ConfigError, compose, stage_name, to_yaml
+from pipeline.config_checks import validate
 from pipeline.config_help import USAGE, help_text
 
 
@@ -155,14 +156,8 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
 
     try:
         jobs = executors.submit_slurm(cfg, stage)
-    except Exception as e:  # noqa: BLE001 - sbatch's own words are the useful part
-        from submitit.core.utils import FailedJobError
-
-        if not isinstance(e, FailedJobError):
-            raise
-        print(f"submit: error: SLURM refused the job: {' '.join(str(e).split())} -- check cluster.partition, "
-              "cluster.nodes, cluster.gpus_per_node, cluster.cpus_per_task, cluster.mem_gb, cluster.time_min",
-              file=sys.stderr)
+    except executors.JobRefused as e:
+        print(f"submit: error: {e} -- {e.FIX}", file=sys.stderr)
         return 2
     sdir = stage_dir(cfg, stage)
     from pipeline.launch import records
@@ -267,6 +262,14 @@ def _chain(args: list[str], print_cfg: bool) -> int:
             rows = chain.submit_slurm(cfgs)
         except records.SlurmUnavailable as e:
             print(f"submit: error: {e} -- nothing was queued; submit again once `squeue` answers", file=sys.stderr)
+            return 2
+        except chain.ChainRefused as e:
+            print(f"submit: error: {e.refused} -- {e.refused.FIX} ({e.refused.stage}:cluster.<key>=<value> sets one "
+                  "for that stage alone)", file=sys.stderr)
+            if e.queued:  # valid jobs of this chain: the same command, fixed, queues the rest after them
+                print("  queued before it, left in the queue: " + ", ".join(f"{stage_name(cfg, r['stage'])} (job "
+                      f"{r['job']})" for r in e.queued) + "\n  submit again once fixed: stages done or in the queue "
+                      "are not queued twice, the rest queue after them", file=sys.stderr)
             return 2
         print(f"experiment '{cfg.experiment}': chain queued on SLURM (each job afterok the jobs whose "
               "outputs it reads; a failure cancels what depends on it)")

@@ -13,7 +13,8 @@ import yaml
 from conftest import submit
 from tqdm import tqdm
 
-from pipeline.config import compose, validate
+from pipeline.config import compose
+from pipeline.config_checks import validate
 from pipeline.launch.jobs import ConsoleHandler
 from pipeline.training.engine import deepspeed_config
 
@@ -87,6 +88,22 @@ def test_cfg_job_prints_resolved_config_and_runs_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sbatch_options_of_cluster_extra_are_taken_for_every_stage_or_one(tmp_path):
+    """cluster.extra lists no keys: the sbatch options its comment shows were refused as no such key."""
+    proc = submit("stage=prepare", "cluster=slurm", "cluster.extra={reservation: mine, mail_type: END}",
+                  "cluster.extra.begin=now+60", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["cluster"]["extra"] == {"reservation": "mine", "mail_type": "END",
+                                                               "begin": "now+60"}
+    proc = submit("stage=all", "cluster=slurm", "prepare:cluster.extra={hold: true}", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    extras = {part.partition("\n")[0]: yaml.safe_load(part.partition("\n")[2])["cluster"]["extra"]
+              for part in proc.stdout.split("# --- ")[1:]}
+    assert extras["prepare"] == {"hold": True} and len(extras) == 7
+    assert not [stage for stage, extra in extras.items() if extra and stage != "prepare"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
     """A job may run in another directory, and a done stage's recorded config is compared with later
     commands': every path key is absolute in the composed config."""
@@ -122,6 +139,11 @@ def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
     (["stage=all", "experiment=a/b"], ["experiment=a/b", "not usable as a directory name"]),
     (["stage=prepare", "experiment=mlartifacts"], ["experiment=mlartifacts", "holds the run_root's own files"]),
     (["stage=prepare", "cluster=nope"], ["cluster=nope", "local, slurm"]),
+    (["stage=prepare", "cluster.partition=gpu"], ["cluster.partition", "no such config key", "it is a setting of "
+                                                  "cluster=slurm, not of cluster=local: pass cluster=slurm"]),
+    (["stage=all", "prepare:cluster.extra={hold: true}"], ["cluster.extra", "setting of cluster=slurm"]),
+    (["stage=prepare", "data=folder", "data.layout=tars"], ["data.layout", "it is a setting of data=imagenet, not of "
+                                                            "data=folder: pass data=imagenet"]),
     (["stage=prepare", "tracking.system_metrics_interval=0"], ["tracking.system_metrics_interval=0", "> 0"]),
     (["stage=evaluate"], ["stage=evaluate", "dataset.json", "submit stage=prepare"]),
     (["stage=evaluate", "eval.features=inception"], ["eval.inception_weights=None", "fetch_inception_weights"]),

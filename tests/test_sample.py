@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import PRIOR_STAGES as STAGES
 from conftest import copy_stages, save_changed_model, submit
 from pipeline import atomic
-from pipeline.config import ConfigError, compose, stage_dir, validate
+from pipeline.config import ConfigError, compose, stage_dir
+from pipeline.config_checks import validate
 from pipeline.data import shards
 from pipeline.launch import records
 from pipeline.launch.chain import compose_all

@@ -189,6 +189,39 @@ def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
     assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr
 
 
+def test_a_job_sbatch_refuses_is_named_with_its_words_and_a_chain_keeps_what_it_queued(slurm, tmp_path):
+    """sbatch refusing a job (here a partition that does not exist) gave submitit's traceback; in a
+    chain, the stages queued before it were not named."""
+    run_root = tmp_path / "runs"
+    alone = submit("stage=prepare", "cluster=slurm", "cluster.partition=nosuch", f"run_root={run_root}",
+                   cwd=tmp_path, env=slurm, timeout=120)
+    assert alone.returncode == 2, alone.stdout + alone.stderr
+    assert ("submit: error: SLURM refused the job of stage prepare: invalid partition specified: nosuch; Batch job "
+            "submission failed: Invalid partition name specified -- check cluster.partition, ") in alone.stderr
+    assert "Traceback" not in alone.stderr and "sbatch: error" not in alone.stderr  # said once, in that line
+    assert not [p for p in (run_root / "digits" / "prepare" / "slurm").iterdir()]  # submitit's pickles removed
+    # prepare held (an sbatch option through cluster.extra), so nothing of this chain runs
+    args = ["stage=all", "cluster=slurm", f"run_root={run_root}", "prepare:cluster.extra={hold: true}"]
+    proc = submit(*args, "train_top_prior:cluster.partition=nosuch", cwd=tmp_path, env=slurm, timeout=300)
+    queued = re.findall(r"^\s*(\d+)", slurm_sh(["squeue", "-h", "-o", "%F"], slurm), re.M)
+    try:
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert ("submit: error: SLURM refused the job of stage train_top_prior: invalid partition specified: nosuch; "
+                "Batch job submission failed: Invalid partition name specified -- check ") in proc.stderr
+        assert "(train_top_prior:cluster.<key>=<value> sets one for that stage alone)" in proc.stderr
+        left = re.search(r"queued before it, left in the queue: prepare \(job (\d+)\), train_vqvae \(job (\d+)\), "
+                         r"encode \(job (\d+)\)\n  submit again once fixed", proc.stderr)
+        assert left and sorted(left.groups()) == sorted(queued), (proc.stderr, queued)
+        assert "JobHeldUser" in slurm_sh(["squeue", "-h", "-j", left.group(1), "-o", "%r"], slurm)
+        fixed = submit(*args, cwd=tmp_path, env=slurm, timeout=300)  # the rest queue after the jobs left
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        for stage, job in zip(("prepare", "train_vqvae", "encode"), left.groups()):
+            assert re.search(rf"^  {stage}\s+already pending\s+{job}$", fixed.stdout, re.M), fixed.stdout
+        assert re.search(rf"^  train_top_prior\s+queued after {left.group(3)}\s+\d+$", fixed.stdout, re.M)
+    finally:
+        slurm_sh(["scancel", *re.findall(r"^\s*(\d+)", slurm_sh(["squeue", "-h", "-o", "%F"], slurm), re.M)], slurm)
+
+
 def test_cancel_ends_a_hung_job_outright_and_closes_the_run_it_left_running(slurm, run_root, tmp_path):
     """A training that does not stop on SIGTERM (here it ignores the signal; a rank stuck in a
     collective never runs its handler) is cancelled outright after cancel_grace_s; SLURM kills it,

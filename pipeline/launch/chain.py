@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import (GROUPS, ConfigError, compose, split_stage_scoped, stage_dir, stage_name, unknown_key_fix,
-                             validate)
+from pipeline.config import GROUPS, ConfigError, compose, split_stage_scoped, stage_dir, stage_name, unknown_key_fix
+from pipeline.config_checks import validate
 from pipeline.launch import accounting, executors, records
 from pipeline.launch.jobs import DONE
 from pipeline.stages import BUILT, NEEDS, ORDER
@@ -151,9 +151,18 @@ def summary_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
     return "\n".join(lines)
 
 
+class ChainRefused(Exception):
+    """sbatch refused one stage's job (``refused``); ``queued``: the rows of the jobs this command
+    queued before it (left in the queue: the chain submitted again queues the rest after them)."""
+
+    def __init__(self, refused: executors.JobRefused, queued: list[dict[str, Any]]) -> None:
+        super().__init__(str(refused))
+        self.refused, self.queued = refused, queued
+
+
 def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
     """Queue every stage to run at once, each depending on the jobs that produce its inputs (so the
-    two priors run side by side after encode)."""
+    two priors run side by side after encode). Raises ChainRefused where sbatch refuses a job."""
     cfg = next(iter(cfgs.values()))
     todo, done, skip = stages_to_run(cfgs)
     rows = [{"stage": s, "status": "already done", "job": ""} for s in done]
@@ -169,7 +178,10 @@ def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
             queued[stage] = live[0]
             rows.append({"stage": stage, "status": f"already {live[1].lower()}", "job": live[0], "live": True})
             continue
-        jobs = executors.submit_slurm(cfgs[stage], stage, dependency=after, kill_on_invalid_dep=True)
+        try:
+            jobs = executors.submit_slurm(cfgs[stage], stage, dependency=after, kill_on_invalid_dep=True)
+        except executors.JobRefused as e:
+            raise ChainRefused(e, [r for r in rows if "jobs" in r]) from None
         queued[stage] = jobs[0].job_id.split("_")[0]
         records.add_job(stage_dir(cfg, stage), queued[stage])
         rows.append({"stage": stage, "status": "queued" + (f" after {','.join(after)}" if after else ""),

@@ -8,7 +8,10 @@ AutoExecutor would pick SLURM whenever ``sbatch`` exists) and returns once the j
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
+import sys
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -21,6 +24,18 @@ from pipeline.training.distributed import detect
 
 AVAILABLE = ("local", "slurm")
 ARRAY_STAGES = ("prepare", "encode", "sample")  # stages whose work splits into independent shards
+
+
+class JobRefused(Exception):
+    """sbatch refused a stage's job (a partition that does not exist, more GPUs than a node has, an
+    account or QOS not allowed); the message holds sbatch's own words."""
+
+    FIX = ("check cluster.partition, cluster.account, cluster.qos, cluster.nodes, cluster.gpus_per_node, "
+           "cluster.cpus_per_task, cluster.mem_gb, cluster.time_min, cluster.extra")
+
+    def __init__(self, stage: str, words: str) -> None:
+        super().__init__(f"SLURM refused the job of stage {stage}: {words}")
+        self.stage = stage
 
 
 def check_available(cfg: DictConfig) -> None:
@@ -77,7 +92,10 @@ def slurm_executor(cfg: DictConfig, stage: str, array: int = 1) -> Any:
 
 def submit_slurm(cfg: DictConfig, stage: str, dependency: list[str] | None = None,
                  kill_on_invalid_dep: bool = False) -> list[Any]:
-    """Queue ``stage`` (a job array for shard-parallel stages); returns the submitit jobs."""
+    """Queue ``stage`` (a job array for shard-parallel stages); returns the submitit jobs. Raises
+    JobRefused where sbatch refuses it."""
+    from submitit.core.utils import FailedJobError
+
     array = int(cfg.cluster.array_tasks) if stage in ARRAY_STAGES else 1
     executor = slurm_executor(cfg, stage, array)
     if dependency:
@@ -86,9 +104,24 @@ def submit_slurm(cfg: DictConfig, stage: str, dependency: list[str] | None = Non
         extra = dict(executor.parameters.get("additional_parameters", {}))
         executor.update_parameters(additional_parameters={**extra, "kill_on_invalid_dep": "yes"})
     stage_dir(cfg, stage).mkdir(parents=True, exist_ok=True)
-    if array > 1:
-        return executor.submit_array([StageJob(cfg, stage, i, array) for i in range(array)])
-    return [executor.submit(StageJob(cfg, stage))]
+    pickles = stage_dir(cfg, stage) / "slurm"  # submitit's files of a job not queued yet
+    before = set(pickles.iterdir()) if pickles.is_dir() else set()
+    printed = io.StringIO()  # submitit prints sbatch's refusal before raising it: said once, below
+    try:
+        with contextlib.redirect_stderr(printed):
+            jobs = (executor.submit_array([StageJob(cfg, stage, i, array) for i in range(array)]) if array > 1
+                    else [executor.submit(StageJob(cfg, stage))])
+    except FailedJobError as e:  # sbatch's words are the useful part, not submitit's traceback
+        for left in (set(pickles.iterdir()) - before) if pickles.is_dir() else ():
+            if left.is_file():  # the refused job's pickles and sbatch script: nothing will read them
+                left.unlink()
+        words = [line.strip().removeprefix("sbatch: error: ") for line in str(e).splitlines() if line.strip()]
+        raise JobRefused(stage, "; ".join(words)) from None
+    except BaseException:
+        sys.stderr.write(printed.getvalue())
+        raise
+    sys.stderr.write(printed.getvalue())
+    return jobs
 
 
 def job_summary(jobs: list[Any]) -> str:
