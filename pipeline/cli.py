@@ -206,7 +206,8 @@ def _status(overrides: list[str]) -> int:
 def _cancel(args: list[str]) -> int:
     """`submit cancel [stage=<s>]`: cancel the experiment's queued and running SLURM jobs."""
     from pipeline.launch.cancel import cancel, stages_of
-    from pipeline.launch.records import SlurmUnavailable, experiment_args
+    from pipeline.launch.queue import SlurmUnavailable
+    from pipeline.launch.records import experiment_args
     from pipeline.stages import ORDER
 
     stage = next((a.partition("=")[2] for a in args if a.partition("=")[0] == "stage"), None)
@@ -234,7 +235,7 @@ def _cancel(args: list[str]) -> int:
 def _chain(args: list[str], print_cfg: bool) -> int:
     """stage=all: run (local) or queue (slurm) every built stage not done yet, then a summary."""
     from pipeline.config import stage_dir
-    from pipeline.launch import chain, preflight, records
+    from pipeline.launch import chain, preflight, queue, records
     from pipeline.tracking import tracking_uri
 
     try:
@@ -260,7 +261,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     if cfg.cluster.name == "slurm":
         try:
             rows = chain.submit_slurm(cfgs)
-        except records.SlurmUnavailable as e:
+        except queue.SlurmUnavailable as e:
             print(f"submit: error: {e} -- nothing was queued; submit again once `squeue` answers", file=sys.stderr)
             return 2
         except chain.ChainRefused as e:
@@ -331,9 +332,9 @@ def _failure_log(sdirs: list[Path], job: str = "") -> str:
 
 def _close_left_run(sdir: Path, job: str) -> str:
     """A failed job whose rank 0 was killed left its MLflow run RUNNING: close it (a line saying so)."""
-    from pipeline.launch import mlflow_runs, records
+    from pipeline.launch import mlflow_runs, queue
 
-    state = records.wait_for_job(job, poll_s=2.0, timeout_s=60) or ""  # accounting may lag submitit
+    state = queue.wait_for_job(job, poll_s=2.0, timeout_s=60) or ""  # accounting may lag submitit
     closed = mlflow_runs.close_after_job(sdir, job, state, "submit wait=true")
     return f"\n  MLflow:  the run was left RUNNING by job {job} ({state}): closed as {closed}" if closed else ""
 
@@ -348,10 +349,10 @@ def _error_line(e: Exception) -> str:
 
 def _chain_job_error(row: dict) -> str | None:
     """Wait for a queued chain row's job(s) to end: None if they completed, else what went wrong."""
-    from pipeline.launch import records
+    from pipeline.launch import queue
 
     if row.get("live"):  # queued by an earlier command: no submitit handle, only its state
-        state = records.wait_for_job(row["job"])
+        state = queue.wait_for_job(row["job"])
         return None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"
     for job in row.get("jobs", []):
         try:

@@ -36,6 +36,23 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow server did not answer when the stage started; nothing of the stage has run."""
 
 
+class ExperimentDeleted(RuntimeError):
+    """The MLflow experiment was deleted (in the UI): MLflow takes no run into it, nor a new
+    experiment of the same name until it is removed for good."""
+
+
+def deleted_experiment(client: Any, uri: str, name: str) -> tuple[str, str] | None:
+    """(what is wrong, the fix) where MLflow experiment ``name`` at ``uri`` is deleted, else None."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "deleted":
+        return None
+    eid = exp.experiment_id
+    return (f"the MLflow experiment '{name}' (id {eid}) at {uri} was deleted, and MLflow takes no run into it",
+            f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}; its runs "
+            f"come back too) or remove it for good (mlflow gc --backend-store-uri <the server's store> "
+            f"--experiment-ids {eid}), then submit again")
+
+
 class StageKilled(BaseException):
     """Raised in the stage when the process is asked to stop (SIGTERM/SIGINT): the run is KILLED."""
 
@@ -287,6 +304,9 @@ class StageRun:
         from mlflow.exceptions import MlflowException
 
         name = str(self.cfg.experiment)
+        deleted = deleted_experiment(self._client, self.uri, name)
+        if deleted:  # MLflow's own words ("must be in the 'active' state") name neither cause nor fix
+            raise ExperimentDeleted(" -- ".join(deleted))
         exp = self._client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id

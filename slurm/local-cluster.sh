@@ -91,6 +91,8 @@ SlurmctldParameters=preempt_send_user_signal
 NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[$((BASE + 1))-$((BASE + 2))] CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
 PartitionName=high Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=10
+# a partition with a time limit, as clusters have: a job asking for more waits (PartitionTimeLimit)
+PartitionName=short Nodes=n[1-2] MaxTime=5 State=UP PriorityTier=1
 CONF
   cat > "$DIR/etc/slurmdbd.conf" <<CONF
 AuthType=auth/munge

@@ -145,6 +145,15 @@ def test_stage_all_runs_the_embedded_default_and_ends_with_a_summary(tmp_path):
     cold = submit("stage=evaluate", "sample_set=cold", cwd=tmp_path)
     assert cold.returncode == 2 and str(exp / "sample-cold" / "shards" / "dataset.json") in cold.stderr
     assert "`submit stage=sample sample_set=cold` first" in cold.stderr, cold.stderr
+    # the global seed does not reach a set drawn with its own sample.seed: not another setting of it
+    # (it was: "seed=0 there, 5 now"); without sample.seed it does
+    drawn_hot = {p: p.stat().st_mtime_ns for p in (exp / "sample-hot" / "shards").iterdir()}
+    own = [o for o in SMALL if o.startswith("sample.")] + ["sample_set=hot", "sample.temperature=1.0"]
+    reseeded = submit("stage=sample", *own, "sample.seed=1", "seed=5", cwd=tmp_path)
+    assert reseeded.returncode == 0, reseeded.stdout[-2000:] + reseeded.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (exp / "sample-hot" / "shards").iterdir()} == drawn_hot
+    unseeded = submit("stage=sample", *own, "seed=5", cwd=tmp_path)
+    assert unseeded.returncode == 2 and "(sample.seed=1 there, None now)" in unseeded.stderr, unseeded.stderr
 
 
 def test_a_named_vqvae_makes_train_vqvae_not_needed(tmp_path):

@@ -220,6 +220,50 @@ def test_a_stage_running_in_another_process_is_refused_before_anything_is_writte
     assert sorted(p.name for p in sdir.parent.iterdir()) == ["prepare"]  # no other stage started either
 
 
+def test_an_experiment_deleted_in_the_mlflow_ui_is_named_with_the_fix(tmp_path):
+    """MLflow takes no run into a deleted experiment: every stage failed as it started, in MLflow's
+    words ("must be in the 'active' state"), which name neither the cause nor the fix."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import ExperimentDeleted, StageRun
+
+    runs = tmp_path / "runs"
+    first = submit("stage=prepare", f"run_root={runs}", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.get_experiment_by_name("digits").experiment_id
+    client.delete_experiment(eid)  # what the UI's delete does
+    sdir = runs / "digits" / "prepare"
+    kept = {p: p.read_bytes() for p in sdir.iterdir() if p.is_file()}
+    fix = f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}; its runs come back"
+    for args in (["stage=prepare"], ["stage=all"]):
+        proc = submit(*args, f"run_root={runs}", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert (f"submit: error: experiment=digits: the MLflow experiment 'digits' (id {eid}) at {uri} was deleted, "
+                f"and MLflow takes no run into it -- {fix}") in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in sdir.iterdir() if p.is_file()} == kept  # nothing touched
+    # a job that starts after the deletion (queued on SLURM before it) fails saying the same
+    cfg = compose(["stage=prepare", f"run_root={runs}"])
+    with pytest.raises(ExperimentDeleted, match="was deleted, and MLflow takes no run into it -- restore it"):
+        with StageRun(cfg, "prepare", tmp_path / "elsewhere"):
+            pass
+    # the fix as given: the experiment and its runs come back, the stage goes on in the same run
+    cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    restored = subprocess.run([cli, "experiments", "restore", "--experiment-id", eid], capture_output=True,
+                              text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+    assert restored.returncode == 0, restored.stderr
+    again = submit("stage=prepare", f"run_root={runs}", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    run_id = json.loads(kept[sdir / "mlflow_run.json"])["run_id"]
+    assert json.loads((sdir / "mlflow_run.json").read_text())["run_id"] == run_id
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
 def test_unwritable_run_root_is_refused(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import (EVAL_ARGS, SLURM_FAST, copy_stages, slurm_job_id, slurm_sh, spoil_last_sample, submit,
                       train_vqvae_run, unsplittable_tree)
-from pipeline.launch import records
+from pipeline.launch import queue, records
 
 
 def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_path, monkeypatch):
@@ -24,7 +24,7 @@ def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_
     submit start a stage a second time beside its live job. Only the controller's "Invalid job id"
     (or no SLURM set up) means gone; anything else refuses, naming the job and squeue's words."""
     monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
-    assert records.queue_state("999999") is None  # the real controller holds no such job
+    assert queue.queue_state("999999") is None  # the real controller holds no such job
     # the same cluster's config with the controller's port pointing where nothing listens
     conf = Path(slurm["SLURM_CONF"]).read_text()
     away = re.sub(r"^SlurmctldPort=\d+$", "SlurmctldPort=26799", conf, flags=re.M)
@@ -33,9 +33,9 @@ def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_
     (tmp_path / "etc" / "slurm.conf").write_text(away + "\nMessageTimeout=2\nTCPTimeout=1\n")
     unreachable = {"SLURM_CONF": str(tmp_path / "etc" / "slurm.conf")}
     monkeypatch.setenv("SLURM_CONF", unreachable["SLURM_CONF"])
-    with pytest.raises(records.SlurmUnavailable, match=r"squeue -j 4242 failed 2 times \(.*Unable to contact "
+    with pytest.raises(queue.SlurmUnavailable, match=r"squeue -j 4242 failed 2 times \(.*Unable to contact "
                                                        r"slurm controller.*whether job 4242 is still queued"):
-        records.queue_state("4242", pause_s=0)
+        queue.queue_state("4242", pause_s=0)
 
     run_root = tmp_path / "runs"
     prepare = run_root / "digits" / "prepare"
@@ -189,9 +189,10 @@ def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
     assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr
 
 
-def test_a_job_sbatch_refuses_is_named_with_its_words_and_a_chain_keeps_what_it_queued(slurm, tmp_path):
+def test_a_job_sbatch_refuses_is_named_and_status_says_why_queued_jobs_wait(slurm, tmp_path):
     """sbatch refusing a job (here a partition that does not exist) gave submitit's traceback; in a
-    chain, the stages queued before it were not named."""
+    chain, the stages queued before it were not named. A job SLURM queues but will never start (held,
+    a time limit over the partition's) showed as "pending" like any other."""
     run_root = tmp_path / "runs"
     alone = submit("stage=prepare", "cluster=slurm", "cluster.partition=nosuch", f"run_root={run_root}",
                    cwd=tmp_path, env=slurm, timeout=120)
@@ -218,6 +219,24 @@ def test_a_job_sbatch_refuses_is_named_with_its_words_and_a_chain_keeps_what_it_
         for stage, job in zip(("prepare", "train_vqvae", "encode"), left.groups()):
             assert re.search(rf"^  {stage}\s+already pending\s+{job}$", fixed.stdout, re.M), fixed.stdout
         assert re.search(rf"^  train_top_prior\s+queued after {left.group(3)}\s+\d+$", fixed.stdout, re.M)
+        prepare, train_vqvae = left.group(1), left.group(2)
+        status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120).stdout
+        assert (f"waiting in the queue (SLURM's reason):\n  prepare: job {prepare} (JobHeldUser): will not start, it "
+                f"is held -- `scontrol release {prepare}` lets it start\n  train_vqvae: job {train_vqvae} (Dependency)"
+                "\n") in status, status
+        # a time limit over the partition's (the local cluster's "short" allows 5 min): queued, never started
+        long = submit("stage=prepare", "cluster=slurm", "cluster.partition=short", "cluster.time_min=10",
+                      f"run_root={run_root}", "experiment=long", cwd=tmp_path, env=slurm, timeout=120)
+        assert long.returncode == 0, long.stdout + long.stderr
+        job = slurm_job_id(long.stdout)
+        deadline = time.time() + 60  # the reason comes with the scheduler's next pass
+        while "PartitionTimeLimit" not in slurm_sh(["squeue", "-h", "-j", job, "-o", "%r"], slurm):
+            assert time.time() < deadline, slurm_sh(["squeue", "-j", job, "-o", "%i %T %r"], slurm)
+            time.sleep(1)
+        status = submit("status", f"run_root={run_root}", "experiment=long", cwd=tmp_path, env=slurm, timeout=120)
+        assert (f"  prepare: job {job} (PartitionTimeLimit): will not start, its time limit is over the partition's "
+                f"-- scancel {job}, then submit it with a lower cluster.time_min or another cluster.partition"
+                ) in status.stdout, status.stdout
     finally:
         slurm_sh(["scancel", *re.findall(r"^\s*(\d+)", slurm_sh(["squeue", "-h", "-o", "%F"], slurm), re.M)], slurm)
 

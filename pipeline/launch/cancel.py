@@ -17,7 +17,7 @@ import time
 from omegaconf import DictConfig
 
 from pipeline.config import stage_dir, stage_name
-from pipeline.launch import mlflow_runs, records, stage_lock
+from pipeline.launch import mlflow_runs, queue, records, stage_lock
 from pipeline.stages import ORDER
 
 
@@ -89,10 +89,10 @@ def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
             return lines + [f"  scancel {' '.join(how + jobs)} failed: {' '.join(errors)}"], -1
     deadline = time.time() + float(cfg.cancel_grace_s)
     for stage, job, before in live:
-        now = records.wait_for_job(job, poll_s=1.0, timeout_s=max(0.0, deadline - time.time()))
+        now = queue.wait_for_job(job, poll_s=1.0, timeout_s=max(0.0, deadline - time.time()))
         if now is None:  # not stopped within cancel_grace_s: cancelled outright (SIGKILL after KillWait)
             subprocess.run(["scancel", job], capture_output=True, text=True, timeout=60)
-            now = records.wait_for_job(job, poll_s=1.0) or "UNKNOWN"
+            now = queue.wait_for_job(job, poll_s=1.0) or "UNKNOWN"
             how = f"{now.lower()} after cancel_grace_s={cfg.cancel_grace_s}"
         elif job in running:  # it ended on the SIGTERM (a stopped stage exits non-zero: FAILED)
             latest = stage_dir(cfg, stage) / "checkpoints" / "latest"

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, stage_dir, stage_name
-from pipeline.launch import executors, records, stage_lock
+from pipeline.launch import executors, queue, records, stage_lock
 from pipeline.mlflow_outbox import reachable
 from pipeline.tracking import tracking_uri
 from pipeline.training.distributed import detect
@@ -37,6 +37,7 @@ def check_stage(cfg: DictConfig, stage: str) -> None:
                           f"or `submit stage=all{same}`")
     executors.check_available(cfg)
     _tracking_answers(cfg)
+    _experiment_not_deleted(cfg)
     _not_queued(cfg, stage)
     _checkpoints_resumable(cfg, stage)
     _done_outputs_kept(cfg, stage)
@@ -49,6 +50,7 @@ def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
     executors.check_available(cfg)
     if todo:
         _tracking_answers(cfg)
+        _experiment_not_deleted(cfg)
     for stage in todo:
         _checkpoints_resumable(cfgs[stage], stage)
         if cfg.cluster.name != "slurm":
@@ -100,12 +102,28 @@ def _tracking_answers(cfg: DictConfig) -> None:
                       "or leave tracking.uri unset for the local store in run_root")
 
 
+def _experiment_not_deleted(cfg: DictConfig) -> None:
+    """An experiment deleted in the MLflow UI fails every stage as it starts; said before anything
+    runs or is queued (where the store answers here: a job checks again as it starts)."""
+    from pipeline.mlflow_outbox import reachable
+    from pipeline.tracking import deleted_experiment
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists() or reachable(uri):
+        return  # no store yet, so nothing deleted; or a server that does not answer here
+    from mlflow.tracking import MlflowClient
+
+    deleted = deleted_experiment(MlflowClient(uri), uri, str(cfg.experiment))
+    if deleted:
+        raise ConfigError(f"experiment={cfg.experiment}", *deleted)
+
+
 def _not_queued(cfg: DictConfig, stage: str) -> None:
     """A second job (or a local run) on a stage whose SLURM job is still queued or running would
     write the same checkpoints and outputs."""
     try:
         live = records.live_job(stage_dir(cfg, stage))
-    except records.SlurmUnavailable as e:
+    except queue.SlurmUnavailable as e:
         raise ConfigError(f"stage={stage_name(cfg, stage)}", str(e), "submit again once `squeue` answers: "
                           "nothing was submitted (a second job beside a live one would write the same outputs)")
     if live:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
-from pipeline.launch import accounting, failures, mlflow_runs, stage_lock
+from pipeline.launch import failures, mlflow_runs, stage_lock
+from pipeline.launch.queue import SlurmOnce, SlurmUnavailable, queue_state, waiting_line
 from pipeline.stages import ORDER, PROGRESS, depends_on, shard_progress, vqvae_model
 from pipeline.tracking import changed_settings, flatten, tracking_uri
 
-log = logging.getLogger(__name__)
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
 COMMAND = "command.json"  # the `submit` arguments (and working dir) that last ran or queued a stage
 
@@ -47,8 +45,11 @@ def settings_changed(cfg: DictConfig, stage: str) -> str:
     recorded = stage_dir(cfg, stage) / "config.yaml"
     if not recorded.exists():
         return ""
-    return changed_settings(flatten(OmegaConf.load(recorded)), flatten(cfg),
-                            lambda k: not k.startswith(NOT_OUTPUTS) and depends_on(stage, k), limit=4)
+    then, now = flatten(OmegaConf.load(recorded)), flatten(cfg)
+    # samples drawn with their own sample.seed on both sides never see the global seed
+    own_seed = stage == "sample" and "None" not in (then.get("sample.seed", "None"), now.get("sample.seed", "None"))
+    return changed_settings(then, now, lambda k: not k.startswith(NOT_OUTPUTS) and depends_on(stage, k)
+                            and not (own_seed and k == "seed"), limit=4)
 
 
 def shared_overrides(args: list[str]) -> list[str]:
@@ -89,95 +90,6 @@ def live_job(sdir: Path) -> tuple[str, str] | None:
     return (job, state) if state else None
 
 
-class SlurmUnavailable(RuntimeError):
-    """squeue did not answer whether a job is queued (the controller unreachable or timing out):
-    a caller must not take it for "gone", or it would run the stage a second time beside the job."""
-
-
-# squeue's words for "no SLURM configured here": nothing can be in its queue
-_NO_SLURM = ("Could not establish a configuration source", "Unable to process configuration file")
-
-
-def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None:
-    """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it has
-    left (the controller says "Invalid job id" for a job it no longer holds) or where no SLURM is
-    set up. Raises SlurmUnavailable when squeue fails otherwise ``tries`` times."""
-    error = ""
-    for attempt in range(tries):
-        if attempt:
-            time.sleep(pause_s)
-        try:
-            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                                  timeout=60)
-        except OSError:
-            return None  # no SLURM client here: nothing can be in its queue
-        except subprocess.TimeoutExpired:
-            error = "no answer in 60 s"
-            continue
-        out = proc.stdout.split()
-        if proc.returncode == 0:
-            return ("RUNNING" if "RUNNING" in out else out[0]) if out else None
-        if "Invalid job id" in proc.stderr or any(words in proc.stderr for words in _NO_SLURM):
-            return None
-        error = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
-    times = f" {tries} times" if tries > 1 else ""
-    raise SlurmUnavailable(f"squeue -j {job_id} failed{times} ({error}): whether job {job_id} is still queued "
-                           "is unknown")
-
-
-def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = None) -> str | None:
-    """Block until the job has left the queue; its final state from accounting (None if it is still
-    queued after ``timeout_s``). A squeue that fails for a while (a busy or restarting controller) is
-    waited out, not read as the job's end."""
-    warned, deadline = False, None if timeout_s is None else time.time() + timeout_s
-    while True:
-        if deadline is not None and time.time() >= deadline:
-            return None
-        try:
-            if not queue_state(job_id):
-                break
-        except SlurmUnavailable as e:
-            if not warned:
-                log.warning("%s; still waiting", e)
-                warned = True
-        time.sleep(poll_s)
-    for _ in range(12):  # accounting may not have recorded the end yet
-        state = accounting.state(job_id)
-        if state not in accounting.LIVE:
-            return state
-        time.sleep(poll_s)
-    return state
-
-
-class SlurmOnce:
-    """squeue and sacct for one status table: once one fails, it is not asked about the other stages'
-    jobs, since each try waits out its timeout (the controller's ~18 s by default, slurmdbd's
-    connection where its host does not answer) and the answer would be the same."""
-
-    def __init__(self) -> None:
-        self.error: SlurmUnavailable | None = None
-        self.accounting_error = ""
-
-    def queue(self, job_id: str) -> str | None:
-        """``queue_state``, asked once: raises SlurmUnavailable again without asking after a failure."""
-        if self.error is None:
-            try:
-                return queue_state(job_id, tries=1)
-            except SlurmUnavailable as e:
-                self.error = e
-        raise self.error
-
-    def accounting(self, job_id: str) -> str:
-        """``accounting.state``: UNKNOWN without asking once sacct has failed."""
-        if self.accounting_error:
-            return "UNKNOWN"
-        states = accounting.states(job_id)
-        if isinstance(states, str):
-            self.accounting_error = f"sacct -j {job_id} failed ({states})"
-            return "UNKNOWN"
-        return accounting.worst(states)
-
-
 def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any]:
     from pipeline.launch.jobs import DONE
 
@@ -200,6 +112,8 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
         state = queued or slurm.accounting(job)
         if queued:  # CONFIGURING, SUSPENDED, REQUEUE_HOLD, ...: still in the queue
             word = "running" if state in ("RUNNING", "COMPLETING") else "pending"
+            if state == "PENDING":
+                row["waiting"] = waiting_line(job, slurm.reason(job))
         elif unanswered and state == "UNKNOWN":  # neither squeue nor sacct answered: not "failed"
             word, state = "unknown", "squeue failed"
         else:
@@ -336,6 +250,10 @@ def status_table(cfg: DictConfig) -> str:
         lines.append(f"  submit stage=all {experiment_args(cfg)} plus the data=, model=, cluster= it should use")
     elif unknown:  # not recorded (run by an older version): status does not know the overrides (data=, ...)
         lines.append(f"  {', '.join(unknown)}: submit stage=<name> with this experiment's overrides")
+    waiting = [r for r in rows if r.get("waiting")]
+    if waiting:
+        lines.append("waiting in the queue (SLURM's reason):")
+        lines += [f"  {stage_name(cfg, r['stage'])}: {r['waiting']}" for r in waiting]
     running = [(r["stage"], progress_line(stage_dir(cfg, r["stage"]))) for r in rows if r["status"].startswith("running")]
     if any(line for _, line in running):
         lines.append("progress of the running stages:")

@@ -1,0 +1,140 @@
+"""SLURM's queue (squeue): whether a job is still in it, waiting for it to leave, and why a pending
+job waits. A queue that cannot answer is never taken for an empty one (SlurmUnavailable)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+
+from pipeline.launch import accounting
+
+log = logging.getLogger(__name__)
+
+
+class SlurmUnavailable(RuntimeError):
+    """squeue did not answer whether a job is queued (the controller unreachable or timing out):
+    a caller must not take it for "gone", or it would run the stage a second time beside the job."""
+
+
+# squeue's words for "no SLURM configured here": nothing can be in its queue
+_NO_SLURM = ("Could not establish a configuration source", "Unable to process configuration file")
+
+
+def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None:
+    """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it has
+    left (the controller says "Invalid job id" for a job it no longer holds) or where no SLURM is
+    set up. Raises SlurmUnavailable when squeue fails otherwise ``tries`` times."""
+    error = ""
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(pause_s)
+        try:
+            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                  timeout=60)
+        except OSError:
+            return None  # no SLURM client here: nothing can be in its queue
+        except subprocess.TimeoutExpired:
+            error = "no answer in 60 s"
+            continue
+        out = proc.stdout.split()
+        if proc.returncode == 0:
+            return ("RUNNING" if "RUNNING" in out else out[0]) if out else None
+        if "Invalid job id" in proc.stderr or any(words in proc.stderr for words in _NO_SLURM):
+            return None
+        error = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
+    times = f" {tries} times" if tries > 1 else ""
+    raise SlurmUnavailable(f"squeue -j {job_id} failed{times} ({error}): whether job {job_id} is still queued "
+                           "is unknown")
+
+
+def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = None) -> str | None:
+    """Block until the job has left the queue; its final state from accounting (None if it is still
+    queued after ``timeout_s``). A squeue that fails for a while (a busy or restarting controller) is
+    waited out, not read as the job's end."""
+    warned, deadline = False, None if timeout_s is None else time.time() + timeout_s
+    while True:
+        if deadline is not None and time.time() >= deadline:
+            return None
+        try:
+            if not queue_state(job_id):
+                break
+        except SlurmUnavailable as e:
+            if not warned:
+                log.warning("%s; still waiting", e)
+                warned = True
+        time.sleep(poll_s)
+    for _ in range(12):  # accounting may not have recorded the end yet
+        state = accounting.state(job_id)
+        if state not in accounting.LIVE:
+            return state
+        time.sleep(poll_s)
+    return state
+
+
+class SlurmOnce:
+    """squeue and sacct for one status table: once one fails, it is not asked about the other stages'
+    jobs, since each try waits out its timeout (the controller's ~18 s by default, slurmdbd's
+    connection where its host does not answer) and the answer would be the same."""
+
+    def __init__(self) -> None:
+        self.error: SlurmUnavailable | None = None
+        self.accounting_error = ""
+
+    def queue(self, job_id: str) -> str | None:
+        """``queue_state``, asked once: raises SlurmUnavailable again without asking after a failure."""
+        if self.error is None:
+            try:
+                return queue_state(job_id, tries=1)
+            except SlurmUnavailable as e:
+                self.error = e
+        raise self.error
+
+    def reason(self, job_id: str) -> str:
+        """SLURM's reason a pending job waits (Dependency, Priority, PartitionTimeLimit, ...); '' where
+        it gives none yet (until its next scheduling pass) or squeue failed."""
+        if self.error is not None:
+            return ""
+        try:
+            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PENDING", "-o", "%r"], capture_output=True,
+                                  text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return next((r for r in proc.stdout.split() if r != "None"), "")
+
+    def accounting(self, job_id: str) -> str:
+        """``accounting.state``: UNKNOWN without asking once sacct has failed."""
+        if self.accounting_error:
+            return "UNKNOWN"
+        states = accounting.states(job_id)
+        if isinstance(states, str):
+            self.accounting_error = f"sacct -j {job_id} failed ({states})"
+            return "UNKNOWN"
+        return accounting.worst(states)
+
+
+# SLURM's reasons for a pending job that it does not get over by itself: (what is wrong, what to do).
+# The others (Dependency, Priority, Resources, BeginTime, ...) pass with time.
+STUCK = {
+    "PartitionTimeLimit": ("its time limit is over the partition's",
+                           "scancel {job}, then submit it with a lower cluster.time_min or another cluster.partition"),
+    "PartitionNodeLimit": ("it asks for more nodes than the partition allows",
+                           "scancel {job}, then submit it with fewer cluster.nodes or another cluster.partition"),
+    "BadConstraints": ("no node has what it asks (cluster.constraint, GPUs, CPUs or memory per node)",
+                       "scancel {job}, then submit it asking for what the nodes have"),
+    "DependencyNeverSatisfied": ("a job it waits for failed", "scancel {job}; submit status names the failure"),
+    "JobHeldUser": ("it is held", "`scontrol release {job}` lets it start"),
+    "JobHeldAdmin": ("an administrator holds it", "ask them, or scancel {job}"),
+}
+_PER_JOB = ("it is over a per-job limit of its QOS or account (time, nodes, CPUs or GPUs)",
+            "scancel {job}, then submit it within the limit (`sacctmgr show qos`), or with another cluster.qos")
+
+
+def waiting_line(job: str, reason: str) -> str:
+    """``job 12 (PartitionTimeLimit): will not start, its time limit is ... -- scancel 12, then ...``;
+    for a reason that passes with time, ``job 12 (Priority)``."""
+    stuck = STUCK.get(reason) or (_PER_JOB if reason.startswith(("QOSMax", "AssocMax")) and "PerJob" in reason
+                                  else None)
+    if stuck is None:
+        return f"job {job} ({reason or 'no reason given yet'})"
+    return f"job {job} ({reason}): will not start, {stuck[0]} -- {stuck[1].format(job=job)}"
