@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import pipeline.configs
@@ -205,8 +205,17 @@ def _check_types(cfg: DictConfig, defaults: DictConfig, prefix: str) -> None:
         if OmegaConf.is_missing(defaults, key) or OmegaConf.is_missing(cfg, key) or path in _MIXED_TYPES:
             continue
         default, value = defaults[key], cfg[key]
+        if isinstance(default, (DictConfig, ListConfig)) and not isinstance(value, type(default)):
+            # null too: the jobs iterate these (cluster.setup=null failed only as sbatch was called)
+            if isinstance(default, DictConfig) and len(default):  # a section: its keys are set one by one
+                raise ConfigError(f"{path}={value}", "is a config section, not a value",
+                                  f"set its keys, e.g. {path}.{next(iter(default))}=<value>")
+            kind, shape = ("a list", "[<value>, ...]") if isinstance(default, ListConfig) else \
+                ("a mapping", "{<key>: <value>, ...}")
+            raise ConfigError(f"{path}={value}", f"expected {kind} (default {OmegaConf.to_container(default)})",
+                              f"pass '{path}={shape}'")
         if isinstance(default, DictConfig):
-            _check_types(cfg[key], default, path + ".")
+            _check_types(value, default, path + ".")
         elif default is not None and value is not None and type(default) is not type(value) and not (
                 isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
             raise ConfigError(f"{path}={value}", f"expected {type(default).__name__} "

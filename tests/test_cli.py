@@ -139,6 +139,12 @@ def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
     (["stage=all", "experiment=a/b"], ["experiment=a/b", "not usable as a directory name"]),
     (["stage=prepare", "experiment=mlartifacts"], ["experiment=mlartifacts", "holds the run_root's own files"]),
     (["stage=prepare", "cluster=nope"], ["cluster=nope", "local, slurm"]),
+    (["stage=prepare", "cluster=slurm", "cluster.setup=module load cuda"], [
+        "cluster.setup=module load cuda: expected a list (default []) -- pass 'cluster.setup=[<value>, ...]'"]),
+    (["stage=prepare", "cluster=slurm", "cluster.extra=null"], ["cluster.extra=None: expected a mapping"]),
+    (["stage=train_vqvae", "train.betas=0.9"], ["train.betas=0.9: expected a list (default [0.9, 0.999])"]),
+    (["stage=train_vqvae", "model.vqvae=null"], ["model.vqvae=None: is a config section, not a value -- set its "
+                                                 "keys, e.g. model.vqvae.in_channels=<value>"]),
     (["stage=prepare", "cluster.partition=gpu"], ["cluster.partition", "no such config key", "it is a setting of "
                                                   "cluster=slurm, not of cluster=local: pass cluster=slurm"]),
     (["stage=all", "prepare:cluster.extra={hold: true}"], ["cluster.extra", "setting of cluster=slurm"]),
