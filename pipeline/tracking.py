@@ -41,16 +41,16 @@ class ExperimentDeleted(RuntimeError):
     experiment of the same name until it is removed for good."""
 
 
-def deleted_experiment(client: Any, uri: str, name: str) -> tuple[str, str] | None:
-    """(what is wrong, the fix) where MLflow experiment ``name`` at ``uri`` is deleted, else None."""
-    exp = client.get_experiment_by_name(name)
+def deleted_experiment(exp: Any, uri: str) -> tuple[str, str] | None:
+    """(what is wrong, the fix) where the MLflow experiment ``exp`` (or None) at ``uri`` is deleted,
+    else None."""
     if exp is None or exp.lifecycle_stage != "deleted":
         return None
-    eid = exp.experiment_id
-    return (f"the MLflow experiment '{name}' (id {eid}) at {uri} was deleted, and MLflow takes no run into it",
+    eid, store = exp.experiment_id, "<the server's store>" if uri.startswith(("http://", "https://")) else uri
+    return (f"the MLflow experiment '{exp.name}' (id {eid}) at {uri} was deleted, and MLflow takes no run into it",
             f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}; its runs "
-            f"come back too) or remove it for good (mlflow gc --backend-store-uri <the server's store> "
-            f"--experiment-ids {eid}), then submit again")
+            f"come back too) or remove it for good (mlflow gc --backend-store-uri {store} --experiment-ids {eid}), "
+            "then submit again")
 
 
 class StageKilled(BaseException):
@@ -304,10 +304,10 @@ class StageRun:
         from mlflow.exceptions import MlflowException
 
         name = str(self.cfg.experiment)
-        deleted = deleted_experiment(self._client, self.uri, name)
+        exp = self._client.get_experiment_by_name(name)
+        deleted = deleted_experiment(exp, self.uri)
         if deleted:  # MLflow's own words ("must be in the 'active' state") name neither cause nor fix
             raise ExperimentDeleted(" -- ".join(deleted))
-        exp = self._client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         try:

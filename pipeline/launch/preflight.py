@@ -105,15 +105,14 @@ def _tracking_answers(cfg: DictConfig) -> None:
 def _experiment_not_deleted(cfg: DictConfig) -> None:
     """An experiment deleted in the MLflow UI fails every stage as it starts; said before anything
     runs or is queued (where the store answers here: a job checks again as it starts)."""
-    from pipeline.mlflow_outbox import reachable
     from pipeline.tracking import deleted_experiment
 
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists() or reachable(uri):
+    if (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()) or reachable(uri):
         return  # no store yet, so nothing deleted; or a server that does not answer here
     from mlflow.tracking import MlflowClient
 
-    deleted = deleted_experiment(MlflowClient(uri), uri, str(cfg.experiment))
+    deleted = deleted_experiment(MlflowClient(uri).get_experiment_by_name(str(cfg.experiment)), uri)
     if deleted:
         raise ConfigError(f"experiment={cfg.experiment}", *deleted)
 
