@@ -70,9 +70,12 @@ OPEN_DICTS = {"cluster.extra": ("cluster", "slurm")}
 def _open_dict_overrides(overrides: list[str]) -> list[str]:
     chosen = {k: v for k, v in map(_parse_override_target, overrides) if k in GROUPS}
     opened = [d for d, (group, option) in OPEN_DICTS.items() if chosen.get(group) == option]
-    return [f"++{o.lstrip('+')}" if not o.startswith(("++", "~")) and any(
-                k == d or k.startswith(d + ".") for k in [_parse_override_target(o)[0]] for d in opened) else o
-            for o in overrides]
+
+    def into_open_dict(override: str) -> bool:
+        key = _parse_override_target(override)[0]
+        return not override.startswith(("++", "~")) and any(key == d or key.startswith(d + ".") for d in opened)
+
+    return [f"++{o.lstrip('+')}" if into_open_dict(o) else o for o in overrides]
 
 
 def _check_overrides(overrides: list[str]) -> None:
