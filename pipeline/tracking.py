@@ -26,6 +26,7 @@ from pipeline import atomic, mlflow_outbox  # noqa: E402
 from pipeline.system_metrics import NodeMetrics, SystemMetrics  # noqa: E402
 from pipeline.mlflow_outbox import reachable  # noqa: E402
 from pipeline.config import stage_name  # noqa: E402
+from pipeline.wording import first_few  # noqa: E402
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
@@ -101,7 +102,7 @@ def changed_settings(then: Mapping[str, str], now: Mapping[str, str], compared: 
     first ``limit`` of them and how many more; '' where none differs."""
     changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
                if then[k] != now[k] and compared(k)]
-    return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
+    return first_few(changed, limit, sep="; ")
 
 
 def ui_command(uri: str) -> str:

@@ -184,6 +184,10 @@ def test_a_held_out_folder_named_valid_is_val_and_a_tree_without_one_is_refused(
     (src / "train").rename(src / "training")
     with pytest.raises(ValueError, match=r"has valid/ but no train/ \(besides: test/, training/\): put the "):
         FolderSource(src, 0.1, 0)
+    for i in range(5):  # a long list of other folders is cut short, counting the rest
+        (src / f"set{i}").mkdir()
+    with pytest.raises(ValueError, match=r"no train/ \(besides: set0/, set1/, set2/, set3/, set4/ and 2 more\): "):
+        FolderSource(src, 0.1, 0)
 
 
 def test_a_class_folder_named_train_is_a_class(tmp_path):

@@ -181,3 +181,11 @@ def test_status_of_an_experiment_that_never_ran_names_those_that_did(tmp_path):
             "-- pass experiment=<one of them> to see it") in typo.stdout, typo.stdout
     ran = submit("status", "experiment=flowers", cwd=tmp_path)
     assert "nothing has run" not in ran.stdout and "plus the data=" not in ran.stdout, ran.stdout
+
+
+def test_long_lists_in_messages_name_the_first_few_and_count_the_rest():
+    from pipeline.wording import first_few
+
+    assert first_few(["a", "b"]) == "a, b"
+    assert first_few([f"c{i}" for i in range(12)]) == "c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 and 2 more"
+    assert first_few(["x=1", "y=2", "z=3"], limit=2, sep="; ") == "x=1; y=2; and 1 more"

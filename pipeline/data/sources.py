@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from pipeline.data import images
+from pipeline.wording import first_few
 
 IMAGE_EXTS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}  # PIL decodes them all
 log = logging.getLogger("pipeline.prepare")
@@ -140,7 +141,7 @@ class FolderSource:
         shards, so the tree is refused here, naming what it has."""
         names = [p.name for p in split_dirs]
         held_out = [p for p in split_dirs if p.name in VAL_ALIASES]
-        listed = "/, ".join(others[:5]) + "/" + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        listed = first_few([f"{o}/" for o in others], limit=5)
         besides = f" (besides: {listed})" if others else ""
         if "train" not in names:
             raise ValueError(f"{self.root}: has {names[0]}/ but no train/{besides}: put the training images in "
@@ -192,9 +193,8 @@ class FolderSource:
         counts = np.bincount(labels, minlength=len(self.class_names))
         few = [f"{self.class_names[c]!r} ({counts[c]})" for c in np.flatnonzero(counts < 2)]
         if few:  # sklearn would only say "the least populated class in y has 1 member"
-            shown = ", ".join(few[:10]) + (f" and {len(few) - 10} more" if len(few) > 10 else "")
             exts = ", ".join(sorted(IMAGE_EXTS))
-            raise ValueError(f"{self.root}: class folders with fewer than 2 images ({exts}): {shown}; a val "
+            raise ValueError(f"{self.root}: class folders with fewer than 2 images ({exts}): {first_few(few)}; a val "
                              "split stratified over the classes needs at least one image per class on each side: "
                              "add images, remove those folders, or give the split yourself as <split>/<class>/ "
                              "folders")
@@ -210,18 +210,15 @@ class FolderSource:
             have = {r.label for r in splits[split]}
             return [c for i, c in enumerate(self.class_names) if i not in have]
 
-        def listed(names: list[str]) -> str:
-            return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
         where = f"directly in the class folder, one of {', '.join(sorted(IMAGE_EXTS))}"
         untrained = without("train")
         if untrained:
-            raise ValueError(f"{self.root}: classes with no image in train/ ({where}): {listed(untrained)}; put "
+            raise ValueError(f"{self.root}: classes with no image in train/ ({where}): {first_few(untrained)}; put "
                              "their training images in train/<class>/, or remove their folders")
         unseen = without("val")
         if unseen:
             log.warning("%s: classes with no image in %s/ (%s): %s; evaluate has no real val image of them",
-                        self.root, self._splits["val"].name, where, listed(unseen))
+                        self.root, self._splits["val"].name, where, first_few(unseen))
 
     def load(self, ref: SampleRef) -> images.EncodedImage:
         return images.encode((self.root / ref.origin).read_bytes(), self.jpeg_quality, self.max_side)

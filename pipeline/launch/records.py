@@ -18,6 +18,7 @@ from pipeline.launch import failures, mlflow_runs, stage_lock
 from pipeline.launch.queue import SlurmOnce, SlurmUnavailable, queue_state, waiting_line
 from pipeline.stages import ORDER, PROGRESS, depends_on, shard_progress, vqvae_model
 from pipeline.tracking import changed_settings, flatten, tracking_uri
+from pipeline.wording import first_few
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first
 COMMAND = "command.json"  # the `submit` arguments (and working dir) that last ran or queued a stage
@@ -282,8 +283,7 @@ def _nothing_ran(cfg: DictConfig) -> str:
     there = sorted(p.name for p in root.iterdir() if p.is_dir() and any(  # sample-<set>: a sample set's
         d.is_dir() and d.name.partition("-")[0] in ORDER for d in p.iterdir())) if root.is_dir() else []
     if there:
-        shown = ", ".join(there[:10]) + (f" and {len(there) - 10} more" if len(there) > 10 else "")
-        return (f"nothing has run for experiment '{cfg.experiment}' in {root}; experiments there: {shown} -- "
-                "pass experiment=<one of them> to see it")
+        return (f"nothing has run for experiment '{cfg.experiment}' in {root}; experiments there: "
+                f"{first_few(there)} -- pass experiment=<one of them> to see it")
     return (f"nothing has run in {root}{'' if root.is_dir() else ' (no such folder)'} -- pass run_root=<where it "
             "ran> to see a run made elsewhere (by default runs/ under the folder submit was run from)")
