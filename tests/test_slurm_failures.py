@@ -220,10 +220,18 @@ def test_a_job_sbatch_refuses_is_named_and_status_says_why_queued_jobs_wait(slur
             assert re.search(rf"^  {stage}\s+already pending\s+{job}$", fixed.stdout, re.M), fixed.stdout
         assert re.search(rf"^  train_top_prior\s+queued after {left.group(3)}\s+\d+$", fixed.stdout, re.M)
         prepare, train_vqvae = left.group(1), left.group(2)
-        status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120).stdout
+        wrapper = tmp_path / "bin" / "squeue"  # counts status' squeue calls: one per job gives state and reason
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "squeue.calls"}\nexec {shutil.which("squeue")} "$@"\n')
+        wrapper.chmod(0o755)
+        counted = {**slurm, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+        status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=counted, timeout=120).stdout
         assert (f"waiting in the queue (SLURM's reason):\n  prepare: job {prepare} (JobHeldUser): will not start, it "
                 f"is held -- `scontrol release {prepare}` lets it start\n  train_vqvae: job {train_vqvae} (Dependency)"
                 "\n") in status, status
+        asked = [call.split()[2] for call in (tmp_path / "squeue.calls").read_text().splitlines()]
+        waiting = re.findall(r"^  \w+: job (\d+) ", status, re.M)
+        assert prepare in asked and sorted(asked) == sorted(set(asked)) == sorted(waiting), (asked, status)
         # a time limit over the partition's (the local cluster's "short" allows 5 min): queued, never started
         long = submit("stage=prepare", "cluster=slurm", "cluster.partition=short", "cluster.time_min=10",
                       f"run_root={run_root}", "experiment=long", cwd=tmp_path, env=slurm, timeout=120)

@@ -25,23 +25,34 @@ def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None
     """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it has
     left (the controller says "Invalid job id" for a job it no longer holds) or where no SLURM is
     set up. Raises SlurmUnavailable when squeue fails otherwise ``tries`` times."""
+    return _job_state(_queued_tasks(job_id, tries, pause_s))
+
+
+def _job_state(tasks: list[tuple[str, str]]) -> str | None:
+    states = [state for state, _ in tasks]
+    return ("RUNNING" if "RUNNING" in states else states[0]) if states else None
+
+
+def _queued_tasks(job_id: str, tries: int, pause_s: float) -> list[tuple[str, str]]:
+    """(state, SLURM's reason) of each of the job's tasks in the queue, in one squeue call; [] once
+    it has left or where no SLURM is set up."""
     error = ""
     for attempt in range(tries):
         if attempt:
             time.sleep(pause_s)
         try:
-            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True,
                                   timeout=60)
         except OSError:
-            return None  # no SLURM client here: nothing can be in its queue
+            return []  # no SLURM client here: nothing can be in its queue
         except subprocess.TimeoutExpired:
             error = "no answer in 60 s"
             continue
-        out = proc.stdout.split()
         if proc.returncode == 0:
-            return ("RUNNING" if "RUNNING" in out else out[0]) if out else None
+            rows = [line.split(None, 1) for line in proc.stdout.splitlines() if line.strip()]
+            return [(row[0], row[1].strip() if len(row) > 1 else "") for row in rows]  # a reason may have spaces
         if "Invalid job id" in proc.stderr or any(words in proc.stderr for words in _NO_SLURM):
-            return None
+            return []
         error = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
     times = f" {tries} times" if tries > 1 else ""
     raise SlurmUnavailable(f"squeue -j {job_id} failed{times} ({error}): whether job {job_id} is still queued "
@@ -80,27 +91,24 @@ class SlurmOnce:
     def __init__(self) -> None:
         self.error: SlurmUnavailable | None = None
         self.accounting_error = ""
+        self._reasons: dict[str, str] = {}
 
     def queue(self, job_id: str) -> str | None:
         """``queue_state``, asked once: raises SlurmUnavailable again without asking after a failure."""
         if self.error is None:
             try:
-                return queue_state(job_id, tries=1)
+                tasks = _queued_tasks(job_id, tries=1, pause_s=0)
             except SlurmUnavailable as e:
                 self.error = e
+            else:
+                self._reasons[job_id] = next((r for s, r in tasks if s == "PENDING" and r != "None"), "")
+                return _job_state(tasks)
         raise self.error
 
     def reason(self, job_id: str) -> str:
-        """SLURM's reason a pending job waits (Dependency, Priority, PartitionTimeLimit, ...); '' where
-        it gives none yet (until its next scheduling pass) or squeue failed."""
-        if self.error is not None:
-            return ""
-        try:
-            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PENDING", "-o", "%r"], capture_output=True,
-                                  text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return next((r for r in proc.stdout.split() if r != "None"), "")
+        """SLURM's reason a pending job waits (Dependency, Priority, PartitionTimeLimit, ...), from
+        the squeue call ``queue`` made; '' where it gives none yet (until its next scheduling pass)."""
+        return self._reasons.get(job_id, "")
 
     def accounting(self, job_id: str) -> str:
         """``accounting.state``: UNKNOWN without asking once sacct has failed."""
