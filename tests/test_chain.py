@@ -266,3 +266,12 @@ def test_summary_table_columns_stay_aligned_whatever_the_wall_time_reads():
     ends = {line.index(w) + len(w) for line, w in zip(lines, ["wall time", "done before", "not needed", "3 s",
                                                               "62 min 05 s", "62 min 08 s"])}
     assert len(ends) == 1, lines
+
+
+def test_the_global_seed_reaches_sample_only_without_its_own_seed():
+    from pipeline.stages import depends_on
+
+    assert not depends_on("sample", "seed", {"seed": "0", "sample.seed": "1"})
+    assert depends_on("sample", "seed", {"seed": "0", "sample.seed": "None"})
+    assert depends_on("sample", "sample.seed", {"seed": "0", "sample.seed": "1"})
+    assert depends_on("train_top_prior", "seed", {"seed": "0", "sample.seed": "1"})

@@ -47,10 +47,7 @@ def settings_changed(cfg: DictConfig, stage: str) -> str:
     if not recorded.exists():
         return ""
     then, now = flatten(OmegaConf.load(recorded)), flatten(cfg)
-    # samples drawn with their own sample.seed on both sides never see the global seed
-    own_seed = stage == "sample" and "None" not in (then.get("sample.seed", "None"), now.get("sample.seed", "None"))
-    return changed_settings(then, now, lambda k: not k.startswith(NOT_OUTPUTS) and depends_on(stage, k)
-                            and not (own_seed and k == "seed"), limit=4)
+    return changed_settings(then, now, lambda k: not k.startswith(NOT_OUTPUTS) and depends_on(stage, k, now), limit=4)
 
 
 def shared_overrides(args: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +133,12 @@ TRAINING_ONLY = ("deepspeed.", "data.num_workers", "data.shuffle_buffer", "data.
 TRAINING = ("train_vqvae", "train_top_prior", "train_bottom_prior", "evaluate")  # evaluate: its classifiers
 
 
-def depends_on(stage: str, key: str) -> bool:
+def depends_on(stage: str, key: str, settings: Mapping[str, str] | None = None) -> bool:
     """Whether ``stage``'s outputs depend on the flat config key ``key``: of model.* those of
-    ``MODEL_SETTINGS``, of ``TRAINING_ONLY`` the trainings', any other key."""
+    ``MODEL_SETTINGS``, of ``TRAINING_ONLY`` the trainings', any other key. Given the flat
+    ``settings`` they are made with: samples drawn with their own sample.seed never see the global seed."""
+    if key == "seed" and stage == "sample" and settings is not None and settings.get("sample.seed", "None") != "None":
+        return False
     if key.startswith(TRAINING_ONLY):
         return stage in TRAINING
     if not key.startswith("model."):
