@@ -151,7 +151,7 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
 
 def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
     from pipeline.config import stage_dir
-    from pipeline.launch import executors
+    from pipeline.launch import executors, queue
     from pipeline.tracking import tracking_uri
 
     try:
@@ -169,13 +169,14 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
     if not cfg.wait:
         return 0
     failed: dict[str, list[str]] = {}  # error -> the array tasks that raised it
-    for job in jobs:
-        try:
-            job.results()  # every task of the job (one per rank)
-        except KeyboardInterrupt:
-            return _stopped_waiting(cfg, stage)
-        except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
-            failed.setdefault(_error_line(e), []).append(job.job_id)
+    with queue.SayWhenStuck([jobs[0].job_id.split("_")[0]], _still_waiting):
+        for job in jobs:
+            try:
+                job.results()  # every task of the job (one per rank)
+            except KeyboardInterrupt:
+                return _stopped_waiting(cfg, stage)
+            except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
+                failed.setdefault(_error_line(e), []).append(job.job_id)
     for error, ids in failed.items():  # 32 tasks failing alike: one line
         which = ids[0] if len(ids) == 1 else f"{', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''} ({len(ids)} tasks)"
         print(f"submit: job {which} failed: {error}", file=sys.stderr)
@@ -279,16 +280,17 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         print(f"  watch:   submit status {records.experiment_args(cfg)}\n"
               f"  open:    {ui_command_for(tracking_uri(cfg))}")
         if cfg.wait:
-            for r in rows:
-                try:
-                    error = _chain_job_error(r)
-                except KeyboardInterrupt:
-                    return _stopped_waiting(cfg, None)
-                if error:
-                    sdir = stage_dir(cfgs[r["stage"]], r["stage"])
-                    log = _failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
-                    print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
-                    return 1
+            with queue.SayWhenStuck([r["job"] for r in rows if r["job"]], _still_waiting):
+                for r in rows:
+                    try:
+                        error = _chain_job_error(r)
+                    except KeyboardInterrupt:
+                        return _stopped_waiting(cfg, None)
+                    if error:
+                        sdir = stage_dir(cfgs[r["stage"]], r["stage"])
+                        log = _failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
+                        print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
+                        return 1
             _print_finished(cfg, chain.slurm_summary_rows(cfgs, rows), time.time() - start)
         return 0
     try:
@@ -302,6 +304,10 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         return 130 if ctrl_c else 1
     _print_finished(cfg, rows, time.time() - start)
     return 0
+
+
+def _still_waiting(line: str) -> None:
+    print(f"submit: still waiting: {line} (Ctrl-C stops the wait; the job stays queued)", file=sys.stderr, flush=True)
 
 
 def _stopped_waiting(cfg, stage: str | None) -> int:

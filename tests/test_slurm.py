@@ -10,6 +10,7 @@ import re
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -230,6 +231,31 @@ def test_ctrl_c_while_waiting_stops_the_wait_not_the_jobs(slurm, tmp_path, stage
         proc.kill()
         for extra in {"", named}:  # a set's sample and evaluate are cancelled with its name
             submit("cancel", f"run_root={run_root}", *filter(None, [extra]), cwd=tmp_path, env=slurm, timeout=120)
+
+
+def test_wait_says_once_why_a_job_will_not_start_and_goes_on_waiting(slurm, tmp_path):
+    """wait=true on a job SLURM will never start by itself (here held) waited silently forever: it
+    says why with the fix, once, and the fix as printed lets the wait end with the stage done."""
+    env = {**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([SUBMIT, "stage=prepare", "cluster=slurm", f"run_root={tmp_path / 'runs'}", "wait=true",
+                             "cluster.extra={hold: true}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(180, proc.kill)  # readline returns '' (and the test fails) if the line never comes
+    guard.start()
+    try:
+        said = proc.stderr.readline()
+        held = re.fullmatch(r"submit: still waiting: job (\d+) \(JobHeldUser\): will not start, it is held -- "
+                            r"`(scontrol release \d+)` lets it start \(Ctrl-C stops the wait; the job stays queued\)\n",
+                            said)
+        assert held and held.group(2) == f"scontrol release {held.group(1)}", said
+        slurm_sh(held.group(2).split(), slurm)
+        out, err = proc.communicate(timeout=170)
+        assert proc.returncode == 0, out + said + err
+        assert "stage prepare: done" in out and "still waiting" not in err, out + err  # said once
+    finally:
+        guard.cancel()
+        proc.kill()
+        submit("cancel", f"run_root={tmp_path / 'runs'}", cwd=tmp_path, env=slurm, timeout=120)
 
 
 def _run_time_s(job: str, slurm: dict) -> int:

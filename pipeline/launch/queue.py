@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 
 from pipeline.launch import accounting
 
@@ -31,6 +33,10 @@ def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None
 def _job_state(tasks: list[tuple[str, str]]) -> str | None:
     states = [state for state, _ in tasks]
     return ("RUNNING" if "RUNNING" in states else states[0]) if states else None
+
+
+def _pending_reason(tasks: list[tuple[str, str]]) -> str:
+    return next((reason for state, reason in tasks if state == "PENDING" and reason != "None"), "")
 
 
 def _queued_tasks(job_id: str, tries: int, pause_s: float) -> list[tuple[str, str]]:
@@ -101,7 +107,7 @@ class SlurmOnce:
             except SlurmUnavailable as e:
                 self.error = e
             else:
-                self._reasons[job_id] = next((r for s, r in tasks if s == "PENDING" and r != "None"), "")
+                self._reasons[job_id] = _pending_reason(tasks)
                 return _job_state(tasks)
         raise self.error
 
@@ -138,11 +144,49 @@ _PER_JOB = ("it is over a per-job limit of its QOS or account (time, nodes, CPUs
             "scancel {job}, then submit it within the limit (`sacctmgr show qos`), or with another cluster.qos")
 
 
+def _stuck(reason: str) -> tuple[str, str] | None:
+    return STUCK.get(reason) or (_PER_JOB if reason.startswith(("QOSMax", "AssocMax")) and "PerJob" in reason
+                                 else None)
+
+
 def waiting_line(job: str, reason: str) -> str:
     """``job 12 (PartitionTimeLimit): will not start, its time limit is ... -- scancel 12, then ...``;
     for a reason that passes with time, ``job 12 (Priority)``."""
-    stuck = STUCK.get(reason) or (_PER_JOB if reason.startswith(("QOSMax", "AssocMax")) and "PerJob" in reason
-                                  else None)
+    stuck = _stuck(reason)
     if stuck is None:
         return f"job {job} ({reason or 'no reason given yet'})"
     return f"job {job} ({reason}): will not start, {stuck[0]} -- {stuck[1].format(job=job)}"
+
+
+class SayWhenStuck:
+    """While `wait=true` blocks on jobs (in submitit, or ``wait_for_job``): says once per job and
+    reason, through ``say``, when one waits for a reason SLURM does not get over by itself. The wait
+    goes on, since the fix (``scontrol release``, ``scontrol update``) can come from another shell;
+    without this it would wait silently forever."""
+
+    def __init__(self, jobs: list[str], say: Callable[[str], None], first_s: float = 2.0, every_s: float = 30.0):
+        self.jobs, self.say, self.first_s, self.every_s = jobs, say, first_s, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="say-when-stuck", daemon=True)
+
+    def __enter__(self) -> SayWhenStuck:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        said: dict[str, str] = {}
+        pause = self.first_s  # the reason comes with the scheduler's next pass: look soon, then less often
+        while not self._stop.wait(pause):
+            for job in self.jobs:
+                try:
+                    reason = _pending_reason(_queued_tasks(job, tries=1, pause_s=0))
+                except SlurmUnavailable:  # the wait itself deals with an unanswering controller
+                    continue
+                if _stuck(reason) and said.get(job) != reason and not self._stop.is_set():
+                    self.say(waiting_line(job, reason))
+                said[job] = reason
+            pause = min(self.every_s, pause * 2)
