@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import ConfigError, compose, stage_name, to_yaml
@@ -88,8 +89,7 @@ def _main(args: list[str]) -> int:
     # the command `submit status` offers to resume a stage with: the one that produces it
     remember = (lambda: None) if cfg.verify else (lambda: records.record_command(stage_dir(cfg, stage), args))
     if cfg.cluster.name == "slurm":
-        remember()
-        return _submit_to_slurm(cfg, stage, args)
+        return _submit_to_slurm(cfg, stage, args, remember)
     try:
         with executors.exclusive(cfg, stage):  # held from before anything of this run is written
             remember()
@@ -149,7 +149,7 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
             and not (stage_dir(cfg, s) / DONE).exists() and not missing_inputs(cfg, s)]
 
 
-def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
+def _submit_to_slurm(cfg, stage: str, args: list[str], remember: Callable[[], None]) -> int:
     from pipeline.config import stage_dir
     from pipeline.launch import executors, queue
     from pipeline.tracking import tracking_uri
@@ -163,6 +163,7 @@ def _submit_to_slurm(cfg, stage: str, args: list[str]) -> int:
     from pipeline.launch import records
 
     records.add_job(sdir, jobs[0].job_id.split("_")[0])
+    remember()  # once queued: a command sbatch refused is not the one that resumes the stage
     print(f"stage {stage}: submitted to SLURM\n{executors.job_summary(jobs)}\n  outputs: {sdir}\n"
           f"  MLflow:  experiment '{cfg.experiment}' at {tracking_uri(cfg)} (run id in "
           f"{sdir / 'mlflow_run.json'} once the job starts)\n  open:    {ui_command_for(tracking_uri(cfg))}")
@@ -256,12 +257,10 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         print("warning: stages done before with other settings are not run again (outputs are never "
               "overwritten):\n  " + "\n  ".join(changed) + "\n  to run them with these settings: "
               "experiment=<a new name>, or sample_set=<a name> for sample and evaluate settings", file=sys.stderr)
-    for stage in todo:
-        records.record_command(stage_dir(cfg, stage), args)
     start = time.time()
     if cfg.cluster.name == "slurm":
         try:
-            rows = chain.submit_slurm(cfgs)
+            rows = chain.submit_slurm(cfgs, args)
         except queue.SlurmUnavailable as e:
             print(f"submit: error: {e} -- nothing was queued; submit again once `squeue` answers", file=sys.stderr)
             return 2
@@ -293,6 +292,8 @@ def _chain(args: list[str], print_cfg: bool) -> int:
                         return 1
             _print_finished(cfg, chain.slurm_summary_rows(cfgs, rows), time.time() - start)
         return 0
+    for stage in todo:
+        records.record_command(stage_dir(cfg, stage), args)
     try:
         rows = chain.run_local(cfgs)
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's

@@ -201,6 +201,8 @@ def test_a_job_sbatch_refuses_is_named_and_status_says_why_queued_jobs_wait(slur
             "submission failed: Invalid partition name specified -- check cluster.partition, ") in alone.stderr
     assert "Traceback" not in alone.stderr and "sbatch: error" not in alone.stderr  # said once, in that line
     assert not [p for p in (run_root / "digits" / "prepare" / "slurm").iterdir()]  # submitit's pickles removed
+    # the refused command is not the one `submit status` offers to resume the stage with
+    assert not (run_root / "digits" / "prepare" / records.COMMAND).exists()
     # prepare held (an sbatch option through cluster.extra), so nothing of this chain runs
     args = ["stage=all", "cluster=slurm", f"run_root={run_root}", "prepare:cluster.extra={hold: true}"]
     proc = submit(*args, "train_top_prior:cluster.partition=nosuch", cwd=tmp_path, env=slurm, timeout=300)
@@ -214,11 +216,16 @@ def test_a_job_sbatch_refuses_is_named_and_status_says_why_queued_jobs_wait(slur
                          r"encode \(job (\d+)\)\n  submit again once fixed", proc.stderr)
         assert left and sorted(left.groups()) == sorted(queued), (proc.stderr, queued)
         assert "JobHeldUser" in slurm_sh(["squeue", "-h", "-j", left.group(1), "-o", "%r"], slurm)
+        recorded = {p.parent.name: json.loads(p.read_text())["args"] for p in
+                    (run_root / "digits").glob(f"*/{records.COMMAND}")}
+        assert recorded == {s: [*args, "train_top_prior:cluster.partition=nosuch"] for s in
+                            ("prepare", "train_vqvae", "encode")}, recorded
         fixed = submit(*args, cwd=tmp_path, env=slurm, timeout=300)  # the rest queue after the jobs left
         assert fixed.returncode == 0, fixed.stdout + fixed.stderr
         for stage, job in zip(("prepare", "train_vqvae", "encode"), left.groups()):
             assert re.search(rf"^  {stage}\s+already pending\s+{job}$", fixed.stdout, re.M), fixed.stdout
         assert re.search(rf"^  train_top_prior\s+queued after {left.group(3)}\s+\d+$", fixed.stdout, re.M)
+        assert json.loads((run_root / "digits" / "train_top_prior" / records.COMMAND).read_text())["args"] == args
         prepare, train_vqvae = left.group(1), left.group(2)
         wrapper = tmp_path / "bin" / "squeue"  # counts status' squeue calls: one per job gives state and reason
         wrapper.parent.mkdir()

@@ -160,9 +160,10 @@ class ChainRefused(Exception):
         self.refused, self.queued = refused, queued
 
 
-def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
+def submit_slurm(cfgs: dict[str, DictConfig], args: list[str]) -> list[dict[str, Any]]:
     """Queue every stage to run at once, each depending on the jobs that produce its inputs (so the
-    two priors run side by side after encode). Raises ChainRefused where sbatch refuses a job."""
+    two priors run side by side after encode), recording ``args`` as the command of each stage it
+    queues. Raises ChainRefused where sbatch refuses a job."""
     cfg = next(iter(cfgs.values()))
     todo, done, skip = stages_to_run(cfgs)
     rows = [{"stage": s, "status": "already done", "job": ""} for s in done]
@@ -184,6 +185,7 @@ def submit_slurm(cfgs: dict[str, DictConfig]) -> list[dict[str, Any]]:
             raise ChainRefused(e, [r for r in rows if "jobs" in r]) from None
         queued[stage] = jobs[0].job_id.split("_")[0]
         records.add_job(stage_dir(cfg, stage), queued[stage])
+        records.record_command(stage_dir(cfg, stage), args)
         rows.append({"stage": stage, "status": "queued" + (f" after {','.join(after)}" if after else ""),
                      "job": queued[stage], "jobs": jobs})
     return rows
