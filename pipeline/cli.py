@@ -81,6 +81,9 @@ def _main(args: list[str]) -> int:
     except ConfigError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
+    prepared = preflight.prepared_otherwise(cfg, stage)
+    if prepared:
+        print(f"warning: {prepared}", file=sys.stderr)
 
     from pipeline.config import stage_dir
     from pipeline.launch import records

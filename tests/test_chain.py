@@ -210,6 +210,34 @@ def test_a_tree_named_by_a_relative_path_is_the_same_tree_named_absolute(tmp_pat
         f"prepare: data.source={tmp_path / 'tree'} there, {tmp_path / 'tree' / 'a'} now"]
 
 
+def test_data_settings_only_prepare_reads_are_prepare_s_alone(tmp_path):
+    """data.source, data.shard_size, ... decide prepare's shards; later stages build on those shards as
+    they are. Compared as every stage's own, a changed data.shard_size listed all seven done stages and
+    told a done sample to draw another sample_set, which would not prepare anything anew."""
+    from pipeline.config import stage_dir, to_yaml
+    from pipeline.launch import preflight, records
+
+    run_root = f"run_root={tmp_path / 'runs'}"
+    then = chain.compose_all([run_root])
+    for stage, cfg in then.items():
+        sdir = stage_dir(cfg, stage)
+        sdir.mkdir(parents=True)
+        (sdir / "config.yaml").write_text(to_yaml(cfg))
+    now = chain.compose_all([run_root, "data.shard_size=100", "data.val_fraction=0.3"])
+    changed = "data.shard_size=256 there, 100 now; data.val_fraction=0.2 there, 0.3 now"
+    assert chain.done_with_other_settings(now, list(now)) == [f"prepare: {changed}"]
+    assert records.settings_changed(now["sample"], "sample") == ""
+    assert preflight.prepared_otherwise(now["sample"], "sample") == (
+        f"prepare ran with other data settings ({changed}), and sample builds on its shards as they are -- pass "
+        "experiment=<a new name> to prepare the data with these settings")
+    assert preflight.prepared_otherwise(now["prepare"], "prepare") == ""  # prepare's own refusal says it
+    assert preflight.prepared_otherwise(then["encode"], "encode") == ""
+    # a key later stages read themselves is still theirs too
+    resized = chain.compose_all([run_root, "data.resolution=64"])
+    assert chain.done_with_other_settings(resized, ["prepare", "train_vqvae", "sample"]) == [
+        f"{s}: data.resolution=32 there, 64 now" for s in ("prepare", "train_vqvae", "sample")]
+
+
 def test_a_failed_chain_says_how_to_go_on(tmp_path):
     src = tmp_path / "tiny"  # a class-folder tree prepare cannot use: no decodable image
     for cls in ("a", "b"):

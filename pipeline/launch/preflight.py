@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError, stage_dir, stage_name
 from pipeline.launch import executors, queue, records, stage_lock
 from pipeline.mlflow_outbox import reachable
+from pipeline.stages import PREPARE_ONLY
 from pipeline.tracking import tracking_uri
 from pipeline.training.distributed import detect
 from pipeline.training.fingerprint import RESUME_FIX, resume_refusal
@@ -136,6 +137,17 @@ def _sqlite_experiment(uri: str, name: str) -> SimpleNamespace | None | Literal[
     except sqlite3.Error:
         return False
     return None if row is None else SimpleNamespace(experiment_id=str(row[0]), name=row[1], lifecycle_stage=row[2])
+
+
+def prepared_otherwise(cfg: DictConfig, stage: str) -> str:
+    """What to say where ``stage`` reads shards prepare wrote with other data settings than ``cfg``'s
+    (data.source, data.shard_size, ...): it reads them as they are, which the user may not expect
+    (a new data.source without a new experiment=); '' where not."""
+    if stage == "prepare" or cfg.verify:
+        return ""
+    changed = records.settings_changed(cfg, "prepare", only=PREPARE_ONLY)
+    return (f"prepare ran with other data settings ({changed}), and {stage_name(cfg, stage)} builds on its shards "
+            "as they are -- pass experiment=<a new name> to prepare the data with these settings") if changed else ""
 
 
 def _not_queued(cfg: DictConfig, stage: str) -> None:

@@ -39,15 +39,16 @@ NOT_OUTPUTS = ("cluster.", "tracking.", "stage.", "run_root", "experiment", "sam
                "train.sample_grid")  # "resume" covers resume_weights_only; sample.method: identical samples
 
 
-def settings_changed(cfg: DictConfig, stage: str) -> str:
-    """``key=old there, new now; ...`` for each key ``stage``'s outputs depend on that its last run
-    recorded (config.yaml) with another value than ``cfg``'s; '' where none, or nothing is recorded.
-    Keys the stage did not record (added since) are left out."""
+def settings_changed(cfg: DictConfig, stage: str, only: tuple[str, ...] = ()) -> str:
+    """``key=old there, new now; ...`` for each key ``stage``'s outputs depend on (of ``only``, where
+    given) that its last run recorded (config.yaml) with another value than ``cfg``'s; '' where none,
+    or nothing is recorded. Keys the stage did not record (added since) are left out."""
     recorded = stage_dir(cfg, stage) / "config.yaml"
     if not recorded.exists():
         return ""
     then, now = flatten(OmegaConf.load(recorded)), flatten(cfg)
-    return changed_settings(then, now, lambda k: not k.startswith(NOT_OUTPUTS) and depends_on(stage, k, now), limit=4)
+    return changed_settings(then, now, lambda k: not k.startswith(NOT_OUTPUTS) and depends_on(stage, k, now)
+                            and (not only or k in only), limit=4)
 
 
 def shared_overrides(args: list[str]) -> list[str]:

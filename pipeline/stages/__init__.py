@@ -131,14 +131,21 @@ MODEL_SETTINGS: dict[str, tuple[str, ...]] = {
 # the samples do not depend on them
 TRAINING_ONLY = ("deepspeed.", "data.num_workers", "data.shuffle_buffer", "data.hflip")
 TRAINING = ("train_vqvae", "train_top_prior", "train_bottom_prior", "evaluate")  # evaluate: its classifiers
+# Keys only prepare reads (which images, split and shard how): later stages depend on them through
+# its shards, as on a model's settings through its model.pt
+PREPARE_ONLY = ("data.source", "data.layout", "data.val_fraction", "data.shard_size", "data.max_side",
+                "data.jpeg_quality")
 
 
 def depends_on(stage: str, key: str, settings: Mapping[str, str] | None = None) -> bool:
     """Whether ``stage``'s outputs depend on the flat config key ``key``: of model.* those of
-    ``MODEL_SETTINGS``, of ``TRAINING_ONLY`` the trainings', any other key. Given the flat
-    ``settings`` they are made with: samples drawn with their own sample.seed never see the global seed."""
+    ``MODEL_SETTINGS``, of ``TRAINING_ONLY`` the trainings', of ``PREPARE_ONLY`` prepare's, any
+    other key. Given the flat ``settings`` they are made with: samples drawn with their own
+    sample.seed never see the global seed."""
     if key == "seed" and stage == "sample" and settings is not None and settings.get("sample.seed", "None") != "None":
         return False
+    if key in PREPARE_ONLY:
+        return stage == "prepare"
     if key.startswith(TRAINING_ONLY):
         return stage in TRAINING
     if not key.startswith("model."):
