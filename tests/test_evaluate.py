@@ -31,7 +31,8 @@ from pipeline.models import load_exported
 NAMES = ["recon/mse", "recon/psnr", "recon/fid", "fid", "isc", "kid", "precision", "recall", "cas/top1",
          "cas/top5", "real/top1", "real/top5", "accept_1.0/fid", "accept_0.5/fid", "accept_0.1/fid",
          "accept_0.5/precision", "accept_0.5/recall", "accept_0.5/isc", "recon/usage_top", "recon/usage_bottom",
-         "real_train/fid", "fid/vs_real_train", "cas/vs_real", "accept_0.1/real_train_fid", "accept_0.5/fid_vs_real_train"]
+         "real_train/fid", "fid/vs_real_train", "cas/vs_real", "accept_0.1/real_train_fid", "accept_0.5/fid_vs_real_train",
+         "kid/std", "isc/std"]
 
 
 def _kind(cache_name: str) -> str:
@@ -62,6 +63,9 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     report = (out / "report.md").read_text()
     assert "| CAS top-1 (trained on samples, tested on real val) |" in report and "0.5483" in report
     assert "different dataset" in report
+    assert results["kid/std"] > 0 and results["isc/std"] > 0  # each shown with its spread
+    assert (f"| KID (± std over subsets: near 0, a negative mean is within noise) | {results['kid']:.4g} ± "
+            f"{results['kid/std']:.2g} |") in report, report
     assert "| accept_0.1/fid (classifier-based rejection, 10 samples) |" in report
     assert "| accept_0.1/fid_vs_real_train (classifier-based rejection, 10 samples) |" in report
     assert "![rejection.png](rejection.png)" in report and (out / "rejection.png").exists()
@@ -132,8 +136,9 @@ def test_metrics_from_features_are_torch_fidelitys_and_subsets_are_rows(evaluate
             isc_splits=fidelity.isc_splits(len(images)), kid_subset_size=50, prc_neighborhood=3, rng_seed=3,
             save_cpu_ram=True)
         assert ours == pytest.approx({"fid": theirs["frechet_inception_distance"],
-                                      "isc": theirs["inception_score_mean"],
+                                      "isc": theirs["inception_score_mean"], "isc_std": theirs["inception_score_std"],
                                       "kid": theirs["kernel_inception_distance_mean"],
+                                      "kid_std": theirs["kernel_inception_distance_std"],
                                       "precision": theirs["precision"], "recall": theirs["recall"]}, rel=1e-4)
     assert ours["fid"] != pytest.approx(fidelity.metrics(fa, fb, ext)["fid"], rel=1e-3)  # a subset differs
     assert fidelity.fid(fa, fb, ext, stats) == fidelity.fid(fa, fb, ext)
@@ -250,7 +255,7 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
         return {f: torch.load(v[0]) for f, v in files.items()}
     val_f, samples_f, recon_f = cached("digits-val-"), cached("samples-"), cached("recon-")
     single = fidelity.metrics(samples_f, val_f, ext, kid_subset_size=1000, prc_neighborhood=3, seed=0)
-    assert {m: results[m] for m in single} == pytest.approx(single, rel=1e-6)  # BLAS threads: KID 1e-8
+    assert {m: results[m.replace("_std", "/std")] for m in single} == pytest.approx(single, rel=1e-6)  # BLAS: KID 1e-8
     assert results["recon/fid"] == pytest.approx(fidelity.fid(recon_f, val_f, ext), rel=1e-6)
     assert results["accept_1.0/precision"] == results["precision"]  # every sample kept: not computed again
     assert results["accept_0.1/fid"] != pytest.approx(results["fid"], rel=1e-3)

@@ -214,7 +214,8 @@ def fid(samples: Features, reference: Features, ext: Extractor, reference_stats:
 def metrics(samples: Features, reference: Features, ext: Extractor, *, kid_subset_size: int = 1000,
             prc_neighborhood: int = 3, seed: int = 0, reference_stats: FidStatistics | None = None) -> dict[str, float]:
     """fid, isc, kid, precision, recall of the ``samples`` features against the ``reference``
-    features, as torch-fidelity's calculate_metrics computes them (same seeds and defaults)."""
+    features, as torch-fidelity's calculate_metrics computes them (same seeds and defaults), and the
+    spreads of IS over its splits and of KID over its subsets (isc_std, kid_std)."""
     layer, isc_layer = FEATURES[ext.name]
     n_s, n_r = len(samples[layer]), len(reference[layer])
     if min(n_s, n_r) < 2 or min(n_s, n_r) <= prc_neighborhood:
@@ -229,5 +230,6 @@ def metrics(samples: Features, reference: Features, ext: Extractor, *, kid_subse
     prc = prc_features_to_metric(samples[layer].to(device), reference[layer].to(device),
                                  prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=False)
     return {"fid": fid(samples, reference, ext, reference_stats), "isc": float(isc["inception_score_mean"]),
-            "kid": float(kid["kernel_inception_distance_mean"]), "precision": float(prc["precision"]),
+            "isc_std": float(isc["inception_score_std"]), "kid": float(kid["kernel_inception_distance_mean"]),
+            "kid_std": float(kid["kernel_inception_distance_std"]), "precision": float(prc["precision"]),
             "recall": float(prc["recall"])}

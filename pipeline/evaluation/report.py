@@ -21,8 +21,8 @@ ROWS: list[tuple[str, str]] = [
     ("fid", "FID (samples vs real val)"),
     ("real_train/fid", "FID (real train images, same count per class, vs real val)"),
     ("fid/vs_real_train", "FID ratio: samples / real train"),
-    ("isc", "Inception Score (of the extractor's logits)"),
-    ("kid", "KID"),
+    ("isc", "Inception Score (of the extractor's logits; ± std over splits)"),
+    ("kid", "KID (± std over subsets: near 0, a negative mean is within noise)"),
     ("precision", "precision (k-NN manifolds)"),
     ("recall", "recall (k-NN manifolds)"),
     ("cas/top1", "CAS top-1 (trained on samples, tested on real val)"),
@@ -48,8 +48,13 @@ def describe_samples(name: str, sampling: dict[str, Any]) -> str:
             f"{p if p < 1 else 'off'}, seed {sampling.get('seed')})")
 
 
+def _value(results: dict[str, float], key: str) -> str:
+    spread = results.get(f"{key}/std")  # results written before the spreads were kept have none
+    return f"{results[key]:.4g}" + (f" ± {spread:.2g}" if spread is not None else "")
+
+
 def rows(results: dict[str, float], accept: list[str]) -> list[tuple[str, str, str]]:
-    out = [(label, f"{results[key]:.4g}", PAPER.get(key, "")) for key, label in ROWS if key in results]
+    out = [(label, _value(results, key), PAPER.get(key, "")) for key, label in ROWS if key in results]
     for name in accept:
         # FID and IS move with the number of images: the count is part of the row, not a footnote
         kept = f", {int(results[f'{name}/kept'])} samples" if f"{name}/kept" in results else ""

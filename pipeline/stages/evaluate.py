@@ -142,6 +142,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     computed = distributed.split_calls(_logged(calls, ctx, env.rank, env.world_size), **ranks)
     results["recon/fid"] = computed["recon"]["fid"]
     results.update({m: computed["samples"][m] for m in SAMPLE_METRICS})
+    results.update({f"{m}/std": computed["samples"][f"{m}_std"] for m in ("isc", "kid")})
     results["real_train/fid"] = computed["samples"]["real_train_fid"]
     results["fid/vs_real_train"] = results["fid"] / max(results["real_train/fid"], 1e-12)
     for rate, keep in kept_at.items():
