@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from pipeline.config import ConfigError, compose, stage_name, to_yaml
 from pipeline.config_checks import validate
@@ -110,7 +109,9 @@ def _main(args: list[str]) -> int:
             print(f"submit: stage {stage} stopped: {e}", file=sys.stderr)
             return 130 if e.signum == signal.SIGINT else EXIT_REQUEUE
 
-        log = "" if isinstance(e, StageKilled) else _failure_log([stage_dir(cfg, stage)])
+        from pipeline.launch.waiting import failure_log
+
+        log = "" if isinstance(e, StageKilled) else failure_log([stage_dir(cfg, stage)])
         print(f"submit: stage {stage} failed: {type(e).__name__}: {e}{log}", file=sys.stderr)
         return 143 if isinstance(e, StageKilled) else 1
     print(f"\nstage {stage}: done\n  outputs: {result['stage_dir']}\n  log:     {result['log']}\n"
@@ -154,7 +155,7 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
 
 def _submit_to_slurm(cfg, stage: str, args: list[str], remember: Callable[[], None]) -> int:
     from pipeline.config import stage_dir
-    from pipeline.launch import executors, queue
+    from pipeline.launch import executors, records, waiting
     from pipeline.tracking import tracking_uri
 
     try:
@@ -163,8 +164,6 @@ def _submit_to_slurm(cfg, stage: str, args: list[str], remember: Callable[[], No
         print(f"submit: error: {e} -- {e.FIX}", file=sys.stderr)
         return 2
     sdir = stage_dir(cfg, stage)
-    from pipeline.launch import records
-
     records.add_job(sdir, jobs[0].job_id.split("_")[0])
     remember()  # once queued: a command sbatch refused is not the one that resumes the stage
     print(f"stage {stage}: submitted to SLURM\n{executors.job_summary(jobs)}\n  outputs: {sdir}\n"
@@ -172,23 +171,9 @@ def _submit_to_slurm(cfg, stage: str, args: list[str], remember: Callable[[], No
           f"{sdir / 'mlflow_run.json'} once the job starts)\n  open:    {ui_command_for(tracking_uri(cfg))}")
     if not cfg.wait:
         return 0
-    failed: dict[str, list[str]] = {}  # error -> the array tasks that raised it
-    with queue.SayWhenStuck([jobs[0].job_id.split("_")[0]], _still_waiting):
-        for job in jobs:
-            try:
-                job.results()  # every task of the job (one per rank)
-            except KeyboardInterrupt:
-                return _stopped_waiting(cfg, stage)
-            except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
-                failed.setdefault(_error_line(e), []).append(job.job_id)
-    for error, ids in failed.items():  # 32 tasks failing alike: one line
-        which = ids[0] if len(ids) == 1 else f"{', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''} ({len(ids)} tasks)"
-        print(f"submit: job {which} failed: {error}", file=sys.stderr)
-    if failed:
-        log = _failure_log([sdir], jobs[0].job_id.split("_")[0])  # the stage's own log, with the traceback
-        print(f"submit: stage {stage} failed{log}{_close_left_run(sdir, jobs[0].job_id.split('_')[0])}",
-              file=sys.stderr)
-        return 1
+    ended = waiting.wait_for_stage(cfg, stage, jobs)
+    if ended:
+        return ended
     run = json.loads((sdir / "mlflow_run.json").read_text())
     print(f"stage {stage}: done (MLflow run {run['run_id']})")
     for command in _next_commands(cfg, stage, args):
@@ -240,7 +225,7 @@ def _cancel(args: list[str]) -> int:
 def _chain(args: list[str], print_cfg: bool) -> int:
     """stage=all: run (local) or queue (slurm) every built stage not done yet, then a summary."""
     from pipeline.config import stage_dir
-    from pipeline.launch import chain, preflight, queue, records
+    from pipeline.launch import chain, preflight, queue, records, waiting
     from pipeline.tracking import tracking_uri
 
     try:
@@ -282,17 +267,9 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         print(f"  watch:   submit status {records.experiment_args(cfg)}\n"
               f"  open:    {ui_command_for(tracking_uri(cfg))}")
         if cfg.wait:
-            with queue.SayWhenStuck([r["job"] for r in rows if r["job"]], _still_waiting):
-                for r in rows:
-                    try:
-                        error = _chain_job_error(r)
-                    except KeyboardInterrupt:
-                        return _stopped_waiting(cfg, None)
-                    if error:
-                        sdir = stage_dir(cfgs[r["stage"]], r["stage"])
-                        log = _failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
-                        print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
-                        return 1
+            ended = waiting.wait_for_chain(cfg, cfgs, rows)
+            if ended:
+                return ended
             _print_finished(cfg, chain.slurm_summary_rows(cfgs, rows), time.time() - start)
         return 0
     for stage in todo:
@@ -300,7 +277,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     try:
         rows = chain.run_local(cfgs)
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
-        log = _failure_log([stage_dir(c, s) for s, c in cfgs.items()]) if isinstance(e, Exception) else ""
+        log = waiting.failure_log([stage_dir(c, s) for s, c in cfgs.items()]) if isinstance(e, Exception) else ""
         print(f"submit: stage=all stopped: {type(e).__name__}: {e}{log}\n  fix the cause and rerun the same command: "
               "finished stages are skipped, a training stage resumes from its last checkpoint\n"
               f"  status:  submit status {records.experiment_args(cfg)}", file=sys.stderr)
@@ -308,68 +285,6 @@ def _chain(args: list[str], print_cfg: bool) -> int:
         return 130 if ctrl_c else 1
     _print_finished(cfg, rows, time.time() - start)
     return 0
-
-
-def _still_waiting(line: str) -> None:
-    print(f"submit: still waiting: {line} (Ctrl-C stops the wait; the job stays queued)", file=sys.stderr, flush=True)
-
-
-def _stopped_waiting(cfg, stage: str | None) -> int:
-    """Ctrl-C while `wait=true` waits on SLURM: the jobs are the cluster's, they go on."""
-    from pipeline.launch import records
-
-    where = records.experiment_args(cfg)
-    print(f"\nsubmit: stopped waiting (Ctrl-C); the SLURM jobs go on\n  watch:   submit status {where}\n"
-          f"  stop:    submit cancel {f'stage={stage} ' if stage else ''}{where}   # a training saves a "
-          "checkpoint first", file=sys.stderr)
-    return 130
-
-
-def _failure_log(sdirs: list[Path], job: str = "") -> str:
-    """A line naming the log (with the traceback) of the stage that just failed: in this process
-    (``job`` ''), or as that SLURM job. Where other ranks stopped because one failed, a line before
-    it names that rank's error, the cause: the error shown beside may only echo it (rank 0's)."""
-    from pipeline.launch import failures
-
-    recs = [r for r in (failures.recorded(d, job) for d in sdirs) if r]
-    if not recs:
-        return ""
-    rec = max(recs, key=lambda r: r["time"])
-    echoed = not rec.get("echo") and any(a.get("echo") for a in rec.get("also", []))
-    cause = f"\n  cause:   {rec['error']} ({rec['where']})" if echoed else ""
-    return f"{cause}\n  log:     {rec['log']}"
-
-
-def _close_left_run(sdir: Path, job: str) -> str:
-    """A failed job whose rank 0 was killed left its MLflow run RUNNING: close it (a line saying so)."""
-    from pipeline.launch import mlflow_runs, queue
-
-    state = queue.wait_for_job(job, poll_s=2.0, timeout_s=60) or ""  # accounting may lag submitit
-    closed = mlflow_runs.close_after_job(sdir, job, state, "submit wait=true")
-    return f"\n  MLflow:  the run was left RUNNING by job {job} ({state}): closed as {closed}" if closed else ""
-
-
-def _error_line(e: Exception) -> str:
-    """The error a failed job raised, from submitit's report: its traceback's last line (the report
-    ends with a list of the job's output files)."""
-    lines = [line.strip() for line in str(e).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("- ", "---", "You can check"))]
-    return lines[-1] if lines else type(e).__name__
-
-
-def _chain_job_error(row: dict) -> str | None:
-    """Wait for a queued chain row's job(s) to end: None if they completed, else what went wrong."""
-    from pipeline.launch import queue
-
-    if row.get("live"):  # queued by an earlier command: no submitit handle, only its state
-        state = queue.wait_for_job(row["job"])
-        return None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"
-    for job in row.get("jobs", []):
-        try:
-            job.results()  # every task of the job (one per rank)
-        except Exception as e:  # noqa: BLE001
-            return f"(job {job.job_id}) failed: {_error_line(e)}"
-    return None
 
 
 def _print_finished(cfg, rows: list[dict], seconds: float) -> None:

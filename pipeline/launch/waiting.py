@@ -1,0 +1,108 @@
+"""`wait=true` on SLURM: block until a stage's job (or a chain's jobs) ends and say how it ended:
+each distinct error once, the failed stage's log, a run its killed rank 0 left RUNNING closed. A
+job that will never start by itself is named with the fix; Ctrl-C ends the wait, not the jobs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.config import stage_dir
+from pipeline.launch import failures, mlflow_runs, queue, records
+
+
+def wait_for_stage(cfg: DictConfig, stage: str, jobs: list[Any]) -> int:
+    """Wait for a stage's submitit jobs (an array's tasks); 0 when every task completed, 1 when one
+    failed (said), 130 on Ctrl-C."""
+    job_id, sdir = jobs[0].job_id.split("_")[0], stage_dir(cfg, stage)
+    failed: dict[str, list[str]] = {}  # error -> the array tasks that raised it
+    with queue.SayWhenStuck([job_id], _still_waiting):
+        for job in jobs:
+            try:
+                job.results()  # every task of the job (one per rank)
+            except KeyboardInterrupt:
+                return _stopped_waiting(cfg, stage)
+            except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
+                failed.setdefault(_error_line(e), []).append(job.job_id)
+    for error, ids in failed.items():  # 32 tasks failing alike: one line
+        which = ids[0] if len(ids) == 1 else f"{', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''} ({len(ids)} tasks)"
+        print(f"submit: job {which} failed: {error}", file=sys.stderr)
+    if failed:  # the stage's own log, with the traceback
+        print(f"submit: stage {stage} failed{failure_log([sdir], job_id)}{_close_left_run(sdir, job_id)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict]) -> int:
+    """Wait for a queued chain's jobs, in stage order; 0 when all completed, 1 at the first that did
+    not (said: the jobs depending on it are cancelled by SLURM), 130 on Ctrl-C."""
+    with queue.SayWhenStuck([r["job"] for r in rows if r["job"]], _still_waiting):
+        for r in rows:
+            try:
+                error = _chain_job_error(r)
+            except KeyboardInterrupt:
+                return _stopped_waiting(cfg, None)
+            if error:
+                sdir = stage_dir(cfgs[r["stage"]], r["stage"])
+                log = failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
+                print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def failure_log(sdirs: list[Path], job: str = "") -> str:
+    """A line naming the log (with the traceback) of the stage that just failed: in this process
+    (``job`` ''), or as that SLURM job. Where other ranks stopped because one failed, a line before
+    it names that rank's error, the cause: the error shown beside may only echo it (rank 0's)."""
+    recs = [r for r in (failures.recorded(d, job) for d in sdirs) if r]
+    if not recs:
+        return ""
+    rec = max(recs, key=lambda r: r["time"])
+    echoed = not rec.get("echo") and any(a.get("echo") for a in rec.get("also", []))
+    cause = f"\n  cause:   {rec['error']} ({rec['where']})" if echoed else ""
+    return f"{cause}\n  log:     {rec['log']}"
+
+
+def _still_waiting(line: str) -> None:
+    print(f"submit: still waiting: {line} (Ctrl-C stops the wait; the job stays queued)", file=sys.stderr, flush=True)
+
+
+def _stopped_waiting(cfg: DictConfig, stage: str | None) -> int:
+    """Ctrl-C while `wait=true` waits on SLURM: the jobs are the cluster's, they go on."""
+    where = records.experiment_args(cfg)
+    print(f"\nsubmit: stopped waiting (Ctrl-C); the SLURM jobs go on\n  watch:   submit status {where}\n"
+          f"  stop:    submit cancel {f'stage={stage} ' if stage else ''}{where}   # a training saves a "
+          "checkpoint first", file=sys.stderr)
+    return 130
+
+
+def _close_left_run(sdir: Path, job: str) -> str:
+    """A failed job whose rank 0 was killed left its MLflow run RUNNING: close it (a line saying so)."""
+    state = queue.wait_for_job(job, poll_s=2.0, timeout_s=60) or ""  # accounting may lag submitit
+    closed = mlflow_runs.close_after_job(sdir, job, state, "submit wait=true")
+    return f"\n  MLflow:  the run was left RUNNING by job {job} ({state}): closed as {closed}" if closed else ""
+
+
+def _error_line(e: Exception) -> str:
+    """The error a failed job raised, from submitit's report: its traceback's last line (the report
+    ends with a list of the job's output files)."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("- ", "---", "You can check"))]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _chain_job_error(row: dict) -> str | None:
+    """Wait for a queued chain row's job(s) to end: None if they completed, else what went wrong."""
+    if row.get("live"):  # queued by an earlier command: no submitit handle, only its state
+        state = queue.wait_for_job(row["job"])
+        return None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"
+    for job in row.get("jobs", []):
+        try:
+            job.results()  # every task of the job (one per rank)
+        except Exception as e:  # noqa: BLE001
+            return f"(job {job.job_id}) failed: {_error_line(e)}"
+    return None
