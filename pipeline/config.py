@@ -63,7 +63,9 @@ def split_stage_scoped(overrides: list[str]) -> tuple[list[str], dict[str, list[
 
 # Config dicts whose keys are the user's (sbatch options) and the option of the group that has them:
 # Hydra's struct mode refuses a key the file does not list (`cluster.extra={reservation: mine}` was
-# "no such config key"), so their overrides become force-adding ones ('++', which merges).
+# "no such config key"), so their overrides become force-adding ones ('++'). '++' merges a mapping
+# into the one there, so a whole one given (`train_vqvae:cluster.extra={}` after `cluster.extra=
+# {hold: true}`) first removes what was there: it replaces it, as for any other key.
 OPEN_DICTS = {"cluster.extra": ("cluster", "slurm")}
 
 
@@ -71,11 +73,13 @@ def _open_dict_overrides(overrides: list[str]) -> list[str]:
     chosen = {k: v for k, v in map(_parse_override_target, overrides) if k in GROUPS}
     opened = [d for d, (group, option) in OPEN_DICTS.items() if chosen.get(group) == option]
 
-    def into_open_dict(override: str) -> bool:
+    def rewritten(override: str) -> list[str]:
         key = _parse_override_target(override)[0]
-        return not override.startswith(("++", "~")) and any(key == d or key.startswith(d + ".") for d in opened)
+        if override.startswith(("++", "~")) or not any(key == d or key.startswith(d + ".") for d in opened):
+            return [override]
+        return ([f"~{key}"] if key in opened else []) + [f"++{override.lstrip('+')}"]
 
-    return [f"++{o.lstrip('+')}" if into_open_dict(o) else o for o in overrides]
+    return [o for override in overrides for o in rewritten(override)]
 
 
 def _check_overrides(overrides: list[str]) -> None:

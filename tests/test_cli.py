@@ -101,6 +101,16 @@ def test_sbatch_options_of_cluster_extra_are_taken_for_every_stage_or_one(tmp_pa
               for part in proc.stdout.split("# --- ")[1:]}
     assert extras["prepare"] == {"hold": True} and len(extras) == 7
     assert not [stage for stage, extra in extras.items() if extra and stage != "prepare"]
+    # a whole mapping given again replaces the one before, as for any other key (it was merged into it,
+    # so one stage could not be freed of an option every other stage takes)
+    proc = submit("stage=all", "cluster=slurm", "cluster.extra={hold: true}", "cluster.extra.begin=now",
+                  "encode:cluster.extra={}",
+                  "sample:cluster.extra={begin: now}", "sample:cluster.extra.comment=x", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    extras = {part.partition("\n")[0]: yaml.safe_load(part.partition("\n")[2])["cluster"]["extra"]
+              for part in proc.stdout.split("# --- ")[1:]}
+    assert extras["encode"] == {} and extras["sample"] == {"begin": "now", "comment": "x"}, extras
+    assert extras["prepare"] == {"hold": True, "begin": "now"}
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import GROUPS, ConfigError, compose, split_stage_scoped, stage_dir, stage_name, unknown_key_fix
+from pipeline.config import (GROUPS, OPEN_DICTS, ConfigError, compose, split_stage_scoped, stage_dir, stage_name,
+                             unknown_key_fix)
 from pipeline.config_checks import validate
 from pipeline.launch import accounting, executors, records
 from pipeline.launch.jobs import DONE
@@ -21,7 +22,11 @@ from pipeline.stages import BUILT, NEEDS, ORDER
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
-    parent, _, leaf = dotted.lstrip("+~").rpartition(".")
+    """Whether ``cfg`` has the key, or a mapping of the user's keys (OPEN_DICTS) it would go into."""
+    dotted = dotted.lstrip("+~")
+    if any(dotted.startswith(d + ".") and _has_key(cfg, d) for d in OPEN_DICTS):
+        return True
+    parent, _, leaf = dotted.rpartition(".")
     node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
     return isinstance(node, DictConfig) and leaf in list(node.keys())  # `in` is False for ??? values
 
