@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import webdataset as wds
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -159,8 +160,6 @@ def test_a_held_out_folder_named_valid_is_val_and_a_tree_without_one_is_refused(
     """Trees from torchvision/Kaggle name the held-out split valid/ or validation/, often beside a
     test/; a train/ with no held-out folder at all used to give train shards only, and later stages
     no val split."""
-    import pytest
-
     from pipeline.data.sources import FolderSource
 
     src = tmp_path / "flowers"
@@ -193,8 +192,6 @@ def test_a_held_out_folder_named_valid_is_val_and_a_tree_without_one_is_refused(
 def test_a_class_folder_named_train_is_a_class(tmp_path):
     """CIFAR-100 has a class "train": a folder of that name holding images is a class, not the split;
     a tree of split folders holding images but no class folders has no labels and is refused."""
-    import pytest
-
     from pipeline.data.sources import FolderSource
 
     src = tmp_path / "cifar"
@@ -215,8 +212,6 @@ def test_a_class_folder_named_train_is_a_class(tmp_path):
 def test_a_class_without_training_images_is_refused_and_one_without_val_images_named(tmp_path, caplog):
     """A class folder only in val/, or one whose images sit a folder too deep, used to become a class
     of every model with no training image."""
-    import pytest
-
     from pipeline.data.sources import FolderSource
 
     src = tmp_path / "pets"
@@ -296,6 +291,30 @@ def test_images_are_written_as_a_viewer_shows_them():
         written = encode(buf.getvalue())
         assert written.ext == "png" and written.converted.endswith(f"{fmt}->PNG")
         assert np.abs(pixels(buf.getvalue())[10, 5] - red).max() < 30
+
+
+def test_a_large_jpeg_shrunk_on_write_is_decoded_small_and_not_refused_as_a_bomb(monkeypatch):
+    """With data.max_side a JPEG is decoded at the smallest DCT scale still at least that size, then
+    resized: what a full decode and resize gives, within JPEG noise. A photo over PIL's decompression
+    bomb limit was skipped although it would be written small; a PNG, decoded whole, still is."""
+    from pipeline.data.images import BadImage, encode
+
+    yy, xx = np.mgrid[0:300, 0:400]  # smooth gradients: what resizing keeps
+    stored = np.stack([xx * 255 // 400, yy * 255 // 300, (xx + yy) * 255 // 700], -1).astype(np.uint8)
+    raw = _exif_turned(stored, 1)
+    small = encode(raw, max_side=100)
+    assert (small.width, small.height) == (400, 300) and "resized 400x300->100x75" in small.converted
+    full = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB").resize((100, 75), Image.LANCZOS)).astype(int)
+    got = np.asarray(Image.open(io.BytesIO(small.data))).astype(int)
+    assert got.shape == (75, 100, 3) and np.abs(got - full).mean() < 2.5, np.abs(got - full).mean()
+    turned = encode(_exif_turned(stored, 6), max_side=100)  # upright: 300 wide, 400 high
+    assert (turned.width, turned.height) == (300, 400) and Image.open(io.BytesIO(turned.data)).size == (75, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # 400x300 is now over twice the limit: a "bomb"
+    with pytest.raises(BadImage, match="DecompressionBombError"):
+        encode(raw)
+    assert encode(raw, max_side=100).data == small.data and Image.MAX_IMAGE_PIXELS == 50_000
+    with pytest.raises(BadImage, match="DecompressionBombError"):
+        encode(_png(Image.fromarray(stored)), max_side=100)
 
 
 def test_a_tree_as_users_have_it(tmp_path):
