@@ -179,13 +179,17 @@ class SayWhenStuck:
 
     def _watch(self) -> None:
         said: dict[str, str] = {}
+        queued = list(self.jobs)
         pause = self.first_s  # the reason comes with the scheduler's next pass: look soon, then less often
-        while not self._stop.wait(pause):
-            for job in self.jobs:
+        while queued and not self._stop.wait(pause):
+            for job in list(queued):
                 try:
-                    reason = _pending_reason(_queued_tasks(job, tries=1, pause_s=0))
+                    tasks = _queued_tasks(job, tries=1, pause_s=0)
                 except SlurmUnavailable:  # the wait itself deals with an unanswering controller
                     continue
+                if not tasks:  # left the queue: nothing more to say of it
+                    queued.remove(job)
+                reason = _pending_reason(tasks)
                 if _stuck(reason) and said.get(job) != reason and not self._stop.is_set():
                     self.say(waiting_line(job, reason))
                 said[job] = reason
