@@ -255,15 +255,20 @@ def test_an_experiment_deleted_in_the_mlflow_ui_is_named_with_the_fix(tmp_path):
     client = MlflowClient(uri)
     eid = client.get_experiment_by_name("digits").experiment_id
     client.delete_experiment(eid)  # what the UI's delete does
-    # submit reads the local store directly (importing MLflow cost ~3 s a submit): as MLflow reads it
-    from pipeline.launch.preflight import _sqlite_experiment
+    # submit and status read the local store directly (importing MLflow cost ~3 s a command): as
+    # MLflow reads it
+    from pipeline.launch import local_store
 
-    seen = _sqlite_experiment(uri, "digits")
+    seen = local_store.experiment(uri, "digits")
     assert (seen.experiment_id, seen.name, seen.lifecycle_stage) == (eid, "digits", "deleted")
-    assert client.get_experiment(eid).lifecycle_stage == "deleted" and _sqlite_experiment(uri, "other") is None
+    assert client.get_experiment(eid).lifecycle_stage == "deleted" and local_store.experiment(uri, "other") is None
+    run_id = json.loads((runs / "digits" / "prepare" / "mlflow_run.json").read_text())["run_id"]
+    assert local_store.run_status(uri, run_id) == client.get_run(run_id).info.status == "FINISHED"
+    assert local_store.run_status(uri, "0" * 32) is None
     other = tmp_path / "not mlflow's.db"  # a file of another schema: MLflow is asked instead
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
-    assert _sqlite_experiment(f"sqlite:///{other}", "digits") is False
+    assert local_store.experiment(f"sqlite:///{other}", "digits") is False
+    assert local_store.run_status(f"sqlite:///{other}", run_id) is False
     sdir = runs / "digits" / "prepare"
     kept = {p: p.read_bytes() for p in sdir.iterdir() if p.is_file()}
     fix = f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}; its runs come back"

@@ -18,12 +18,11 @@ from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.data.shards import OutputsMadeOtherwise
 from pipeline.launch import failures
-from pipeline.stages import StageContext, stage_function
+from pipeline.stages import DONE, StageContext, stage_function
 from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri, ui_command
 from pipeline.training.distributed import OtherRankFailed, detect
 
 log = logging.getLogger("pipeline")
-DONE = "done.json"  # written into the stage dir when a stage finished completely
 
 
 class ConsoleHandler(logging.StreamHandler):

@@ -19,7 +19,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.launch import accounting, failures
+from pipeline.launch import accounting, failures, local_store
 from pipeline.tracking import RUN_FILE
 
 log = logging.getLogger("pipeline")
@@ -46,6 +46,10 @@ def status(sdir: Path) -> tuple[str, str]:
         return "", ""
     if away(record["tracking_uri"]):  # MLflow would retry for minutes per stage
         return record["run_id"], "UNKNOWN"
+    if record["tracking_uri"].startswith(local_store.PREFIX):
+        seen = local_store.run_status(record["tracking_uri"], record["run_id"])
+        if seen is not False:
+            return record["run_id"], seen or "UNKNOWN"
     try:
         from mlflow.tracking import MlflowClient
 

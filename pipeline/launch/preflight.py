@@ -7,17 +7,13 @@ settings. Each refusal names the key or path and the fix."""
 from __future__ import annotations
 
 import os
-import sqlite3
 import sys
-from contextlib import closing
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Literal
 
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, stage_dir, stage_name
-from pipeline.launch import executors, queue, records, stage_lock
+from pipeline.launch import executors, local_store, queue, records, stage_lock
 from pipeline.mlflow_outbox import reachable
 from pipeline.stages import PREPARE_ONLY
 from pipeline.tracking import tracking_uri
@@ -115,7 +111,7 @@ def _experiment_not_deleted(cfg: DictConfig) -> None:
     uri = tracking_uri(cfg)
     if (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()) or reachable(uri):
         return  # no store yet, so nothing deleted; or a server that does not answer here
-    exp = _sqlite_experiment(uri, str(cfg.experiment)) if uri.startswith("sqlite:///") else False
+    exp = local_store.experiment(uri, str(cfg.experiment)) if uri.startswith(local_store.PREFIX) else False
     if exp is False:
         from mlflow.tracking import MlflowClient
 
@@ -123,20 +119,6 @@ def _experiment_not_deleted(cfg: DictConfig) -> None:
     deleted = deleted_experiment(exp, uri)
     if deleted:
         raise ConfigError(f"experiment={cfg.experiment}", *deleted)
-
-
-def _sqlite_experiment(uri: str, name: str) -> SimpleNamespace | None | Literal[False]:
-    """The experiment ``name`` in a local sqlite store, read directly (None: not there): importing
-    MLflow and opening its store took ~3 s of every `submit` that queues SLURM jobs. False where the
-    file does not read as MLflow's tables (another schema): MLflow is asked instead."""
-    try:
-        with closing(sqlite3.connect(Path(uri[len("sqlite:///"):]).resolve().as_uri() + "?mode=ro", uri=True,
-                                     timeout=30)) as db:
-            row = db.execute("SELECT experiment_id, name, lifecycle_stage FROM experiments WHERE name = ?",
-                             (name,)).fetchone()
-    except sqlite3.Error:
-        return False
-    return None if row is None else SimpleNamespace(experiment_id=str(row[0]), name=row[1], lifecycle_stage=row[2])
 
 
 def prepared_otherwise(cfg: DictConfig, stage: str) -> str:
@@ -174,7 +156,7 @@ _SHARD_STAGES = ("prepare", "encode", "sample")
 def _done_outputs_kept(cfg: DictConfig, stage: str) -> None:
     """A done prepare, encode or sample run again with other settings would be un-marked done and
     fail on its own shards: refused before anything is touched."""
-    from pipeline.launch.jobs import DONE
+    from pipeline.stages import DONE
 
     if stage not in _SHARD_STAGES or cfg.verify or not (stage_dir(cfg, stage) / DONE).exists():
         return

@@ -90,7 +90,7 @@ def live_job(sdir: Path) -> tuple[str, str] | None:
 
 
 def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any]:
-    from pipeline.launch.jobs import DONE
+    from pipeline.stages import DONE
 
     sdir = stage_dir(cfg, stage)
     run_id, run_status = mlflow_runs.status(sdir)

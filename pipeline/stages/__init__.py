@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from pipeline.tracking import StageRun
 
+DONE = "done.json"  # written into the stage dir when a stage finished completely
 # What `submit status` shows of a running stage, in its stage dir: a training writes (step,
 # max_steps, steps_per_s, time) at every log step; a shard-parallel stage writes (shards_total, time)
 # when a task starts, and status counts the shards' completion markers (shards/*_stats.json).
