@@ -109,7 +109,7 @@ def _main(args: list[str]) -> int:
             print(f"submit: stage {stage} stopped: {e}", file=sys.stderr)
             return 130 if e.signum == signal.SIGINT else EXIT_REQUEUE
 
-        from pipeline.launch.waiting import failure_log
+        from pipeline.launch.failures import failure_log
 
         log = "" if isinstance(e, StageKilled) else failure_log([stage_dir(cfg, stage)])
         print(f"submit: stage {stage} failed: {type(e).__name__}: {e}{log}", file=sys.stderr)
@@ -225,7 +225,7 @@ def _cancel(args: list[str]) -> int:
 def _chain(args: list[str], print_cfg: bool) -> int:
     """stage=all: run (local) or queue (slurm) every built stage not done yet, then a summary."""
     from pipeline.config import stage_dir
-    from pipeline.launch import chain, preflight, queue, records, waiting
+    from pipeline.launch import chain, failures, preflight, queue, records, waiting
     from pipeline.tracking import tracking_uri
 
     try:
@@ -277,7 +277,7 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     try:
         rows = chain.run_local(cfgs)
     except BaseException as e:  # noqa: BLE001 - the failing stage's error is the chain's
-        log = waiting.failure_log([stage_dir(c, s) for s, c in cfgs.items()]) if isinstance(e, Exception) else ""
+        log = failures.failure_log([stage_dir(c, s) for s, c in cfgs.items()]) if isinstance(e, Exception) else ""
         print(f"submit: stage=all stopped: {type(e).__name__}: {e}{log}\n  fix the cause and rerun the same command: "
               "finished stages are skipped, a training stage resumes from its last checkpoint\n"
               f"  status:  submit status {records.experiment_args(cfg)}", file=sys.stderr)

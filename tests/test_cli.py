@@ -269,6 +269,7 @@ def test_an_experiment_deleted_in_the_mlflow_ui_is_named_with_the_fix(tmp_path):
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
     assert local_store.experiment(f"sqlite:///{other}", "digits") is False
     assert local_store.run_status(f"sqlite:///{other}", run_id) is False
+    assert local_store.run_status("http://127.0.0.1:5000", run_id) is False  # a server: MLflow is asked
     sdir = runs / "digits" / "prepare"
     kept = {p: p.read_bytes() for p in sdir.iterdir() if p.is_file()}
     fix = f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {eid}; its runs come back"

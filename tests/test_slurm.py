@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import SLURM_FAST, SUBMIT, slurm_job_id, slurm_sh, submit, train_vqvae_run, unsplittable_tree
 from pipeline.data import shards
-from pipeline.launch import accounting, records
+from pipeline.launch import accounting, queue, records
 
 def _wait_job(job: str, slurm: dict, timeout: float = 600) -> str:
     deadline = time.time() + timeout
@@ -256,6 +257,42 @@ def test_wait_says_once_why_a_job_will_not_start_and_goes_on_waiting(slurm, tmp_
         guard.cancel()
         proc.kill()
         submit("cancel", f"run_root={tmp_path / 'runs'}", cwd=tmp_path, env=slurm, timeout=120)
+
+
+def test_the_watch_for_stuck_jobs_asks_squeue_about_all_of_them_in_one_call(slurm, tmp_path, monkeypatch):
+    """wait=true on a chain watches all its jobs: one squeue call a poll names every job still queued
+    (one call per job cost the controller up to seven calls each time), an array's tasks count as
+    their job, and a job that left the queue is not asked about again. Counted by a wrapper in front
+    of the real squeue."""
+    wrapper = tmp_path / "bin" / "squeue"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "squeue.calls"}\nexec {shutil.which("squeue")} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    hold = ["sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "sleep 60"]
+    jobs = [slurm_sh(hold, slurm).strip(), slurm_sh(hold, slurm).strip(),
+            slurm_sh([*hold[:-2], "--array=0-1", *hold[-2:]], slurm).strip()]
+    said: list[str] = []
+    calls = tmp_path / "squeue.calls"
+    try:
+        with queue.SayWhenStuck(jobs, said.append, first_s=0.1, every_s=0.3):
+            deadline = time.time() + 30
+            while len(said) < 3:
+                assert time.time() < deadline, (said, calls.read_text())
+                time.sleep(0.1)
+            slurm_sh(["scancel", jobs[0]], slurm)
+            left = f"-h -j {','.join(jobs[1:])} -o %F %T %r"
+            while left not in calls.read_text().splitlines():
+                assert time.time() < deadline, calls.read_text()
+                time.sleep(0.1)
+            time.sleep(1)  # more polls: the cancelled job stays out of them
+        asked = calls.read_text().splitlines()
+        first = asked.index(left)
+        assert set(asked[:first]) == {f"-h -j {','.join(jobs)} -o %F %T %r"} and set(asked[first:]) == {left}, asked
+        assert sorted(said) == sorted(queue.waiting_line(job, "JobHeldUser") for job in jobs), said  # once each
+    finally:
+        slurm_sh(["scancel", *jobs], slurm)
 
 
 def _run_time_s(job: str, slurm: dict) -> int:

@@ -123,3 +123,16 @@ def lines(sdir: Path, job: str, since: float = 0.0) -> list[str]:
         return [said(rec)] + out + [f"then: {said(a)}" for a in rec.get("also", [])]
     # ended from outside (out of memory, time limit, a signal) or never started (nothing to show)
     return ["the stage recorded no error: it was ended from outside (see the state, the log's end)"] + out if out else []
+
+
+def failure_log(sdirs: list[Path], job: str = "") -> str:
+    """A line naming the log (with the traceback) of the stage that just failed: in this process
+    (``job`` ''), or as that SLURM job. Where other ranks stopped because one failed, a line before
+    it names that rank's error, the cause: the error shown beside may only echo it (rank 0's)."""
+    recs = [r for r in (recorded(d, job) for d in sdirs) if r]
+    if not recs:
+        return ""
+    rec = max(recs, key=lambda r: r["time"])
+    echoed = not rec.get("echo") and any(a.get("echo") for a in rec.get("also", []))
+    cause = f"\n  cause:   {rec['error']} ({rec['where']})" if echoed else ""
+    return f"{cause}\n  log:     {rec['log']}"

@@ -130,20 +130,25 @@ class StageJob:
                         result = stage_function(self.stage)(cfg, StageContext(
                             self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task,
                             self.tasks))
-                    except StageKilled as stop:  # a SIGTERM may end the job after another rank failed
-                        cause = failures.other_rank_failed(sdir, job, stop, env.world_size)
-                        if cause is None:
+                    except Exception as e:
+                        failures.log_traceback(handler, self.stage)  # before the log goes to MLflow
+                        run.set_tags({f"execution.{run.attempt + 1}.error": failures.message(e)})  # in the UI
+                        if not (finished_before and isinstance(e, OutputsMadeOtherwise)):
                             raise
-                        raise OtherRankFailed(f"{stop} after {cause}") from stop
-                except Exception as e:
-                    failures.log_traceback(handler, self.stage)  # before the log goes to MLflow
-                    run.set_tags({f"execution.{run.attempt + 1}.error": failures.message(e)})  # in the UI
-                    if not (finished_before and isinstance(e, OutputsMadeOtherwise)):
+                        refused = e  # nothing was written: its run stays FINISHED, the stage done
+                    finally:
+                        handler.flush()
+                        run.log_artifact(log_file, "logs")
+                except StageKilled as stop:  # a SIGTERM may end the job after another rank failed
+                    # caught out here: the signal lands wherever Python is, in the stage or while its
+                    # error is being handled (a compiler the same SIGTERM killed raised first)
+                    cause = failures.other_rank_failed(sdir, job, stop, env.world_size)
+                    if cause is None:
                         raise
-                    refused = e  # nothing was written: its run stays FINISHED, the stage done
-                finally:
-                    handler.flush()
-                    run.log_artifact(log_file, "logs")
+                    failed = OtherRankFailed(f"{stop} after {cause}")
+                    log.error("stage %s failed: %s", self.stage, failed)
+                    run.set_tags({f"execution.{run.attempt + 1}.error": failures.message(failed)})
+                    raise failed from stop
             if refused is not None and finished_before:
                 atomic.write_text(sdir / DONE, finished_before[0])
                 atomic.write_text(sdir / "config.yaml", finished_before[1])

@@ -1,7 +1,7 @@
 """The local sqlite MLflow store read directly, for what `submit` asks of it (was the experiment
 deleted, the status of a stage's run): importing MLflow and opening its store took ~1.5-3 s of
-every command. A read returns False where the file does not read as MLflow's tables (another schema
-version, a damaged file): the caller asks MLflow instead."""
+every command. A read returns False where the URI names another store (a server) or the file does not
+read as MLflow's tables (another schema version, a damaged file): the caller asks MLflow instead."""
 
 from __future__ import annotations
 
@@ -11,13 +11,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
-PREFIX = "sqlite:///"
+_PREFIX = "sqlite:///"
+
+
+def path(uri: str) -> Path | None:
+    """The sqlite file a ``sqlite:///`` tracking URI names (which may not exist yet); None for another store."""
+    return Path(uri[len(_PREFIX):]) if uri.startswith(_PREFIX) else None
 
 
 def _rows(uri: str, sql: str, args: tuple) -> list[tuple] | Literal[False]:
+    file = path(uri)
+    if file is None:
+        return False
     try:  # read-only: a reader never takes the write lock a running stage needs
-        with closing(sqlite3.connect(Path(uri[len(PREFIX):]).resolve().as_uri() + "?mode=ro", uri=True,
-                                     timeout=30)) as db:
+        with closing(sqlite3.connect(file.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)) as db:
             return db.execute(sql, args).fetchall()
     except sqlite3.Error:
         return False

@@ -46,10 +46,9 @@ def status(sdir: Path) -> tuple[str, str]:
         return "", ""
     if away(record["tracking_uri"]):  # MLflow would retry for minutes per stage
         return record["run_id"], "UNKNOWN"
-    if record["tracking_uri"].startswith(local_store.PREFIX):
-        seen = local_store.run_status(record["tracking_uri"], record["run_id"])
-        if seen is not False:
-            return record["run_id"], seen or "UNKNOWN"
+    seen = local_store.run_status(record["tracking_uri"], record["run_id"])  # False: not a local store
+    if seen is not False:
+        return record["run_id"], seen or "UNKNOWN"
     try:
         from mlflow.tracking import MlflowClient
 

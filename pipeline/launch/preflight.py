@@ -109,9 +109,10 @@ def _experiment_not_deleted(cfg: DictConfig) -> None:
     from pipeline.tracking import deleted_experiment
 
     uri = tracking_uri(cfg)
-    if (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()) or reachable(uri):
+    file = local_store.path(uri)
+    if (file and not file.exists()) or reachable(uri):
         return  # no store yet, so nothing deleted; or a server that does not answer here
-    exp = local_store.experiment(uri, str(cfg.experiment)) if uri.startswith(local_store.PREFIX) else False
+    exp = local_store.experiment(uri, str(cfg.experiment))
     if exp is False:
         from mlflow.tracking import MlflowClient
 

@@ -27,7 +27,7 @@ def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None
     """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it has
     left (the controller says "Invalid job id" for a job it no longer holds) or where no SLURM is
     set up. Raises SlurmUnavailable when squeue fails otherwise ``tries`` times."""
-    return _job_state(_queued_tasks(job_id, tries, pause_s))
+    return _job_state(_queued_tasks([job_id], tries, pause_s)[job_id])
 
 
 def _job_state(tasks: list[tuple[str, str]]) -> str | None:
@@ -39,30 +39,34 @@ def _pending_reason(tasks: list[tuple[str, str]]) -> str:
     return next((reason for state, reason in tasks if state == "PENDING" and reason != "None"), "")
 
 
-def _queued_tasks(job_id: str, tries: int, pause_s: float) -> list[tuple[str, str]]:
-    """(state, SLURM's reason) of each of the job's tasks in the queue, in one squeue call; [] once
-    it has left or where no SLURM is set up."""
-    error = ""
+def _queued_tasks(job_ids: list[str], tries: int, pause_s: float) -> dict[str, list[tuple[str, str]]]:
+    """(state, SLURM's reason) of each task in the queue of each job (an array's own id), all in one
+    squeue call; [] for a job that has left or where no SLURM is set up."""
+    error, jobs = "", ",".join(job_ids)
+    tasks: dict[str, list[tuple[str, str]]] = {job: [] for job in job_ids}
+    if not job_ids:
+        return tasks
     for attempt in range(tries):
         if attempt:
             time.sleep(pause_s)
         try:
-            proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True,
+            proc = subprocess.run(["squeue", "-h", "-j", jobs, "-o", "%F %T %r"], capture_output=True, text=True,
                                   timeout=60)
         except OSError:
-            return []  # no SLURM client here: nothing can be in its queue
+            return tasks  # no SLURM client here: nothing can be in its queue
         except subprocess.TimeoutExpired:
             error = "no answer in 60 s"
             continue
-        if proc.returncode == 0:
-            rows = [line.split(None, 1) for line in proc.stdout.splitlines() if line.strip()]
-            return [(row[0], row[1].strip() if len(row) > 1 else "") for row in rows]  # a reason may have spaces
+        if proc.returncode == 0:  # one line per task (%F: its array's id); a job that has left has none
+            for row in (line.split(None, 2) for line in proc.stdout.splitlines() if line.strip()):
+                tasks.setdefault(row[0], []).append((row[1], row[2].strip() if len(row) > 2 else ""))
+            return tasks  # a reason may have spaces
         if "Invalid job id" in proc.stderr or any(words in proc.stderr for words in _NO_SLURM):
-            return []
+            return tasks  # one job asked for, gone
         error = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
     times = f" {tries} times" if tries > 1 else ""
-    raise SlurmUnavailable(f"squeue -j {job_id} failed{times} ({error}): whether job {job_id} is still queued "
-                           "is unknown")
+    which = f"job {jobs} is" if len(job_ids) == 1 else f"jobs {jobs} are"
+    raise SlurmUnavailable(f"squeue -j {jobs} failed{times} ({error}): whether {which} still queued is unknown")
 
 
 def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = None) -> str | None:
@@ -90,31 +94,34 @@ def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = Non
 
 
 class SlurmOnce:
-    """squeue and sacct for one status table: once one fails, it is not asked about the other stages'
-    jobs, since each try waits out its timeout (the controller's ~18 s by default, slurmdbd's
-    connection where its host does not answer) and the answer would be the same."""
+    """squeue and sacct for one status table: squeue is asked about every stage's job in one call
+    (each call costs the controller, ~18 s where it does not answer); once sacct fails, it is not
+    asked about the other stages' jobs, since each try waits out slurmdbd's connection timeout and
+    the answer would be the same."""
 
-    def __init__(self) -> None:
+    def __init__(self, jobs: list[str]) -> None:
         self.error: SlurmUnavailable | None = None
         self.accounting_error = ""
-        self._reasons: dict[str, str] = {}
+        self._jobs = [job for job in dict.fromkeys(jobs) if job]
+        self._tasks: dict[str, list[tuple[str, str]]] = {}
 
     def queue(self, job_id: str) -> str | None:
-        """``queue_state``, asked once: raises SlurmUnavailable again without asking after a failure."""
-        if self.error is None:
+        """``queue_state``: the first call asks about all the jobs given (and this one); raises
+        SlurmUnavailable, without asking again, once squeue has failed."""
+        if self.error is None and job_id not in self._tasks:
+            ask = [job for job in dict.fromkeys([*self._jobs, job_id]) if job not in self._tasks]
             try:
-                tasks = _queued_tasks(job_id, tries=1, pause_s=0)
+                self._tasks.update(_queued_tasks(ask, tries=1, pause_s=0))
             except SlurmUnavailable as e:
                 self.error = e
-            else:
-                self._reasons[job_id] = _pending_reason(tasks)
-                return _job_state(tasks)
-        raise self.error
+        if self.error is not None:
+            raise self.error
+        return _job_state(self._tasks[job_id])
 
     def reason(self, job_id: str) -> str:
         """SLURM's reason a pending job waits (Dependency, Priority, PartitionTimeLimit, ...), from
         the squeue call ``queue`` made; '' where it gives none yet (until its next scheduling pass)."""
-        return self._reasons.get(job_id, "")
+        return _pending_reason(self._tasks.get(job_id, []))
 
     def accounting(self, job_id: str) -> str:
         """``accounting.state``: UNKNOWN without asking once sacct has failed."""
@@ -182,11 +189,11 @@ class SayWhenStuck:
         queued = list(self.jobs)
         pause = self.first_s  # the reason comes with the scheduler's next pass: look soon, then less often
         while queued and not self._stop.wait(pause):
-            for job in list(queued):
-                try:
-                    tasks = _queued_tasks(job, tries=1, pause_s=0)
-                except SlurmUnavailable:  # the wait itself deals with an unanswering controller
-                    continue
+            try:
+                tasks_of = _queued_tasks(queued, tries=1, pause_s=0)
+            except SlurmUnavailable:  # the wait itself deals with an unanswering controller
+                tasks_of = {}
+            for job, tasks in tasks_of.items():
                 if not tasks:  # left the queue: nothing more to say of it
                     queued.remove(job)
                 reason = _pending_reason(tasks)

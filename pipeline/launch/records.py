@@ -81,12 +81,21 @@ def add_job(sdir: Path, job_id: str) -> None:
 def live_job(sdir: Path) -> tuple[str, str] | None:
     """The stage's last SLURM job while it is still in the queue (pending, running, requeued):
     (job id, state), else None. From ``squeue``, which needs no accounting and forgets finished jobs."""
-    path = Path(sdir) / JOBS
-    if not path.exists():
+    job = last_job(sdir)
+    if not job:
         return None
-    job = json.loads(path.read_text())[-1]["job_id"]
     state = queue_state(job)
     return (job, state) if state else None
+
+
+def _last_record(sdir: Path) -> dict:
+    path = Path(sdir) / JOBS
+    return json.loads(path.read_text())[-1] if path.exists() else {}
+
+
+def last_job(sdir: Path) -> str:
+    """The stage's last SLURM job (an array's own id), '' where it never had one."""
+    return _last_record(sdir).get("job_id", "")
 
 
 def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any]:
@@ -98,8 +107,7 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
     row = {"stage": stage, "status": "not started", "job": "", "checkpoint": "", "run_id": run_id}
     if latest.exists():
         row["checkpoint"] = "step " + str(int(latest.read_text().strip()[5:]))
-    jobs_file = sdir / JOBS
-    last = json.loads(jobs_file.read_text())[-1] if jobs_file.exists() else {}
+    last = _last_record(sdir)
     job = last.get("job_id", "")
     if (sdir / DONE).exists():
         row["status"] = "done"
@@ -223,10 +231,11 @@ def _send_kept_records(cfg: DictConfig) -> list[str]:
 def status_table(cfg: DictConfig) -> str:
     """The stage table, why the failed stages failed, the stages that can run now (their inputs
     exist; not done, queued or running), then the evaluated sample sets."""
-    from pipeline.stages import BUILT, missing_inputs
+    from pipeline.stages import BUILT, DONE, missing_inputs
 
     mlflow_lines = _send_kept_records(cfg)
-    slurm = SlurmOnce()
+    sdirs = [stage_dir(cfg, s) for s in ORDER if s != "all"]
+    slurm = SlurmOnce([last_job(sdir) for sdir in sdirs if not (sdir / DONE).exists()])  # asked in one call
     rows = [stage_status(cfg, s, slurm) for s in ORDER if s != "all"]
     head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
@@ -258,8 +267,7 @@ def status_table(cfg: DictConfig) -> str:
         lines.append("progress of the running stages:")
         lines += [f"  {stage_name(cfg, s)}: {line}" for s, line in running if line]
     if slurm.error:
-        lines.append(f"SLURM: {slurm.error}; squeue was not asked again for the other stages' jobs (their "
-                     "states are from accounting, sacct, where it answers)")
+        lines.append(f"SLURM: {slurm.error} (their states are from accounting, sacct, where it answers)")
     if slurm.accounting_error:
         lines.append(f"SLURM: {slurm.accounting_error}; sacct was not asked again for the other stages' jobs")
     mlflow_lines += [f"run {r['run_id']} of {stage_name(cfg, r['stage'])} was left RUNNING by its killed process: "

@@ -31,7 +31,7 @@ def wait_for_stage(cfg: DictConfig, stage: str, jobs: list[Any]) -> int:
         which = ids[0] if len(ids) == 1 else f"{', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''} ({len(ids)} tasks)"
         print(f"submit: job {which} failed: {error}", file=sys.stderr)
     if failed:  # the stage's own log, with the traceback
-        print(f"submit: stage {stage} failed{failure_log([sdir], job_id)}{_close_left_run(sdir, job_id)}",
+        print(f"submit: stage {stage} failed{failures.failure_log([sdir], job_id)}{_close_left_run(sdir, job_id)}",
               file=sys.stderr)
         return 1
     return 0
@@ -48,23 +48,10 @@ def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict
                 return _stopped_waiting(cfg, None)
             if error:
                 sdir = stage_dir(cfgs[r["stage"]], r["stage"])
-                log = failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
+                log = failures.failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
                 print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
                 return 1
     return 0
-
-
-def failure_log(sdirs: list[Path], job: str = "") -> str:
-    """A line naming the log (with the traceback) of the stage that just failed: in this process
-    (``job`` ''), or as that SLURM job. Where other ranks stopped because one failed, a line before
-    it names that rank's error, the cause: the error shown beside may only echo it (rank 0's)."""
-    recs = [r for r in (failures.recorded(d, job) for d in sdirs) if r]
-    if not recs:
-        return ""
-    rec = max(recs, key=lambda r: r["time"])
-    echoed = not rec.get("echo") and any(a.get("echo") for a in rec.get("also", []))
-    cause = f"\n  cause:   {rec['error']} ({rec['where']})" if echoed else ""
-    return f"{cause}\n  log:     {rec['log']}"
 
 
 def _still_waiting(line: str) -> None:
