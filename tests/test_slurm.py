@@ -118,8 +118,16 @@ def test_cancel_stops_the_queued_and_running_jobs_of_a_chain_and_deletes_nothing
         while not (run_root / "digits" / "train_vqvae" / "progress.json").exists():
             assert time.time() < deadline, slurm_sh(["squeue"], slurm)
             time.sleep(1)
-        cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=300)
+        wrapper = tmp_path / "bin" / "squeue"  # counts cancel's squeue calls
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "squeue.calls"}\nexec {shutil.which("squeue")} "$@"\n')
+        wrapper.chmod(0o755)
+        counted = {**slurm, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+        cancel = submit("cancel", f"run_root={run_root}", cwd=tmp_path, env=counted, timeout=300)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        # which jobs are live: one squeue call for all the stages, not one per stage
+        first = (tmp_path / "squeue.calls").read_text().splitlines()[0]
+        assert first == f"-h -j {','.join(jobs.values())} -o %F %T %r", (first, jobs)
         # the running training got SIGTERM alone (no SIGKILL after KillWait) and stopped with a checkpoint
         stopped = re.search(rf"train_vqvae\s+{jobs['train_vqvae']}\s+running -> stopped, checkpoint at step (\d+) "
                             r"\(SLURM state FAILED\)", cancel.stdout)

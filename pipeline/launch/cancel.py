@@ -53,9 +53,8 @@ def _tasks_in_setup_lines(job: str) -> tuple[list[str], list[str]] | None:
 def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
     """Cancel the live jobs of ``stages``; (lines to print, jobs cancelled, -1 if scancel failed)."""
     live, lines = [], []
-    for stage in stages:
+    for stage, job in zip(stages, records.live_jobs([stage_dir(cfg, stage) for stage in stages])):
         sdir = stage_dir(cfg, stage)
-        job = records.live_job(sdir)
         if job is not None:
             live.append((stage, *job))
         who = stage_lock.holder(sdir)

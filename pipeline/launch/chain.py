@@ -176,7 +176,7 @@ def submit_slurm(cfgs: dict[str, DictConfig], args: list[str]) -> list[dict[str,
     queued: dict[str, str] = {}
     # every stage's queue state before anything is queued: a squeue that fails (SlurmUnavailable)
     # stops the chain with nothing of it submitted
-    lives = {stage: records.live_job(stage_dir(cfg, stage)) for stage in todo}
+    lives = dict(zip(todo, records.live_jobs([stage_dir(cfg, stage) for stage in todo])))
     for stage in todo:
         after = sorted({queued[p] for p, _ in NEEDS.get(stage, ()) if p in queued}, key=int)
         live = lives[stage]

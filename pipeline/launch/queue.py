@@ -27,7 +27,12 @@ def queue_state(job_id: str, tries: int = 2, pause_s: float = 5.0) -> str | None
     """The job's state while it is in the queue (an array: RUNNING if a task runs); None once it has
     left (the controller says "Invalid job id" for a job it no longer holds) or where no SLURM is
     set up. Raises SlurmUnavailable when squeue fails otherwise ``tries`` times."""
-    return _job_state(_queued_tasks([job_id], tries, pause_s)[job_id])
+    return queue_states([job_id], tries, pause_s)[job_id]
+
+
+def queue_states(job_ids: list[str], tries: int = 2, pause_s: float = 5.0) -> dict[str, str | None]:
+    """``queue_state`` of each job, all in one squeue call."""
+    return {job: _job_state(tasks) for job, tasks in _queued_tasks(job_ids, tries, pause_s).items()}
 
 
 def _job_state(tasks: list[tuple[str, str]]) -> str | None:

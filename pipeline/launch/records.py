@@ -15,7 +15,7 @@ from pipeline import atomic
 from pipeline.config import GROUPS, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.launch import failures, mlflow_runs, stage_lock
-from pipeline.launch.queue import SlurmOnce, SlurmUnavailable, queue_state, waiting_line
+from pipeline.launch.queue import SlurmOnce, SlurmUnavailable, queue_states, waiting_line
 from pipeline.stages import ORDER, PROGRESS, depends_on, shard_progress, vqvae_model
 from pipeline.tracking import changed_settings, flatten, tracking_uri
 from pipeline.wording import first_few
@@ -81,11 +81,14 @@ def add_job(sdir: Path, job_id: str) -> None:
 def live_job(sdir: Path) -> tuple[str, str] | None:
     """The stage's last SLURM job while it is still in the queue (pending, running, requeued):
     (job id, state), else None. From ``squeue``, which needs no accounting and forgets finished jobs."""
-    job = last_job(sdir)
-    if not job:
-        return None
-    state = queue_state(job)
-    return (job, state) if state else None
+    return live_jobs([sdir])[0]
+
+
+def live_jobs(sdirs: list[Path]) -> list[tuple[str, str] | None]:
+    """``live_job`` of each stage directory, all asked in one squeue call."""
+    jobs = [last_job(sdir) for sdir in sdirs]
+    states = queue_states([job for job in jobs if job]) if any(jobs) else {}
+    return [(job, states[job]) if job and states.get(job) else None for job in jobs]
 
 
 def _last_record(sdir: Path) -> dict:
