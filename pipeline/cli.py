@@ -143,9 +143,8 @@ def _next_commands(cfg, stage: str, args: list[str]) -> list[str]:
     """`submit` commands for the stages this one's outputs unblock (all their inputs now exist, not
     done yet), carrying the overrides that say which experiment they belong to."""
     from pipeline.config import stage_dir
-    from pipeline.stages import DONE
     from pipeline.launch.records import shared_overrides
-    from pipeline.stages import BUILT, NEEDS, ORDER, missing_inputs
+    from pipeline.stages import BUILT, DONE, NEEDS, ORDER, missing_inputs
 
     carried = shared_overrides(args)
     return [shlex.join(["submit", f"stage={s}", *carried]) for s in ORDER

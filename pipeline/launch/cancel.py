@@ -53,8 +53,8 @@ def _tasks_in_setup_lines(job: str) -> tuple[list[str], list[str]] | None:
 def cancel(cfg: DictConfig, stages: list[str]) -> tuple[list[str], int]:
     """Cancel the live jobs of ``stages``; (lines to print, jobs cancelled, -1 if scancel failed)."""
     live, lines = [], []
-    for stage, job in zip(stages, records.live_jobs([stage_dir(cfg, stage) for stage in stages])):
-        sdir = stage_dir(cfg, stage)
+    sdirs = [stage_dir(cfg, stage) for stage in stages]
+    for stage, sdir, job in zip(stages, sdirs, records.live_jobs(sdirs)):
         if job is not None:
             live.append((stage, *job))
         who = stage_lock.holder(sdir)

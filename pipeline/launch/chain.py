@@ -17,8 +17,7 @@ from pipeline.config import (GROUPS, OPEN_DICTS, ConfigError, compose, split_sta
                              unknown_key_fix)
 from pipeline.config_checks import validate
 from pipeline.launch import accounting, executors, records
-from pipeline.stages import DONE
-from pipeline.stages import BUILT, NEEDS, ORDER
+from pipeline.stages import BUILT, DONE, NEEDS, ORDER
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:

@@ -87,7 +87,7 @@ def live_job(sdir: Path) -> tuple[str, str] | None:
 def live_jobs(sdirs: list[Path]) -> list[tuple[str, str] | None]:
     """``live_job`` of each stage directory, all asked in one squeue call."""
     jobs = [last_job(sdir) for sdir in sdirs]
-    states = queue_states([job for job in jobs if job]) if any(jobs) else {}
+    states = queue_states([job for job in jobs if job])  # no job: squeue is not asked
     return [(job, states[job]) if job and states.get(job) else None for job in jobs]
 
 
