@@ -69,6 +69,19 @@ def test_teardown_gives_the_environment_back(monkeypatch):
         assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
 
 
+def test_a_cpu_process_group_does_not_build_deepspeeds_shared_memory_op(monkeypatch):
+    """DeepSpeed compiles that op (35-50 s per machine and environment) for its inference all-reduce
+    only; training on CPU goes through gloo without it."""
+    from deepspeed.comm import comm as deepspeed_comm
+
+    from pipeline.training import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with distributed.process_group() as group:
+        assert group.backend == "gloo" and deepspeed_comm.cdb.shm_comm_op is None
+
+
 def test_process_group_nests_and_skips_the_barrier_only_for_a_lone_error(monkeypatch):
     """evaluate keeps one group around its two trainings: the inner block leaves the group up, the
     outer destroys it. An error on one rank must not wait at a barrier the others never reach; a

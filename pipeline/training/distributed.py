@@ -148,9 +148,23 @@ def setup() -> DistEnv:
     if not dist.is_initialized():
         import deepspeed
 
+        if info.backend == "gloo":
+            _skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
     _depth += 1  # only once it worked: a failed setup has no teardown
     return info
+
+
+def _skip_shared_memory_op() -> None:
+    """On CPU DeepSpeed compiles a C++ shared-memory op at every init that finds no build of it for
+    this environment: 35-50 s, again on each machine and after another venv built it in between
+    (the build's key holds the venv's paths). It serves only DeepSpeed's inference all-reduce
+    (tensor-parallel inference); training's collectives go through the gloo process group. Its
+    table of buildable ops is one dict that DeepSpeed keeps for the process, so marking the op
+    unbuildable there skips the build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def teardown(barrier: bool = True) -> None:
