@@ -161,10 +161,12 @@ def _skip_shared_memory_op() -> None:
     (the build's key holds the venv's paths). It serves only DeepSpeed's inference all-reduce
     (tensor-parallel inference); training's collectives go through the gloo process group. Its
     table of buildable ops is one dict that DeepSpeed keeps for the process, so marking the op
-    unbuildable there skips the build."""
+    unbuildable there skips the build (a DeepSpeed without that table builds the op, as before)."""
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def teardown(barrier: bool = True) -> None:
