@@ -95,6 +95,10 @@ def test_learns_logs_and_exports(run_root, tmp_path):
     assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     ckpts = sorted(p.name for p in (run_root / "digits" / "train_vqvae" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000100", "step_00000200"]
+    # DeepSpeed's init on CPU compiles nothing: its shared-memory op, and the probe of which ops a
+    # compiler could build (gcc lines in the log), are skipped
+    (log,) = (run_root / "digits" / "train_vqvae" / "logs").glob("train_vqvae-*.log")
+    assert "gcc " not in log.read_text()
 
     # run again, done: nothing to train, and model.pt is kept as it is (later stages know it by its
     # sha256), also where another stage's model section or a lower max_steps is asked for; the summary

@@ -160,12 +160,13 @@ def _skip_shared_memory_op() -> None:
     this environment: 35-50 s, again on each machine and after another venv built it in between
     (the build's key holds the venv's paths). It serves only DeepSpeed's inference all-reduce
     (tensor-parallel inference); training's collectives go through the gloo process group. Its
-    table of buildable ops is one dict that DeepSpeed keeps for the process, so marking the op
-    unbuildable there skips the build (a DeepSpeed without that table builds the op, as before)."""
+    table of buildable ops is one dict that DeepSpeed keeps for the process, filled on first read
+    by test-compiling every op (gcc lines in each stage's log, and a node may have no compiler)
+    and read only by that build: seeding it with the op marked unbuildable skips both."""
     import deepspeed.ops
 
-    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
-    if isinstance(compatible, dict):
+    compatible = vars(deepspeed.ops).setdefault("__compatible_ops__", {})
+    if isinstance(compatible, dict):  # else a DeepSpeed that keeps it otherwise: the op is built, as before
         compatible["deepspeed_shm_comm"] = False
 
 
