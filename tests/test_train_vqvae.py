@@ -84,6 +84,13 @@ def test_learns_logs_and_exports(run_root, tmp_path):
     cpu = _history(client, run, "system/cpu_utilization_percentage")
     seconds = (run.info.end_time - run.info.start_time) / 1000
     assert len(cpu) >= max(3, seconds / 4), (seconds, cpu)
+    # stderr is a pipe here, as a SLURM job's is a file: the training's progress bar is drawn at its
+    # start, once a minute and at its end (and again after each line logged through it, which clears
+    # it), not every 2 s as on a terminal
+    bars = re.findall(r"vqvae:\s+\d+%\|[^|]*\|\s*(\d+)/200 ", proc.stderr)
+    logged = len(re.findall(r"step \d+: ", proc.stdout))
+    assert bars[0] == "0" and bars[-1] == "200", bars
+    assert len(bars) <= 3 + seconds / 60 + logged, (seconds, logged, bars)
     assert _history(client, run, "system/system_memory_usage_megabytes")
 
     blob = torch.load(run_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)

@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline.data.shard_images import ShardImages
 from pipeline.data.streams import TrainLoader, private_generator
 from pipeline.models import build, load_exported
+from pipeline.progress import progress_bar
 from pipeline.stages import StageContext
 from pipeline.tracking import PrefixedRun, flatten
 from pipeline.training import distributed, engine
@@ -33,7 +33,7 @@ def _images(dataset: ShardImages, batch_size: int, desc: str) -> Iterator[tuple[
     labels = torch.from_numpy(dataset.labels)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, generator=private_generator())
     # leave=False: during a classifier's training the bar comes and goes under the training's bar
-    with tqdm(total=len(dataset), unit="img", desc=desc, leave=False, mininterval=2.0) as bar:
+    with progress_bar(total=len(dataset), unit="img", desc=desc, leave=False) as bar:
         for i, x in enumerate(loader):
             yield x.float().div_(127.5).sub_(1.0), labels[i * batch_size:i * batch_size + len(x)]
             bar.update(len(x))

@@ -27,9 +27,9 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
-from tqdm import tqdm
 
 from pipeline import atomic
+from pipeline.progress import progress_bar
 from pipeline.training import distributed
 
 CLASSIFIER = "vqvae2-classifier"
@@ -164,7 +164,7 @@ def features(images: Dataset, ext: Extractor, *, cache_name: str, cache_root: Pa
 def _extract(images: Dataset, ext: Extractor, batch_size: int) -> Features:
     net, cuda = ext.net(), torch.cuda.is_available()
     parts: dict[str, list[torch.Tensor]] = {f: [] for f in FEATURES[ext.name]}
-    with torch.no_grad(), tqdm(total=len(images), unit="img", desc=f"features {ext.name}", mininterval=2.0) as bar:
+    with torch.no_grad(), progress_bar(total=len(images), unit="img", desc=f"features {ext.name}") as bar:
         for batch in DataLoader(images, batch_size=batch_size, num_workers=0, pin_memory=cuda):
             for f, v in zip(FEATURES[ext.name], net(batch.cuda(non_blocking=True) if cuda else batch)):
                 parts[f].append(v.cpu())

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.data.shard_images import ShardImages, write_image_shard
+from pipeline.progress import progress_bar
 from pipeline.training import distributed
 
 
@@ -45,8 +46,8 @@ def reconstruct(vqvae: nn.Module, val: ShardImages, out_dir: Path, batch_size: i
     try:
         todo = [job for n, job in enumerate(jobs) if n % world_size == rank
                 and not any(_finished(Path(d), job[0], job[3]) for d in (out_dir, *elsewhere))]
-        with tqdm(total=sum(len(job[2]) for job in todo), unit="img", desc="reconstruct", disable=not todo,
-                  mininterval=2.0) as bar:
+        with progress_bar(total=sum(len(job[2]) for job in todo), unit="img", desc="reconstruct",
+                          disable=not todo) as bar:
             for name, tar, indices, source in todo:
                 _reconstruct_shard(vqvae, val.subset(indices), out_dir, name, source, batch_size, bar)
                 log.info("reconstructed %s: %d images", Path(tar).name, len(indices))

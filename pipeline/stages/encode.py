@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import webdataset as wds
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.config import stage_dir
 from pipeline.data import codes, shards
 from pipeline.data.streams import ordered_batches
 from pipeline.models import load_exported_digest
+from pipeline.progress import progress_bar
 from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs, vqvae_model
 from pipeline.training.distributed import detect
 
@@ -57,8 +57,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     resolution = int(meta["resolution"])
     crop = "none" if cfg.data.augment == "none" else "center"
     t0 = time.time()
-    with tqdm(total=sum(s["count"] for _, s in todo), unit="img", desc="encode", disable=not todo,
-              mininterval=2.0) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
+    with progress_bar(total=sum(s["count"] for _, s in todo), unit="img", desc="encode",
+                      disable=not todo) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
         for i, rows in encode_shards(model, [str(image_dir / s["name"]) for _, s in todo],
                                      [flips[split] for split, _ in todo], batch_size=int(cfg.encode.batch_size),
                                      resolution=resolution, crop=crop, device=device,

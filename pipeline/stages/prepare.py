@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline import atomic
 from pipeline.data import grids, shards
 from pipeline.data.sources import Source, open_source, write_options
+from pipeline.progress import progress_bar
 from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs
 
 _worker: dict[str, Any] = {}  # per worker process: the source and the progress queue
@@ -47,8 +48,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     else:
         ctx.log.info("%d of %d shards to write (%d already complete), %d worker(s)", len(todo),
                      len(mine), len(mine) - len(todo), int(cfg.prepare.workers))
-    with tqdm(total=sum(len(p.refs) for p in todo), unit="img", desc="prepare",
-              disable=not todo, mininterval=1.0) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
+    with progress_bar(total=sum(len(p.refs) for p in todo), unit="img", desc="prepare",
+                      disable=not todo) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
         stats.update(_write(out_dir, todo, source, int(cfg.prepare.workers), bar))
 
     pending = [p.name for p in plans if p.name not in stats]

@@ -21,7 +21,6 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.config import stage_dir
@@ -29,6 +28,7 @@ from pipeline.data import grids, shards
 from pipeline.data.images import png_bytes
 from pipeline.models import load_exported_digest
 from pipeline.models.sampling import sample_bottom, sample_top
+from pipeline.progress import progress_bar
 from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs, vqvae_model
 from pipeline.training.distributed import detect
 
@@ -92,8 +92,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                  len(todo), len(mine))
     sizes = (int(top_meta["top_size"]),) * 2, (int(bottom_meta["bottom_size"]),) * 2
     t0, drawn = time.time(), 0
-    with tqdm(total=sum(len(shard_plan[i]) for i in todo), unit="sample", desc="sample", disable=not todo,
-              mininterval=2.0) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
+    with progress_bar(total=sum(len(shard_plan[i]) for i in todo), unit="sample", desc="sample",
+                      disable=not todo) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
         for i in todo:
             g = torch.Generator(device=device).manual_seed(how["seed"] * 1_000_003 + i)
             rows = []

@@ -24,9 +24,9 @@ from typing import Any, Iterator, Protocol
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm import tqdm
 
 from pipeline import atomic
+from pipeline.progress import progress_bar
 from pipeline.stages import PROGRESS, StageContext
 from pipeline.tracking import StageStopped
 from pipeline.training import distributed
@@ -158,8 +158,8 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
     window: dict[str, float] = {}
     results: dict[str, float] = {}  # the latest validation: part of the stage's summary
     n_window, wait, t_window = 0, 0.0, time.perf_counter()
-    with _StopFlag() as stop, tqdm(total=max_steps, initial=step, desc=task.kind, unit="step",
-                                   disable=info.rank != 0, mininterval=2.0) as bar:
+    with _StopFlag() as stop, progress_bar(total=max_steps, initial=step, desc=task.kind, unit="step",
+                                           disable=info.rank != 0) as bar:
         stream = _segment(task, step, max_steps, every, ga, bool(t.exact_resume))
         while step < max_steps:
             if step % every == 0 and step > 0 and stream.start != step:
@@ -200,7 +200,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
                 if info.rank == 0:
                     atomic.write_json(ctx.stage_dir / PROGRESS, {"step": step, "max_steps": max_steps,
                                                                  "steps_per_s": n_window / elapsed, "time": time.time()})
-                bar.set_postfix(loss=f"{metrics.get('loss', 0):.4f}")
+                bar.set_postfix(loss=f"{metrics.get('loss', 0):.4f}", refresh=False)  # shown at the next redraw
                 window, n_window, wait, t_window = {}, 0, 0.0, time.perf_counter()
             if step % int(t.eval_every) == 0 or step == max_steps:
                 engine.eval()
