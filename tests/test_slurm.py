@@ -254,6 +254,9 @@ def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
     logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
     digests = {re.search(r"identical on all 2 rank\(s\): sha256 (\w+)", p.read_text()).group(1) for p in logs}
     assert len(logs) == 2 and len(digests) == 1
+    # each rank runs as many CPU threads as the cores SLURM allotted it (cluster.cpus_per_task=1 of
+    # the node's 2): torch's default, one per core of the machine, would oversubscribe a shared node
+    assert all("1 CPU thread(s) per rank" in p.read_text() for p in logs), [p.read_text()[:3000] for p in logs]
     client, run = train_vqvae_run(run_root)
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
     assert (run.data.tags["slurm.job_id"], run.data.tags["slurm.nodelist"]) == (job, "n[1-2]")

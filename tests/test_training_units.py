@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from pipeline.training.distributed import detect, first_host, node
+from pipeline.training.distributed import detect, first_host, node, use_allotted_cpus
 from pipeline.training.engine import lr_factor
 
 
@@ -43,6 +44,20 @@ def test_node_of_a_slurm_task_a_torchrun_rank_and_a_single_process():
 @pytest.mark.parametrize("nodes,first", [("node7", "node7"), ("a[1-3]", "a1"), ("a[09,12]", "a09")])
 def test_first_host(nodes, first):
     assert first_host(nodes) == first
+
+
+def test_a_slurm_task_uses_as_many_cpu_threads_as_it_was_allotted_cores():
+    default = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # torch's default on a 2-core node
+        said = use_allotted_cpus({"SLURM_CPUS_PER_TASK": "1"})
+        assert torch.get_num_threads() == 1 and "1 CPU thread(s) per task" in said and "default of 2" in said
+        torch.set_num_threads(2)
+        # the user's OMP_NUM_THREADS is kept; more cores allotted than threads, or no allotment: unchanged
+        for env in ({"SLURM_CPUS_PER_TASK": "1", "OMP_NUM_THREADS": "2"}, {"SLURM_CPUS_PER_TASK": "4"}, {}):
+            assert use_allotted_cpus(env) is None and torch.get_num_threads() == 2, env
+    finally:
+        torch.set_num_threads(default)
 
 
 def test_lr_warmup_then_cosine_down_to_the_floor():

@@ -20,7 +20,7 @@ from pipeline.data.shards import OutputsMadeOtherwise
 from pipeline.launch import failures
 from pipeline.stages import DONE, StageContext, stage_function
 from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri, ui_command
-from pipeline.training.distributed import OtherRankFailed, detect
+from pipeline.training.distributed import OtherRankFailed, detect, use_allotted_cpus
 
 log = logging.getLogger("pipeline")
 
@@ -121,6 +121,9 @@ class StageJob:
         try:
             log.info("stage %s of experiment '%s': outputs in %s, log %s", self.stage,
                      cfg.experiment, sdir, log_file)
+            threads = use_allotted_cpus()
+            if threads:
+                log.info("%s", threads)
             with StageRun(cfg, self.stage, sdir, self.task, job) as run:
                 log.info("MLflow run %s at %s (%s)", run.run_id, tracking_uri(cfg),
                          ui_command(tracking_uri(cfg)))

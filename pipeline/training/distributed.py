@@ -128,6 +128,26 @@ def node(environ: dict[str, str] | None = None) -> Node:
     return Node(0, 1, "node0", f"single:{os.getpid()}")
 
 
+def use_allotted_cpus(environ: dict[str, str] | None = None) -> str | None:
+    """Lower torch's CPU threads to the cores SLURM allotted this task (``SLURM_CPUS_PER_TASK``);
+    returns what it did, for the log (None: nothing to do).
+
+    torch starts a thread per core of the machine, or of the task's CPU mask where SLURM binds tasks
+    to cores. On a node shared with other jobs and no binding, a task allotted fewer cores would run
+    more threads than it has, and OpenMP threads that spin waiting for each other then slow every
+    job there several-fold. ``OMP_NUM_THREADS``, when set, is the user's choice and is kept."""
+    env = os.environ if environ is None else environ
+    allotted = env.get("SLURM_CPUS_PER_TASK", "")
+    if not allotted.isdigit() or int(allotted) < 1 or env.get("OMP_NUM_THREADS"):
+        return None
+    before = torch.get_num_threads()
+    if int(allotted) >= before:
+        return None
+    torch.set_num_threads(int(allotted))
+    return (f"{int(allotted)} CPU thread(s) per task, the cores SLURM allotted (cluster.cpus_per_task), "
+            f"not torch's default of {before}; OMP_NUM_THREADS=<n> chooses otherwise")
+
+
 _EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _saved_env: dict[str, str | None] = {}
 _depth = 0  # setup() calls not yet torn down: the outermost teardown destroys the group

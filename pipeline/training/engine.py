@@ -141,9 +141,10 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
     ga = int(cfg.deepspeed.grad_accum)
     global_batch = int(cfg.deepspeed.micro_batch) * ga * info.world_size
     last_logged = ctx.run.last_step("loss")
-    ctx.log.info("training %s: %s parameters, step %d of %d, global batch %d, %d rank(s) (%s), %s, %s",
-                 task.kind, f"{sum(p.numel() for p in model.parameters()):,}", step, max_steps, global_batch,
-                 info.world_size, info.source, info.device, "bf16" if ds_config["bf16"]["enabled"] else "fp32")
+    ctx.log.info("training %s: %s parameters, step %d of %d, global batch %d, %d rank(s) (%s), %s, %s, "
+                 "%d CPU thread(s) per rank", task.kind, f"{sum(p.numel() for p in model.parameters()):,}", step,
+                 max_steps, global_batch, info.world_size, info.source, info.device,
+                 "bf16" if ds_config["bf16"]["enabled"] else "fp32", torch.get_num_threads())
     ctx.run.set_tags({"world_size": info.world_size, "global_batch": global_batch})
     ctx.log.info("memory per rank: %.2f GB of fp32 weights, gradients and AdamW state (before ZeRO "
                  "sharding and activations)%s", 16 * sum(p.numel() for p in model.parameters()) / 2**30,
