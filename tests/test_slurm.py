@@ -284,8 +284,12 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     nodes = {s: slurm_sh(["sacct", "-X", "-n", "-P", "-j", jobs[s], "-o", "NodeList"], slurm).split() for s in jobs}
     assert nodes["train_vqvae"] == ["n[1-2]"] and len(nodes["train_top_prior"]) == 1, nodes
     assert nodes["train_top_prior"][0] in ("n1", "n2"), nodes
+    # while it waits, each stage is said done in turn, with its key metric: a long chain's wait is not silent
+    waited, finished = ok.stdout.split("stage=all finished")
+    said = re.findall(r"^  done:    (\w+) \(job (\d+)\), (\d) of 7, \d+ (?:s|min \d+ s) into the wait(.*)$", waited, re.M)
+    assert [(stage, job, str(i)) for i, (stage, job) in enumerate(jobs.items(), 1)] == [d[:3] for d in said], waited
+    assert said[1][3].startswith(": val PSNR ") and said[-1][3].startswith(": FID "), said
     # once every job is done, the same summary as a local chain: wall time (from sacct), key metric
-    finished = ok.stdout.split("stage=all finished")[1]
     assert re.search(r"^\s+train_vqvae\s+\d+ s\s+val PSNR [\d.]+ dB\s", finished, re.M), finished
     assert re.search(r"^\s+evaluate\s+\d+ s\s+FID \S+ \([\d.]+x real\)", finished, re.M), finished
     assert f"report:  {tmp_path / 'ok' / 'digits' / 'evaluate' / 'report.md'}" in finished

@@ -5,13 +5,15 @@ job that will never start by itself is named with the fix; Ctrl-C ends the wait,
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.config import stage_dir
+from pipeline.config import stage_dir, stage_name
 from pipeline.launch import failures, mlflow_runs, queue, records
+from pipeline.launch.chain import key_metric
 
 
 def wait_for_stage(cfg: DictConfig, stage: str, jobs: list[Any]) -> int:
@@ -38,10 +40,12 @@ def wait_for_stage(cfg: DictConfig, stage: str, jobs: list[Any]) -> int:
 
 
 def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict]) -> int:
-    """Wait for a queued chain's jobs, in stage order; 0 when all completed, 1 at the first that did
-    not (said: the jobs depending on it are cancelled by SLURM), 130 on Ctrl-C."""
-    with queue.SayWhenStuck([r["job"] for r in rows if r["job"]], _still_waiting):
-        for r in rows:
+    """Wait for a queued chain's jobs, in stage order, saying each stage done as the wait reaches it
+    (a chain can take days: the command is not silent until its end); 0 when all completed, 1 at the
+    first that did not (said: the jobs depending on it are cancelled by SLURM), 130 on Ctrl-C."""
+    start, queued = time.time(), [r for r in rows if r["job"]]
+    with queue.SayWhenStuck([r["job"] for r in queued], _still_waiting):
+        for i, r in enumerate(queued, 1):
             try:
                 error = _chain_job_error(r)
             except KeyboardInterrupt:
@@ -51,6 +55,10 @@ def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict
                 log = failures.failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
                 print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
                 return 1
+            metric = key_metric(cfgs[r["stage"]], r["stage"])
+            print(f"  done:    {stage_name(cfg, r['stage'])} (job {r['job']}), {i} of {len(queued)}, "
+                  f"{records.duration(time.time() - start)} into the wait{': ' + metric if metric else ''}",
+                  flush=True)
     return 0
 
 
