@@ -161,6 +161,7 @@ def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
     (["stage=prepare", "data=folder", "data.layout=tars"], ["data.layout", "it is a setting of data=imagenet, not of "
                                                             "data=folder: pass data=imagenet"]),
     (["stage=prepare", "tracking.system_metrics_interval=0"], ["tracking.system_metrics_interval=0", "> 0"]),
+    (["stage=prepare", "wait_report_min=-1"], ["wait_report_min=-1", "must be >= 0 minutes", "wait_report_min=10"]),
     (["stage=evaluate"], ["stage=evaluate", "dataset.json", "submit stage=prepare"]),
     (["stage=evaluate", "eval.features=inception"], ["eval.inception_weights=None", "fetch_inception_weights"]),
     (["stage=evaluate", "eval.accept_rates=[0.5,2]"], ["eval.accept_rates", "(0, 1]"]),

@@ -243,12 +243,18 @@ def test_time_limit_requeue_resumes_and_completes(slurm, run_root, tmp_path, mon
 def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
     proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
                   f"run_root={run_root}", *SLURM_FAST, "train.max_steps=20", "train.ckpt_every=20", "train.eval_every=20",
-                  "tracking.system_metrics_interval=1", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
+                  "tracking.system_metrics_interval=1", "wait=true", "wait_report_min=0.01", cwd=tmp_path, env=slurm,
+                  timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    job = slurm_job_id(proc.stdout)
+    # the wait said the training's progress as it moved (looking every 0.6 s; step 10 of 20 is written
+    # seconds before the job ends), each position once, before the stage was said done
+    said = re.findall(rf"^  running: train_vqvae \(job {job}\): step (\d+) of 20 \(\d+%\), \S+ steps/s, ETA (?:\d+ min )?\d+ s; "
+                      r"updated (?:\d+ min )?\d+ s ago$", proc.stdout.split("stage train_vqvae: done")[0], re.M)
+    assert said and said == sorted(set(said), key=int) and set(said) <= {"10", "20"}, proc.stdout
     # encode's inputs exist now: its command keeps the cluster and partition, not this job's resources
     assert f"next:    submit stage=encode cluster=slurm cluster.partition=high run_root={run_root} " \
            "data.num_workers=0 tracking.system_metrics_interval=1\n" in proc.stdout, proc.stdout
-    job = slurm_job_id(proc.stdout)
     nodes = slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"], slurm).strip()
     assert nodes == "n[1-2]"
     logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
@@ -269,7 +275,7 @@ def test_two_nodes_train_data_parallel(slurm, run_root, tmp_path):
 def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_path):
     ok = submit("stage=all", "cluster=slurm", f"run_root={tmp_path / 'ok'}", *SLURM_FAST, "train.max_steps=20",
                 "train.ckpt_every=20", "train.eval_every=20", "cluster.array_tasks=2", "sample.per_class=2",
-                "train_vqvae:cluster.nodes=2", "wait=true", cwd=tmp_path, env=slurm, timeout=900)
+                "train_vqvae:cluster.nodes=2", "wait=true", "wait_report_min=0.01", cwd=tmp_path, env=slurm, timeout=900)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     jobs = dict(re.findall(r"^\s*(\w+)\s+queued(?: after [\d,]+)?\s+(\d+)", ok.stdout, re.M))
     assert re.search(rf"train_vqvae\s+queued after {jobs['prepare']}\s", ok.stdout)
@@ -289,6 +295,12 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     said = re.findall(r"^  done:    (\w+) \(job (\d+)\), (\d) of 7, \d+ (?:s|min \d+ s) into the wait(.*)$", waited, re.M)
     assert [(stage, job, str(i)) for i, (stage, job) in enumerate(jobs.items(), 1)] == [d[:3] for d in said], waited
     assert said[1][3].startswith(": val PSNR ") and said[-1][3].startswith(": FID "), said
+    # and, looking every 0.6 s, the progress of the stage it waits on as it moves: prepare's shards at
+    # least (each stage's lines come before its "done:" line, with its own job)
+    running = re.findall(r"^  running: (\w+) \(job (\d+)\): (?:step \d+ of 20|shards \d+ of \d+) \(\d+%\)", waited, re.M)
+    assert ("prepare", jobs["prepare"]) in running and set(running) <= set(jobs.items()), waited
+    for stage, job in set(running):
+        assert waited.rindex(f"running: {stage} (job {job})") < waited.index(f"done:    {stage} (job {job})"), waited
     # once every job is done, the same summary as a local chain: wall time (from sacct), key metric
     assert re.search(r"^\s+train_vqvae\s+\d+ s\s+val PSNR [\d.]+ dB\s", finished, re.M), finished
     assert re.search(r"^\s+evaluate\s+\d+ s\s+FID \S+ \([\d.]+x real\)", finished, re.M), finished

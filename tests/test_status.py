@@ -32,6 +32,57 @@ def test_shard_progress_counts_completion_markers_and_rates_those_since_the_last
     assert records.progress_line(sdir) == ""
 
 
+def test_wait_says_the_watched_stage_s_progress_only_when_it_moved(tmp_path):
+    """wait=true's progress lines: what a stage dir shows when the wait starts watching it is not
+    news (a progress file left from before a requeue); a step or a shard more is, once; a stage the
+    wait is done with says nothing more. Then the same through the thread a wait runs it in."""
+    import time
+
+    from pipeline import atomic
+    from pipeline.launch.waiting import SayProgress
+    from pipeline.stages import record_shard_total
+
+    def trained_to(sdir, step):  # what the training engine writes every train.log_every steps
+        atomic.write_json(sdir / "progress.json", {"step": step, "max_steps": 1000, "steps_per_s": 2.0,
+                                                   "time": time.time()})
+
+    train, sample = tmp_path / "train_vqvae", tmp_path / "sample"
+    train.mkdir()
+    (sample / "shards").mkdir(parents=True)
+    trained_to(train, 100)
+    said: list[str] = []
+    progress = SayProgress(0, said.append)
+    progress.watch("train_vqvae", "18", train)
+    progress.look()
+    trained_to(train, 100)  # rewritten by a requeued job that resumed at step 100: no step more yet
+    progress.look()
+    assert said == []
+    trained_to(train, 200)
+    progress.look()
+    progress.look()
+    assert len(said) == 1 and re.fullmatch(r"  running: train_vqvae \(job 18\): step 200 of 1000 \(20%\), 2 steps/s, "
+                                           r"ETA 6 min [34]\d s; updated \d s ago", said[0]), said
+    progress.forget()
+    trained_to(train, 300)
+    progress.look()
+    progress.watch("sample", "19", sample)  # not started: nothing to say
+    progress.look()
+    assert len(said) == 1, said
+    record_shard_total(sample, 4)
+    progress.look()
+    assert said[1:] == ["  running: sample (job 19): shards 0 of 4 (0%); none complete yet"], said
+
+    said.clear()
+    with SayProgress(0.05, said.append) as progress:
+        progress.watch("train_vqvae", "18", train)
+        trained_to(train, 400)
+        deadline = time.time() + 30
+        while not said:
+            assert time.time() < deadline, "no progress line within 30 s of looks every 0.05 s"
+            time.sleep(0.05)
+    assert said[0].startswith("  running: train_vqvae (job 18): step 400 of 1000 (40%)"), said
+
+
 def test_status_shows_the_cause_of_a_multi_rank_failure_first_and_the_echoes_after(tmp_path, monkeypatch):
     """When one rank fails, the others stop after it, with errors that only echo it (a failed
     collective, an agreement's OtherRankFailed): whichever is recorded first, the cause is shown

@@ -1,12 +1,16 @@
 """`wait=true` on SLURM: block until a stage's job (or a chain's jobs) ends and say how it ended:
 each distinct error once, the failed stage's log, a run its killed rank 0 left RUNNING closed. A
-job that will never start by itself is named with the fix; Ctrl-C ends the wait, not the jobs."""
+job that will never start by itself is named with the fix, the running stage's progress is said
+every ``wait_report_min``; Ctrl-C ends the wait, not the jobs."""
 
 from __future__ import annotations
 
+import re
 import sys
+import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig
@@ -21,7 +25,9 @@ def wait_for_stage(cfg: DictConfig, stage: str, jobs: list[Any]) -> int:
     failed (said), 130 on Ctrl-C."""
     job_id, sdir = jobs[0].job_id.split("_")[0], stage_dir(cfg, stage)
     failed: dict[str, list[str]] = {}  # error -> the array tasks that raised it
-    with queue.SayWhenStuck([job_id], _still_waiting):
+    progress = SayProgress(60 * float(cfg.wait_report_min))
+    progress.watch(stage_name(cfg, stage), job_id, sdir)
+    with queue.SayWhenStuck([job_id], _still_waiting), progress:
         for job in jobs:
             try:
                 job.results()  # every task of the job (one per rank)
@@ -44,12 +50,15 @@ def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict
     (a chain can take days: the command is not silent until its end); 0 when all completed, 1 at the
     first that did not (said: the jobs depending on it are cancelled by SLURM), 130 on Ctrl-C."""
     start, queued = time.time(), [r for r in rows if r["job"]]
-    with queue.SayWhenStuck([r["job"] for r in queued], _still_waiting):
+    progress = SayProgress(60 * float(cfg.wait_report_min))
+    with queue.SayWhenStuck([r["job"] for r in queued], _still_waiting), progress:
         for i, r in enumerate(queued, 1):
+            progress.watch(stage_name(cfg, r["stage"]), r["job"], stage_dir(cfgs[r["stage"]], r["stage"]))
             try:
                 error = _chain_job_error(r)
             except KeyboardInterrupt:
                 return _stopped_waiting(cfg, None)
+            progress.forget()
             if error:
                 sdir = stage_dir(cfgs[r["stage"]], r["stage"])
                 log = failures.failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
@@ -60,6 +69,62 @@ def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict
                   f"{records.duration(time.time() - start)} into the wait{': ' + metric if metric else ''}",
                   flush=True)
     return 0
+
+
+class SayProgress:
+    """While `wait=true` blocks: every ``every_s`` seconds, the watched stage's progress from its
+    stage dir (``  running: train_vqvae (job 18): step 1200 of 5000 (24%), 3.1 steps/s, ETA ...``),
+    said only when its position (step, shards complete) moved since the last look: a wait of hours
+    on one training is not silent, and a stage not started yet (or one whose progress file is left
+    from before a requeue) says nothing. ``every_s`` 0: never."""
+
+    def __init__(self, every_s: float, say: Callable[[str], None] | None = None) -> None:
+        self.every_s, self.say = every_s, say or (lambda line: print(line, flush=True))
+        self._watched: tuple[str, str, Path] | None = None
+        self._last = ""
+        self._lock = threading.Lock()  # a look in flight ends before the watched stage changes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="say-progress", daemon=True)
+
+    def watch(self, name: str, job: str, sdir: Path) -> None:
+        """Say this stage's progress from now on; what its dir shows now is the start, not news."""
+        with self._lock:
+            self._last, self._watched = _position(records.progress_line(sdir)), (name, job, sdir)
+
+    def forget(self) -> None:
+        """The watched stage ended: nothing more is said of it (its "done" line comes after)."""
+        with self._lock:
+            self._watched = None
+
+    def look(self) -> None:
+        """Say the watched stage's progress if its position moved since the last look."""
+        with self._lock:
+            if self._watched is None:
+                return
+            name, job, sdir = self._watched
+            line = records.progress_line(sdir)
+            if line and _position(line) != self._last:
+                self._last = _position(line)
+                self.say(f"  running: {name} (job {job}): {line}")
+
+    def __enter__(self) -> SayProgress:
+        if self.every_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.look()
+
+
+def _position(progress_line: str) -> str:
+    """How far a stage is, without its rate or age: ``step 1200 of 5000 (24%)``, ``shards 12 of 40 (30%)``."""
+    return re.split(r"[,;]", progress_line, maxsplit=1)[0]
 
 
 def _still_waiting(line: str) -> None:
