@@ -7,6 +7,7 @@ is marked KILLED), 141 its output's reader went away (`| head`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
@@ -37,6 +38,19 @@ def _help(args: list[str]) -> int:
     return 0
 
 
+def _unreadable_tqdm_environment() -> str:
+    """tqdm converts its TQDM_* variables when it is imported (every stage draws progress bars) and
+    raises a bare ValueError on one it cannot read, naming neither the variable nor the fix; '' if
+    they read."""
+    try:
+        importlib.import_module("tqdm")
+    except ValueError as e:
+        names = ", ".join(f"{k}={v!r}" for k, v in sorted(os.environ.items()) if k.startswith("TQDM_"))
+        return (f"{names}: tqdm cannot read it ({e}) -- unset it, or give a value of the right type, "
+                "e.g. TQDM_MININTERVAL=5 (seconds between redraws)")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
@@ -48,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         return _help([a for a in args if a not in ("-h", "--help")])
+    unreadable = _unreadable_tqdm_environment()
+    if unreadable:
+        print(f"submit: error: {unreadable}", file=sys.stderr)
+        return 2
     if args[:1] == ["status"]:
         return _status(args[1:])
     if args[:1] == ["cancel"]:

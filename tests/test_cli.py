@@ -209,6 +209,16 @@ def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path, args, na
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_unreadable_tqdm_variable_is_named_with_the_fix_before_anything_is_written(tmp_path):
+    """tqdm reads TQDM_* when imported and raised a bare ValueError (a traceback naming neither)."""
+    proc = submit("stage=prepare", f"run_root={tmp_path / 'runs'}", cwd=tmp_path, env={"TQDM_MININTERVAL": "x"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == ("submit: error: TQDM_MININTERVAL='x': tqdm cannot read it (could not convert string to "
+                           "float: 'x') -- unset it, or give a value of the right type, e.g. TQDM_MININTERVAL=5 "
+                           "(seconds between redraws)\n"), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value, kept", [("true", True), ("false", False), ("auto", "auto")])
 def test_bf16_takes_auto_true_or_false(tmp_path, value, kept):
     cfg = compose(["stage=train_vqvae", f"run_root={tmp_path}", f"deepspeed.bf16={value}"])
