@@ -147,6 +147,45 @@ def test_array_tasks_split_shards_and_the_last_writes_the_manifest(tmp_path):
     assert first["images"] + second["images"] == 1797
 
 
+def test_array_tasks_that_started_together_complete_the_stage(tmp_path, monkeypatch):
+    """SLURM starts an array's tasks together: task 0 is still writing when task 1 ends (held here
+    by a wrapper around the real shard writer), then finds every shard complete, task 1's included,
+    and writes the manifest. Each task used to count only the shards complete when it started: no
+    task of an array started together wrote the manifest."""
+    import threading
+
+    cfg = compose(["stage=prepare", f"run_root={tmp_path}", "data.shard_size=300"])
+    stage_dir = tmp_path / "digits" / "prepare"
+    stage_dir.mkdir(parents=True)
+    writing, go_on, write_shard = threading.Event(), threading.Event(), shards.write_shard
+
+    def held(*args, **kwargs):
+        if threading.current_thread().name == "task 0":
+            writing.set()
+            assert go_on.wait(120)
+        return write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", held)
+
+    def task(i):
+        return prepare.run(cfg, StageContext("prepare", stage_dir, StageRun(cfg, "prepare", stage_dir),
+                                             logging.getLogger("test"), task=i, tasks=2))
+
+    first: list[dict] = []
+    task0 = threading.Thread(target=lambda: first.append(task(0)), name="task 0")
+    task0.start()
+    try:
+        assert writing.wait(120)
+        second = task(1)
+        assert second["shards_pending_other_tasks"] == 4 and not second["complete"]
+    finally:
+        go_on.set()
+        task0.join(120)
+    assert first[0]["shards_pending_other_tasks"] == 0 and first[0]["complete"], first
+    manifest = json.loads((stage_dir / "shards" / shards.MANIFEST).read_text())
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 1797
+
+
 CTRL_C_READER = """
 import os, signal, sys, time
 from pipeline.data.streams import TrainLoader, ordered_batches

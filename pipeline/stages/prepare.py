@@ -51,6 +51,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     with progress_bar(total=sum(len(p.refs) for p in todo), unit="img", desc="prepare",
                       disable=not todo) as bar, logging_progress(ctx, float(cfg.tracking.progress_every_s)):
         stats.update(_write(out_dir, todo, source, int(cfg.prepare.workers), bar))
+    # the other tasks' shards completed while this one wrote count too: tasks that start together
+    # would otherwise each find the others' pending, and none would write the manifest
+    stats.update({p.name: s for p in plans if p.name not in stats and (s := shards.completed_stats(out_dir, p))})
 
     pending = [p.name for p in plans if p.name not in stats]
     manifest_path = out_dir / shards.MANIFEST
