@@ -230,7 +230,8 @@ class Outbox:
 def save(stage_dir: Path, run_id: str, uri: str, records: list[dict[str, Any]],
          name: str = OUTBOX) -> Path:
     """Keep undelivered records in ``<stage_dir>/<name>/`` (after any kept before); ``name`` is
-    ``mlflow_outbox`` or, for another node's system metrics, ``mlflow_outbox-<node>``."""
+    ``mlflow_outbox``, for another node's system metrics ``mlflow_outbox-<node>``, for an array
+    task that completed the stage ``mlflow_outbox-task<i>``."""
     box = Path(stage_dir) / name
     (box / "images").mkdir(parents=True, exist_ok=True)
     kept = _load(box)["records"] if (box / RECORDS).exists() else []
@@ -268,7 +269,9 @@ def send_kept(experiment_dir: Path, uri: str, wait_s: float = 5.0) -> list[str]:
     for box in sorted(Path(experiment_dir).glob(f"*/{OUTBOX}*")):
         if ".sending-" in box.name or not (box / RECORDS).exists() or _load(box)["tracking_uri"] != uri:
             continue
-        label = box.parent.name + (f" (node {box.name[len(OUTBOX) + 1:]})" if box.name != OUTBOX else "")
+        of = box.name[len(OUTBOX) + 1:]  # '', a node's name, or task<i>: a completing array task's
+        label = box.parent.name + (f" (array task {of[4:]})" if re.fullmatch(r"task\d+", of) else
+                                   f" (node {of})" if of else "")
         claimed = box.with_name(f"{box.name}.sending-{os.getpid()}")
         try:
             box.rename(claimed)

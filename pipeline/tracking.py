@@ -145,6 +145,8 @@ class StageRun:
         # rank 0 (SLURM or torchrun rank, known before the group exists) of array task 0 logs
         env, self.node = detect(), node()
         self.enabled = env.rank == 0 and task == 0
+        self.task = task  # another array task logs only if it completes the stage: join_as_completer
+        self._may_complete = env.rank == 0 and task != 0
         # ... and in a multi-node job local rank 0 of every other node logs its node's system metrics
         self._node_metrics: NodeMetrics | None = None
         self._node_leader = (not self.enabled and task == 0 and env.local_rank == 0
@@ -216,6 +218,9 @@ class StageRun:
             self._node_metrics.stop(float(self.cfg.tracking.flush_timeout_s))
         if self._outbox is None:
             return False
+        if not self.enabled:  # an array task that completed the stage: the run's status is task 0's
+            self._deliver_the_rest(f"{mlflow_outbox.OUTBOX}-task{self.task}")
+            return False
         status = "FINISHED"
         if exc_type is not None and issubclass(exc_type, (StageKilled, KeyboardInterrupt, SystemExit)):
             self.set_tags({"stopped": f"{exc_type.__name__}: {exc}"})
@@ -226,6 +231,31 @@ class StageRun:
         if self._monitor is not None:
             self._monitor.stop()
         self._outbox.put({"kind": "terminate", "status": status, "end_time": mlflow_outbox.now_ms()})
+        self._deliver_the_rest(mlflow_outbox.OUTBOX)
+        return False
+
+    def join_as_completer(self) -> None:
+        """This array task (not task 0) found the stage's outputs complete, the other tasks having
+        ended before it: the stage's totals, manifest and grids are logged from here on, to the
+        stage's run that task 0 opened (and may have closed), where task 0 would have logged them.
+        The run's status stays task 0's to set. Task 0 itself, and ranks other than 0, log as before."""
+        if self._outbox is not None or not self._may_complete:
+            return
+        record = self._read_record()
+        if record.get("tracking_uri") != self.uri or not record.get("run_id"):
+            log.warning("stage %s is complete but no MLflow run of it at %s is recorded in %s: its totals "
+                        "are in done.json and this log only", self.stage, self.uri, self.stage_dir / RUN_FILE)
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.run_id, self.attempt = record["run_id"], int(record.get("attempts", 1)) - 1
+        self._outbox = mlflow_outbox.Outbox(MlflowClient(self.uri), self.run_id, self.uri,
+                                            float(self.cfg.tracking.retry_s))
+        log.info("array task %d completed the stage: its totals, manifest and grids go to MLflow run %s",
+                 self.task, self.run_id)
+
+    def _deliver_the_rest(self, outbox_name: str) -> None:
+        """Wait up to tracking.flush_timeout_s for the queued records to go; keep what did not."""
         timeout = float(self.cfg.tracking.flush_timeout_s)
         left: list[dict[str, Any]] = []
         try:
@@ -234,12 +264,11 @@ class StageRun:
             left = self._outbox.abandon()
             raise
         finally:
-            self._keep(left, timeout)
-        return False
+            self._keep(left, timeout, outbox_name)
 
-    def _keep(self, left: list[dict[str, Any]], timeout: float) -> None:
+    def _keep(self, left: list[dict[str, Any]], timeout: float, outbox_name: str) -> None:
         if left:
-            box = mlflow_outbox.save(self.stage_dir, self.run_id, self.uri, left)
+            box = mlflow_outbox.save(self.stage_dir, self.run_id, self.uri, left, outbox_name)
             log.warning("MLflow at %s did not take %s within tracking.flush_timeout_s=%g: kept in "
                         "%s; the next submit of experiment '%s' (any stage, or submit status) "
                         "sends them", self.uri, mlflow_outbox.describe(left), timeout, box,

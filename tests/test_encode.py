@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 
@@ -11,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from mlflow.tracking import MlflowClient
 
 from conftest import copy_stages, save_changed_model, submit
 from pipeline import atomic
 from pipeline.config import compose
 from pipeline.data import codes
 from pipeline.data.streams import ordered_batches
+from pipeline.launch.jobs import StageJob
 from pipeline.models import load_exported
-from pipeline.stages import StageContext, encode, missing_inputs, vqvae_model
-from pipeline.tracking import StageRun
+from pipeline.stages import missing_inputs, vqvae_model
 
 
 @pytest.fixture
@@ -66,17 +66,23 @@ def test_array_tasks_cover_every_shard_once_and_corrupt_images_are_accounted(exp
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated image shard
     cfg = compose(["stage=encode", f"run_root={experiment}"])
     sdir = experiment / "digits" / "encode"
-    sdir.mkdir(parents=True)
-    log = logging.getLogger("test")
-    first = encode.run(cfg, StageContext("encode", sdir, StageRun(cfg, "encode", sdir), log, task=1, tasks=2))
+    # the launch layer's two tasks, task 0 ending first: task 1 completes the stage
+    first = StageJob(cfg, "encode", 0, 2)()
     assert not first["complete"] and not (sdir / "shards" / codes.MANIFEST).exists()
-    assert first["shards"] == 4
-    second = encode.run(cfg, StageContext("encode", sdir, StageRun(cfg, "encode", sdir), log, task=0, tasks=2))
+    assert first["shards"] == 4 and "codes" not in first
+    second = StageJob(cfg, "encode", 1, 2)()
     assert second["complete"] and first["shards_written"] + second["shards_written"] == 8
     manifest = codes.read_manifest(sdir / "shards")
     skipped = manifest["splits"]["train"]["skipped"]
     assert 0 < skipped < 256 and second["skipped"] == skipped
     assert manifest["splits"]["train"]["count"] + skipped == 1437
+    # ... and logs the stage's totals and manifest to the run task 0 opened
+    client = MlflowClient(f"sqlite:///{experiment / 'mlflow.db'}")
+    run = client.get_run(first["run_id"])
+    codes_total = manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
+    assert (run.data.metrics["codes"], run.data.metrics["skipped"]) == (codes_total, skipped)
+    assert codes.MANIFEST in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert json.loads((sdir / "done.json").read_text())["run_id"] == run.info.run_id == second["run_id"]
 
 
 def test_verify_rereads_every_code_shard_and_names_each_bad_one_with_its_fix(experiment, tmp_path):

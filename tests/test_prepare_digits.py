@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import webdataset as wds
@@ -101,6 +102,34 @@ def test_mlflow_run_has_params_tags_and_artifacts(digits_run):
     assert any(a.path.startswith("samples") for a in client.list_artifacts(run.info.run_id, "samples"))
     # artifacts sit beside the sqlite store, under run_root
     assert str(run_root / "mlartifacts") in run.info.artifact_uri
+
+
+def test_an_array_task_that_completes_the_stage_logs_its_totals_to_the_stage_s_run(tmp_path, monkeypatch):
+    """Only array task 0 opens the stage's MLflow run; when another task ends last and completes the
+    shards, the stage's totals, manifest and grid go to that run (they went nowhere: the run showed
+    task 0's share as "images", without dataset.json). Two tasks of the launch layer's StageJob, in
+    the order SLURM often ends them: task 0 first."""
+    from pipeline.config import compose
+    from pipeline.launch.jobs import StageJob
+
+    monkeypatch.chdir(tmp_path)
+    run_root = tmp_path / "runs"
+    cfg = compose(["stage=prepare", f"run_root={run_root}", "data.shard_size=300"])
+    first = StageJob(cfg, "prepare", 0, 2)()
+    assert not first["complete"] and "images" not in first
+    last = StageJob(cfg, "prepare", 1, 2)()
+    assert last["complete"] and last["images"] == 1797 and last["run_id"] == first["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_root / 'mlflow.db'}")
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED"  # task 0's to set, not reopened
+    assert run.data.metrics["images"] == 1797 and run.data.metrics["images_skipped"] == 0
+    assert run.data.metrics["images_written"] == first["images_written"]  # task 0's own work stays its
+    assert "dataset.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/train_per_class.png"]
+    logs = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "logs")}
+    assert {f"{Path(r['log']).name}" for r in (first, last)} <= logs, logs
+    done = json.loads((run_root / "digits" / "prepare" / "done.json").read_text())
+    assert done["run_id"] == run.info.run_id and done["summary"]["images"] == 1797
 
 
 def test_rerun_skips_everything_and_resumes_the_same_run(tmp_path):

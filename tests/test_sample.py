@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, compose, stage_dir
 from pipeline.config_checks import validate
 from pipeline.data import shards
 from pipeline.launch import records
+from pipeline.launch.jobs import StageJob
 from pipeline.launch.chain import compose_all
 from pipeline.stages import StageContext, sample
 from pipeline.tracking import StageRun
@@ -128,12 +129,16 @@ def test_array_tasks_draw_the_same_samples_as_one_job(experiment, priors, tmp_pa
     split_root = copy_stages(priors, tmp_path / "split", *STAGES)
     cfg = compose(["stage=sample", f"run_root={split_root}", *args])
     sdir = split_root / "digits" / "sample"
-    sdir.mkdir(parents=True)
-    log = logging.getLogger("test")
-    first = sample.run(cfg, StageContext("sample", sdir, StageRun(cfg, "sample", sdir), log, task=1, tasks=2))
-    assert not first["complete"] and first["shards_written"] == 1 and first["samples_drawn"] == 5
-    second = sample.run(cfg, StageContext("sample", sdir, StageRun(cfg, "sample", sdir), log, task=0, tasks=2))
-    assert second["complete"] and second["shards_written"] == 2 and second["samples_drawn"] == 7
+    # the launch layer's two tasks, task 0 (shards 0 and 2) ending first: task 1 completes the stage
+    first = StageJob(cfg, "sample", 0, 2)()
+    assert not first["complete"] and first["shards_written"] == 2 and first["samples_drawn"] == 7
+    second = StageJob(cfg, "sample", 1, 2)()
+    assert second["complete"] and second["shards_written"] == 1 and second["samples_drawn"] == 5
+    # ... and logs the total and the grid to the run task 0 opened
+    client = MlflowClient(f"sqlite:///{split_root / 'mlflow.db'}")
+    run = client.get_run(first["run_id"])
+    assert run.data.metrics["samples"] == 12 and run.info.status == "FINISHED"
+    assert {"dataset.json", "samples_per_class.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     a = _samples(experiment / "digits" / "sample" / "shards")
     b = _samples(sdir / "shards")
     assert a.keys() == b.keys() and {int(s["cls"]) for s in a.values()} == {1, 7}

@@ -313,6 +313,16 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     assert shards.read_manifest(tmp_path / "ok" / "digits" / "sample" / "shards")["splits"]["samples"]["count"] == 20
     results = json.loads((tmp_path / "ok" / "digits" / "evaluate" / "results.json").read_text())["results"]
     assert {"fid", "cas/top1", "real/top1", "recon/psnr"} <= set(results)
+    # the array stages' MLflow runs hold the stage's totals, whichever of their two tasks ended last
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ok' / 'mlflow.db'}")
+    for stage, total in (("prepare", "images"), ("encode", "codes"), ("sample", "samples")):
+        done = json.loads((tmp_path / "ok" / "digits" / stage / "done.json").read_text())
+        run = client.get_run(done["run_id"])
+        assert run.data.metrics[total] == done["summary"][total] and run.info.status == "FINISHED", (stage, done)
+    assert done["summary"]["samples"] == 20 and client.get_run(json.loads(
+        (tmp_path / "ok" / "digits" / "prepare" / "done.json").read_text())["run_id"]).data.metrics["images"] == 1797
 
     # prepare fails in the job (a class-folder tree too small to split): train_vqvae is cancelled
     src = unsplittable_tree(tmp_path)

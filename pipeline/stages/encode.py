@@ -72,14 +72,17 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     complete = all(_complete(out_dir, s["name"]) for _, s in work)
     summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "images_encoded": encoded,
                                "images_per_s": round(ips, 1), "seconds": round(time.time() - start, 2)}
+    ctx.run.log_metrics(summary, step=ctx.run.attempt)  # this task's work
     if complete:
         external = vqvae_path if vqvae_path != stage_dir(cfg, "train_vqvae") / "model.pt" else None
         manifest = _manifest(out_dir, images, meta, vqvae_path, vqvae_sha256, external, work)
         codes.write_manifest(out_dir, manifest)
+        totals = {"skipped": sum(e["skipped"] for e in manifest["splits"].values()),
+                  "codes": sum(e["count"] for e in manifest["splits"].values())}
+        summary.update(totals)
+        ctx.run.join_as_completer()  # an array task completing the set: to the stage's run
+        ctx.run.log_metrics(totals, step=ctx.run.attempt)
         ctx.run.log_artifact(out_dir / codes.MANIFEST)
-        summary["skipped"] = sum(e["skipped"] for e in manifest["splits"].values())
-        summary["codes"] = sum(e["count"] for e in manifest["splits"].values())
-    ctx.run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=ctx.run.attempt)
     ctx.log.info("encode: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
     return {**summary, "outputs": str(out_dir), "complete": complete}
 

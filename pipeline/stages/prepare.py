@@ -66,24 +66,26 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         if not manifest_path.exists() or shards.read_manifest(out_dir) != manifest:
             atomic.write_json(manifest_path, manifest)
 
-    done = [stats[p.name] for p in mine if p.name in stats]
-    written = [stats[p.name] for p in todo]
-    skipped = [s for st in done for s in st["skipped"]]
-    for s in skipped:
+    for s in (s for p in mine if p.name in stats for s in stats[p.name]["skipped"]):
         ctx.log.warning("skipped %s: %s", s["origin"], s["error"])
-    summary = {
-        "images": sum(st["count"] for st in done),
-        "images_written": sum(st["count"] for st in written),
-        "images_skipped": len(skipped),
-        "images_converted": sum(st["converted"] for st in done),
+    # this task's work; once every shard is complete, the stage's totals (below)
+    summary: dict[str, Any] = {
+        "images_written": sum(stats[p.name]["count"] for p in todo),
         "shards": len(mine), "shards_written": len(todo), "shards_already_complete": len(mine) - len(todo),
         "shards_pending_other_tasks": len(pending),
-        "bytes": sum(st["bytes"] for st in done),
         "seconds": round(time.time() - start, 2),
     }
     ctx.run.log_metrics(summary, step=ctx.run.attempt)
     ctx.run.set_tags({"data.layout_found": source.layout})
     if not pending:
+        everything = [stats[p.name] for p in plans]
+        totals = {"images": sum(st["count"] for st in everything),
+                  "images_skipped": sum(len(st["skipped"]) for st in everything),
+                  "images_converted": sum(st["converted"] for st in everything),
+                  "bytes": sum(st["bytes"] for st in everything)}
+        summary.update(totals)
+        ctx.run.join_as_completer()  # an array task completing the set: to the stage's run
+        ctx.run.log_metrics(totals, step=ctx.run.attempt)
         ctx.run.log_artifact(manifest_path)
         all_skipped = [s for p in plans for s in stats[p.name]["skipped"]]
         skipped_path = out_dir / "skipped.json"
@@ -95,8 +97,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
             ctx.run.log_image(grids.class_grid(shards.shard_urls(out_dir, "train"), 10,
                                                classes=int(shards.read_manifest(out_dir)["num_classes"]), size=64),
                               "samples/train_per_class.png")
-    ctx.log.info("prepare: %(images)d images in %(shards)d shards (%(shards_written)d written now), "
-                 "%(images_skipped)d skipped, %(bytes)d bytes, %(seconds).1f s", summary)
+    ctx.log.info("prepare: %d of this task's %d shards written now (%d images), %.1f s%s", len(todo), len(mine),
+                 summary["images_written"], summary["seconds"],
+                 f"; {len(pending)} shards are other tasks' still" if pending else
+                 "; the dataset: {images} images in {n} shards, {images_skipped} skipped, {bytes} bytes".format(
+                     n=len(plans), **summary))
     return {**summary, "outputs": str(out_dir), "complete": not pending}
 
 

@@ -111,15 +111,17 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     summary: dict[str, Any] = {"shards": len(mine), "shards_written": len(todo), "samples_drawn": drawn,
                                "samples_per_s": round(drawn / seconds, 2) if drawn else 0.0,
                                "seconds": round(time.time() - start, 2)}
+    ctx.run.log_metrics(summary, step=ctx.run.attempt)  # this task's work
     if complete:
         manifest = _manifest(out_dir, names, vq_meta, top_meta, made_with, cfg)
         if not (out_dir / shards.MANIFEST).exists() or shards.read_manifest(out_dir) != manifest:
             atomic.write_json(out_dir / shards.MANIFEST, manifest)
+        summary["samples"] = manifest["splits"][SPLIT]["count"]
+        ctx.run.join_as_completer()  # an array task completing the set: to the stage's run
+        ctx.run.log_metrics({"samples": summary["samples"]}, step=ctx.run.attempt)
         ctx.run.log_artifact(out_dir / shards.MANIFEST)
         ctx.run.log_image(grids.class_grid([str(shards.tar_path(out_dir, n)) for n in names],
                                            int(cfg.sample.grid_per_class)), "samples_per_class.png")
-        summary["samples"] = manifest["splits"][SPLIT]["count"]
-    ctx.run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=ctx.run.attempt)
     ctx.log.info("sample: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
     return {**summary, "outputs": str(out_dir), "complete": complete}
 
