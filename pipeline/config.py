@@ -1,4 +1,5 @@
-"""Compose the Hydra config of a `submit` call (its values are checked by `pipeline.config_checks`).
+"""Compose the Hydra config of a `submit` call (its values are checked by `pipeline.config_checks`),
+and its flat ``a.b=value`` form (MLflow params, the settings a resume or rerun compares).
 
 Composition uses Hydra's compose API (not ``@hydra.main``) so that ``submit`` owns its command
 line, its exit codes and its error messages, and nothing is written before validation passes.
@@ -9,12 +10,15 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import pipeline.configs
+from pipeline.wording import first_few
 
 GROUPS = ("stage", "data", "model", "cluster", "tracking", "deepspeed")
 
@@ -156,8 +160,6 @@ def _keys(overrides: list[str]) -> set[str]:
     """Every dotted key of the config the group choices among ``overrides`` compose to."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from pipeline.tracking import flatten  # tracking imports this module
-
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
     return set(flatten(OmegaConf.to_container(cfg, resolve=False)))  # unresolved: ??? values are fine here
@@ -248,3 +250,27 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, the form MLflow params take."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, str] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def changed_settings(then: Mapping[str, str], now: Mapping[str, str], compared: Callable[[str], bool],
+                     limit: int) -> str:
+    """``key=old there, new now; ...`` for the flat keys both sides have that ``compared`` keeps and
+    that differ (a key one side lacks was added or dropped since: not a change of setting), the
+    first ``limit`` of them and how many more; '' where none differs."""
+    changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
+               if then[k] != now[k] and compared(k)]
+    return first_few(changed, limit, sep="; ")

@@ -16,17 +16,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline import atomic, mlflow_outbox  # noqa: E402
 from pipeline.system_metrics import NodeMetrics, SystemMetrics  # noqa: E402
 from pipeline.mlflow_outbox import reachable  # noqa: E402
-from pipeline.config import stage_name  # noqa: E402
-from pipeline.wording import first_few  # noqa: E402
+from pipeline.config import flatten, stage_name  # noqa: E402
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
@@ -79,30 +78,6 @@ def tracking_uri(cfg: DictConfig) -> str:
 def _default_artifact_location(cfg: DictConfig) -> str | None:
     # A server decides where artifacts go; a local sqlite store keeps them beside the database.
     return None if cfg.tracking.uri else (Path(cfg.run_root) / "mlartifacts").as_uri()
-
-
-def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, the form MLflow params take."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    out: dict[str, str] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = str(v)
-    return out
-
-
-def changed_settings(then: Mapping[str, str], now: Mapping[str, str], compared: Callable[[str], bool],
-                     limit: int) -> str:
-    """``key=old there, new now; ...`` for the flat keys both sides have that ``compared`` keeps and
-    that differ (a key one side lacks was added or dropped since: not a change of setting), the
-    first ``limit`` of them and how many more; '' where none differs."""
-    changed = [f"{k}={then[k]} there, {now[k]} now" for k in sorted(set(then) & set(now))
-               if then[k] != now[k] and compared(k)]
-    return first_few(changed, limit, sep="; ")
 
 
 def ui_command(uri: str) -> str:

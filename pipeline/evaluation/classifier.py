@@ -21,7 +21,8 @@ from pipeline.data.streams import TrainLoader, private_generator
 from pipeline.models import build, load_exported
 from pipeline.progress import progress_bar
 from pipeline.stages import StageContext
-from pipeline.tracking import PrefixedRun, flatten
+from pipeline.config import flatten
+from pipeline.tracking import PrefixedRun
 from pipeline.training import distributed, engine
 
 

@@ -12,12 +12,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import atomic
-from pipeline.config import GROUPS, stage_dir, stage_name
+from pipeline.config import GROUPS, changed_settings, flatten, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
 from pipeline.launch import failures, mlflow_runs, stage_lock
 from pipeline.launch.queue import SlurmOnce, SlurmUnavailable, queue_states, waiting_line
 from pipeline.stages import ORDER, PROGRESS, depends_on, shard_progress, vqvae_model
-from pipeline.tracking import changed_settings, flatten, tracking_uri
+from pipeline.tracking import tracking_uri
 from pipeline.wording import first_few
 
 JOBS = "jobs.json"  # SLURM job ids submitted for a stage, oldest first

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.stages import depends_on
-from pipeline.tracking import changed_settings, flatten
+from pipeline.config import changed_settings, flatten
 
 
 def config_hash(cfg: DictConfig) -> str:
