@@ -224,8 +224,9 @@ class StageRun:
         from mlflow.tracking import MlflowClient
 
         self.run_id, self.attempt = record["run_id"], int(record.get("attempts", 1)) - 1
-        self._outbox = mlflow_outbox.Outbox(MlflowClient(self.uri), self.run_id, self.uri,
-                                            float(self.cfg.tracking.retry_s))
+        self.start_time_ms = record.get("start_time")
+        self._client = MlflowClient(self.uri)
+        self._outbox = mlflow_outbox.Outbox(self._client, self.run_id, self.uri, float(self.cfg.tracking.retry_s))
         log.info("array task %d completed the stage: its totals, manifest and grids go to MLflow run %s",
                  self.task, self.run_id)
 

@@ -75,6 +75,22 @@ def run_root(prepared: Path, tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
+@pytest.fixture
+def stage_jobs_in_this_process():
+    """A test that runs the launch layer's StageJob here, as a SLURM task would in its own process:
+    the root logger it sets up (INFO, a console and a log file handler) is put back afterwards, or
+    later tests' captured logs would hold INFO records they did not ask for."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+
+
 def save_changed_model(src: Path, dst: Path) -> Path:
     """``src`` (a model.pt) with one weight changed, saved as ``dst``: another model of the same shape."""
     import torch

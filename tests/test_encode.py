@@ -61,7 +61,7 @@ def test_every_image_gets_codes_that_decode_to_its_reconstruction(experiment, tm
     assert again.returncode == 0 and "0 of 8 shards of this task to write" in again.stdout
 
 
-def test_array_tasks_cover_every_shard_once_and_corrupt_images_are_accounted(experiment):
+def test_array_tasks_cover_every_shard_once_and_corrupt_images_are_accounted(experiment, stage_jobs_in_this_process):
     shard = experiment / "digits" / "prepare" / "shards" / "train-000002.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated image shard
     cfg = compose(["stage=encode", f"run_root={experiment}"])

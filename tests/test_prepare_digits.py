@@ -104,7 +104,8 @@ def test_mlflow_run_has_params_tags_and_artifacts(digits_run):
     assert str(run_root / "mlartifacts") in run.info.artifact_uri
 
 
-def test_an_array_task_that_completes_the_stage_logs_its_totals_to_the_stage_s_run(tmp_path, monkeypatch):
+def test_an_array_task_that_completes_the_stage_logs_its_totals_to_the_stage_s_run(tmp_path, monkeypatch,
+                                                                                   stage_jobs_in_this_process):
     """Only array task 0 opens the stage's MLflow run; when another task ends last and completes the
     shards, the stage's totals, manifest and grid go to that run (they went nowhere: the run showed
     task 0's share as "images", without dataset.json). Two tasks of the launch layer's StageJob, in
@@ -126,6 +127,9 @@ def test_an_array_task_that_completes_the_stage_logs_its_totals_to_the_stage_s_r
     assert run.data.metrics["images_written"] == first["images_written"]  # task 0's own work stays its
     assert "dataset.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/train_per_class.png"]
+    # the progress ends at the end, not where task 0 left it (4 of 7 shards)
+    progress = max(client.get_metric_history(run.info.run_id, "progress/fraction"), key=lambda m: m.step)
+    assert progress.value == 1.0
     logs = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "logs")}
     assert {f"{Path(r['log']).name}" for r in (first, last)} <= logs, logs
     done = json.loads((run_root / "digits" / "prepare" / "done.json").read_text())

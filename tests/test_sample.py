@@ -122,7 +122,7 @@ def test_verify_rereads_the_sample_shards(experiment, tmp_path):
     assert f"{gone}: missing -- rerun `submit stage=sample` to rewrite it" in broken.stderr
 
 
-def test_array_tasks_draw_the_same_samples_as_one_job(experiment, priors, tmp_path):
+def test_array_tasks_draw_the_same_samples_as_one_job(experiment, priors, tmp_path, stage_jobs_in_this_process):
     args = [*ARGS, "sample.classes=[1,7]", "sample.shard_size=5"]  # 12 samples: shards of 5, 5, 2
     one = submit("stage=sample", f"run_root={experiment}", *args, cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -76,10 +76,7 @@ def logging_progress(ctx: "StageContext", every_s: float) -> Iterator[None]:
     stop, last = threading.Event(), [-1]
 
     def log_once() -> None:
-        p = shard_progress(ctx.stage_dir)
-        if p is not None:
-            last[0] = max(last[0] + 1, int(time.time() - start_ms / 1000))
-            ctx.run.log_metrics({f"progress/{k}": v for k, v in p.items()}, step=last[0])
+        last[0] = _log_progress(ctx, start_ms, last[0])
 
     def loop() -> None:
         while not stop.wait(every_s):
@@ -93,6 +90,29 @@ def logging_progress(ctx: "StageContext", every_s: float) -> Iterator[None]:
         stop.set()
         thread.join(timeout=10)
         log_once()
+
+
+def _log_progress(ctx: "StageContext", start_ms: int, last_step: int) -> int:
+    """Log the shard progress at the step "seconds since the run started" (at least one past
+    ``last_step``); the step logged."""
+    p = shard_progress(ctx.stage_dir)
+    if p is None:
+        return last_step
+    step = max(last_step + 1, int(time.time() - start_ms / 1000))
+    ctx.run.log_metrics({f"progress/{k}": v for k, v in p.items()}, step=step)
+    return step
+
+
+def completed_the_stage(ctx: "StageContext") -> None:
+    """This task found every shard of the stage complete. An array task other than 0 then logs the
+    stage's totals, manifest and grid to the stage's run (``StageRun.join_as_completer``), with the
+    progress at its end: task 0's last progress point was from when it ended, before the others."""
+    if ctx.task == 0:
+        return  # task 0 logs to the run anyway; its progress ends as it leaves logging_progress
+    ctx.run.join_as_completer()
+    start_ms = getattr(ctx.run, "start_time_ms", None)
+    if start_ms is not None:
+        _log_progress(ctx, start_ms, ctx.run.last_step("progress/fraction"))
 
 
 # The pipeline's order (what `submit --help` lists and `stage=all` runs).

@@ -22,7 +22,8 @@ from pipeline.data import codes, shards
 from pipeline.data.streams import ordered_batches
 from pipeline.models import load_exported_digest
 from pipeline.progress import progress_bar
-from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs, vqvae_model
+from pipeline.stages import (StageContext, completed_the_stage, logging_progress, record_shard_total, verify_outputs,
+                             vqvae_model)
 from pipeline.training.distributed import detect
 
 
@@ -80,7 +81,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         totals = {"skipped": sum(e["skipped"] for e in manifest["splits"].values()),
                   "codes": sum(e["count"] for e in manifest["splits"].values())}
         summary.update(totals)
-        ctx.run.join_as_completer()  # an array task completing the set: to the stage's run
+        completed_the_stage(ctx)  # an array task completing the set logs to the stage's run
         ctx.run.log_metrics(totals, step=ctx.run.attempt)
         ctx.run.log_artifact(out_dir / codes.MANIFEST)
     ctx.log.info("encode: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))

@@ -21,7 +21,8 @@ from pipeline import atomic
 from pipeline.data import grids, shards
 from pipeline.data.sources import Source, open_source, write_options
 from pipeline.progress import progress_bar
-from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs
+from pipeline.stages import (StageContext, completed_the_stage, logging_progress, record_shard_total,
+                             verify_outputs)
 
 _worker: dict[str, Any] = {}  # per worker process: the source and the progress queue
 
@@ -84,7 +85,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                   "images_converted": sum(st["converted"] for st in everything),
                   "bytes": sum(st["bytes"] for st in everything)}
         summary.update(totals)
-        ctx.run.join_as_completer()  # an array task completing the set: to the stage's run
+        completed_the_stage(ctx)  # an array task completing the set logs to the stage's run
         ctx.run.log_metrics(totals, step=ctx.run.attempt)
         ctx.run.log_artifact(manifest_path)
         all_skipped = [s for p in plans for s in stats[p.name]["skipped"]]

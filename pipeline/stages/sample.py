@@ -29,7 +29,8 @@ from pipeline.data.images import png_bytes
 from pipeline.models import load_exported_digest
 from pipeline.models.sampling import sample_bottom, sample_top
 from pipeline.progress import progress_bar
-from pipeline.stages import StageContext, logging_progress, record_shard_total, verify_outputs, vqvae_model
+from pipeline.stages import (StageContext, completed_the_stage, logging_progress, record_shard_total, verify_outputs,
+                             vqvae_model)
 from pipeline.training.distributed import detect
 
 SPLIT = "samples"
@@ -117,7 +118,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
         if not (out_dir / shards.MANIFEST).exists() or shards.read_manifest(out_dir) != manifest:
             atomic.write_json(out_dir / shards.MANIFEST, manifest)
         summary["samples"] = manifest["splits"][SPLIT]["count"]
-        ctx.run.join_as_completer()  # an array task completing the set: to the stage's run
+        completed_the_stage(ctx)  # an array task completing the set logs to the stage's run
         ctx.run.log_metrics({"samples": summary["samples"]}, step=ctx.run.attempt)
         ctx.run.log_artifact(out_dir / shards.MANIFEST)
         ctx.run.log_image(grids.class_grid([str(shards.tar_path(out_dir, n)) for n in names],
