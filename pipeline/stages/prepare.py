@@ -100,7 +100,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
                               "samples/train_per_class.png")
     ctx.log.info("prepare: %d of this task's %d shards written now (%d images), %.1f s%s", len(todo), len(mine),
                  summary["images_written"], summary["seconds"],
-                 f"; {len(pending)} shards are other tasks' still" if pending else
+                 f"; {len(pending)} shards left to other tasks" if pending else
                  "; the dataset: {images} images in {n} shards, {images_skipped} skipped, {bytes} bytes".format(
                      n=len(plans), **summary))
     return {**summary, "outputs": str(out_dir), "complete": not pending}
