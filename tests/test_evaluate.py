@@ -78,6 +78,9 @@ def test_evaluate_logs_every_metric_and_the_report_and_reuses_cached_work(evalua
     real = json.loads((out / "results.json").read_text())["real"]
     assert len(extracted) == 4 and kinds == {"val": real, "recon": real, "samples": 100, "train": 100}, extracted
     assert evaluated["stdout"].rstrip().endswith(f"report:  {out / 'report.md'}") and "next:" not in evaluated["stdout"]
+    # both classifier trainings say how the process was launched: inside the stage's process group,
+    # whose exported RANK/WORLD_SIZE read as torchrun's, it said "(torchrun)"
+    assert len(re.findall(r"training classifier: .* 1 rank\(s\) \(single\)", first)) == 2, first
     # every long pass over images shows a progress bar with its image count (on stderr, as tqdm does)
     bars = re.findall(r"(reconstruct|accuracy|confidences):\s+\d+%\|[^|]*\|\s*\d+/(\d+) ", evaluated["stderr"])
     assert {("reconstruct", str(real)), ("accuracy", str(real)), ("confidences", "100")} <= set(bars), set(bars)
@@ -223,6 +226,7 @@ def test_two_ranks_train_the_classifiers_to_identical_replicas(evaluated, tmp_pa
     assert sorted(f.name.endswith("-rank1.log") for f in logs) == [False, True], logs
     log = "\n".join(f.read_text() for f in logs)
     digests = re.findall(r"identical on all 2 rank\(s\): sha256 ([0-9a-f]{16})", log)
+    assert len(re.findall(r"training classifier: .* 2 rank\(s\) \(torchrun\)", log)) == 4, log  # 2 per rank
     assert len(digests) == 4 and len(set(digests)) == 2, digests  # two classifiers, each logged by both ranks
     results = json.loads((root / "digits" / "evaluate" / "results.json").read_text())["results"]
     # the classifier passes are split over the ranks too and sum to one process's numbers

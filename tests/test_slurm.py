@@ -313,6 +313,8 @@ def test_chain_runs_every_built_stage_and_a_failure_cancels_the_rest(slurm, tmp_
     assert shards.read_manifest(tmp_path / "ok" / "digits" / "sample" / "shards")["splits"]["samples"]["count"] == 20
     results = json.loads((tmp_path / "ok" / "digits" / "evaluate" / "results.json").read_text())["results"]
     assert {"fid", "cas/top1", "real/top1", "recon/psnr"} <= set(results)
+    (evaluate_log,) = (tmp_path / "ok" / "digits" / "evaluate" / "logs").glob("*.log")
+    assert len(re.findall(r"training classifier: .* 1 rank\(s\) \(slurm\)", evaluate_log.read_text())) == 2
     # the array stages' MLflow runs hold the stage's totals, whichever of their two tasks ended last
     from mlflow.tracking import MlflowClient
 

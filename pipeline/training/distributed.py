@@ -90,6 +90,10 @@ def _source(env: dict[str, str] | os._Environ) -> str:
 
 
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
+    if environ is None and _group_info is not None:
+        # inside setup(), whose exported RANK/WORLD_SIZE would read as a torchrun launch (evaluate's
+        # classifier trainings said "(torchrun)" in a single process, "slurm" ranks likewise)
+        return _group_info
     env = os.environ if environ is None else environ
     if _source(env) == "slurm":
         job = int(env.get("SLURM_JOB_ID", "0"))
@@ -151,12 +155,13 @@ def use_allotted_cpus(environ: dict[str, str] | None = None) -> str | None:
 _EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _saved_env: dict[str, str | None] = {}
 _depth = 0  # setup() calls not yet torn down: the outermost teardown destroys the group
+_group_info: DistEnv | None = None  # the outermost setup()'s, until its teardown
 
 
 def setup() -> DistEnv:
     """Export the variables DeepSpeed needs, pick the device and initialise the process group (or
     join the one an enclosing setup() made: evaluate keeps one around its two trainings)."""
-    global _depth
+    global _depth, _group_info
     info = detect()
     if not _saved_env:  # teardown puts them back: a later job started from this process (a
         # subprocess, an sbatch that exports the environment) must not inherit this rank's identity
@@ -172,6 +177,7 @@ def setup() -> DistEnv:
             _skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
     _depth += 1  # only once it worked: a failed setup has no teardown
+    _group_info = info
     return info
 
 
@@ -195,25 +201,28 @@ def teardown(barrier: bool = True) -> None:
     ``barrier=False`` when other ranks may not get there (an error on this rank only). Inside an
     enclosing setup() the group stays (the outer teardown destroys it); the barrier is still kept:
     rank 0's export must be on disk before another rank reads it."""
-    global _depth
+    global _depth, _group_info
     _depth = max(0, _depth - 1)
     if _depth:
         if barrier and dist.is_available() and dist.is_initialized():
             dist.barrier()
         return
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if barrier:
-                dist.barrier()
-        finally:
-            ds_comm = sys.modules.get("deepspeed.comm")
-            if ds_comm is not None and ds_comm.is_initialized():
-                # DeepSpeed's own call also drops its cached groups, so a later train() in this
-                # process (evaluate trains two classifiers) starts clean.
-                ds_comm.destroy_process_group()
-            else:
-                dist.destroy_process_group()
-    _restore_env()
+    try:
+        if dist.is_available() and dist.is_initialized():
+            try:
+                if barrier:
+                    dist.barrier()
+            finally:
+                ds_comm = sys.modules.get("deepspeed.comm")
+                if ds_comm is not None and ds_comm.is_initialized():
+                    # DeepSpeed's own call also drops its cached groups, so a later train() in this
+                    # process (evaluate trains two classifiers) starts clean.
+                    ds_comm.destroy_process_group()
+                else:
+                    dist.destroy_process_group()
+    finally:  # a failed barrier too: the group is gone, so is this process's rank identity
+        _restore_env()
+        _group_info = None
 
 
 @contextmanager
