@@ -88,7 +88,10 @@ ReturnToService=2
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[$((BASE + 1))-$((BASE + 2))] CPUs=$cpus RealMemory=$mem State=UNKNOWN
+# one "GPU" a node whose device file is /dev/null (SLURM keeps no GPU without one): a job asking for
+# a GPU is given it, and finds none torch can use, as on a node whose driver is broken
+GresTypes=gpu
+NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[$((BASE + 1))-$((BASE + 2))] CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
 PartitionName=high Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=10
 # a partition with a time limit, as clusters have: a job asking for more waits (PartitionTimeLimit)
@@ -111,6 +114,7 @@ StoragePass=slurm
 StorageLoc=slurm_acct_db
 CONF
   chmod 600 "$DIR/etc/slurmdbd.conf"
+  echo "Name=gpu File=/dev/null" > "$DIR/etc/gres.conf"
 }
 
 start_munge() {

@@ -198,6 +198,28 @@ def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
     assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr
 
 
+def test_a_task_given_gpus_torch_cannot_use_fails_at_once_saying_why(slurm, tmp_path):
+    """The local cluster's nodes have one GPU each that no driver serves (its device file is
+    /dev/null), as a node whose driver is broken, or a job whose venv holds a CPU-only torch: the
+    stage ran on the CPU, which for a paper-size prior means days, holding GPUs it never used."""
+    run_root = tmp_path / "runs"
+    proc = submit("stage=prepare", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.array_tasks=1",
+                  f"run_root={run_root}", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path,
+                  env=slurm, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job = slurm_job_id(proc.stdout)
+    want = (r"\S*NoUsableGPU: SLURM gave this task 1 GPU\(s\), torch can use none: .+ \(torch \S+, "
+            r"(CUDA [\d.]+|a CPU-only build)\) -- fix the node's driver or the job's environment \(cluster.setup\), "
+            r"cluster.exclude the node, or set cluster.gpus_per_node=0 to run on CPUs")
+    assert re.search(rf"^submit: job {job} failed: {want}", proc.stderr, re.M), proc.stderr
+    assert not (run_root / "digits" / "prepare" / "shards").exists()  # nothing of the stage ran
+    record = json.loads((run_root / "digits" / "prepare" / "mlflow_run.json").read_text())
+    run = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}").get_run(record["run_id"])
+    assert run.info.status == "FAILED" and re.match(want, run.data.tags["error"]), run.data.tags
+    status = submit("status", f"run_root={run_root}", cwd=tmp_path, env=slurm, timeout=120)
+    assert re.search(rf"^  prepare: {want}", status.stdout, re.M), status.stdout
+
+
 def test_a_job_sbatch_refuses_is_named_and_status_says_why_queued_jobs_wait(slurm, tmp_path):
     """sbatch refusing a job (here a partition that does not exist) gave submitit's traceback; in a
     chain, the stages queued before it were not named. A job SLURM queues but will never start (held,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from pipeline.training.distributed import detect, first_host, node, use_allotted_cpus
+from pipeline.training.distributed import NoUsableGPU, detect, first_host, node, require_allotted_gpus, use_allotted_cpus
 from pipeline.training.engine import lr_factor
 
 
@@ -58,6 +60,20 @@ def test_a_slurm_task_uses_as_many_cpu_threads_as_it_was_allotted_cores():
             assert use_allotted_cpus(env) is None and torch.get_num_threads() == 2, env
     finally:
         torch.set_num_threads(default)
+
+
+def test_gpus_slurm_gave_that_torch_cannot_use_are_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as here; a GPU machine stands in
+    for env in ({}, {"SLURM_GPUS_ON_NODE": "0"}, {"SLURM_GPUS_ON_NODE": ""}):  # no GPU asked for: CPU is right
+        require_allotted_gpus(env)
+    with pytest.raises(NoUsableGPU, match=r"^SLURM gave this task 2 GPU\(s\), torch can use none: \S.* \(torch "
+                                          r"[^;]+\) -- .* set cluster.gpus_per_node=0 to run on CPUs$"):
+        require_allotted_gpus({"SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+    # a CUDA_VISIBLE_DEVICES that hides every GPU is a likely cause: named
+    for visible, said in (("", "CUDA_VISIBLE_DEVICES is ''"), (None, "CUDA_VISIBLE_DEVICES unset")):
+        env = {"SLURM_GPUS_ON_NODE": "1", **({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible})}
+        with pytest.raises(NoUsableGPU, match=re.escape(said)):
+            require_allotted_gpus(env)
 
 
 def test_lr_warmup_then_cosine_down_to_the_floor():

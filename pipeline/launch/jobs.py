@@ -20,7 +20,7 @@ from pipeline.data.shards import OutputsMadeOtherwise
 from pipeline.launch import failures
 from pipeline.stages import DONE, StageContext, stage_function
 from pipeline.tracking import StageKilled, StageRun, StageStopped, tracking_uri, ui_command
-from pipeline.training.distributed import OtherRankFailed, detect, use_allotted_cpus
+from pipeline.training.distributed import OtherRankFailed, detect, require_allotted_gpus, use_allotted_cpus
 
 log = logging.getLogger("pipeline")
 
@@ -130,6 +130,7 @@ class StageJob:
                 run.set_tags({"log_file": str(log_file)})  # this execution's; all are under logs/
                 try:
                     try:
+                        require_allotted_gpus()  # in the run: its FAILED status says why
                         result = stage_function(self.stage)(cfg, StageContext(
                             self.stage, sdir, run, logging.getLogger(f"pipeline.{self.stage}"), self.task,
                             self.tasks))

@@ -152,6 +152,33 @@ def use_allotted_cpus(environ: dict[str, str] | None = None) -> str | None:
             f"not torch's default of {before}; OMP_NUM_THREADS=<n> chooses otherwise")
 
 
+class NoUsableGPU(RuntimeError):
+    """SLURM gave this task GPUs that torch cannot use."""
+
+
+def require_allotted_gpus(environ: dict[str, str] | None = None) -> None:
+    """Raise :class:`NoUsableGPU` when SLURM allotted this task GPUs (``SLURM_GPUS_ON_NODE``) and
+    torch can use none (no driver, a driver too old, a CPU-only torch wheel): the stage would
+    otherwise run on the CPU, many times slower, for hours or days, holding GPUs it never touches."""
+    env = os.environ if environ is None else environ
+    allotted = env.get("SLURM_GPUS_ON_NODE", "")
+    if not allotted.isdigit() or int(allotted) < 1 or torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.init()  # raises with the reason is_available() keeps to itself
+        why = f"torch.cuda.device_count() is {torch.cuda.device_count()}"
+    except Exception as e:  # its text is the diagnosis
+        why = str(e).split(". ")[0]
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not all(i.isdigit() for i in visible.split(",")):  # SLURM sets 0,1,...
+        build += "; CUDA_VISIBLE_DEVICES " + ("unset" if visible is None else f"is '{visible}'")
+    raise NoUsableGPU(
+        f"SLURM gave this task {allotted} GPU(s), torch can use none: {why[:90]} (torch {torch.__version__}, "
+        f"{build}) -- fix the node's driver or the job's environment (cluster.setup), cluster.exclude the node, "
+        "or set cluster.gpus_per_node=0 to run on CPUs")
+
+
 _EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _saved_env: dict[str, str | None] = {}
 _depth = 0  # setup() calls not yet torn down: the outermost teardown destroys the group
