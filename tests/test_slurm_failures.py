@@ -8,14 +8,17 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import (EVAL_ARGS, SLURM_FAST, copy_stages, slurm_job_id, slurm_sh, spoil_last_sample, submit,
                       train_vqvae_run, unsplittable_tree)
+from pipeline.cli import main
 from pipeline.launch import queue, records
 
 
@@ -198,11 +201,24 @@ def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
     assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr
 
 
-def test_a_task_given_gpus_torch_cannot_use_fails_at_once_saying_why(slurm, tmp_path):
+def test_a_task_given_gpus_torch_cannot_use_fails_at_once_saying_why(slurm, tmp_path, monkeypatch, capsys):
     """The local cluster's nodes have one GPU each that no driver serves (its device file is
     /dev/null), as a node whose driver is broken, or a job whose venv holds a CPU-only torch: the
     stage ran on the CPU, which for a paper-size prior means days, holding GPUs it never used."""
     run_root = tmp_path / "runs"
+    # the jobs run this Python: with a CPU-only torch here, submit refuses before anything is queued
+    # (this machine's torch is a CUDA build: its CUDA version is set aside, as a CPU-only build has none)
+    with monkeypatch.context() as cpu_only:
+        cpu_only.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+        cpu_only.setattr(torch.version, "cuda", None)
+        for stage, args in (("prepare", ["stage=prepare", "cluster.gpus_per_node=1"]),
+                            ("train_top_prior", ["stage=all", "train_top_prior:cluster.gpus_per_node=1"])):
+            assert main([*args, "cluster=slurm", f"run_root={run_root}"]) == 2
+            assert re.search(rf"^submit: error: cluster.gpus_per_node=1 \(stage {stage}\): the jobs run "
+                             rf"{re.escape(sys.executable)}, whose torch \S+ is a CPU-only build -- install a CUDA "
+                             rf"build of torch there, or set cluster.gpus_per_node=0 \({stage}:cluster.gpus_per_node=0 ",
+                             capsys.readouterr().err, re.M)
+        assert not run_root.exists() and not slurm_sh(["squeue", "-h"], slurm).strip()
     proc = submit("stage=prepare", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.array_tasks=1",
                   f"run_root={run_root}", "cluster.mem_gb=1", "cluster.cpus_per_task=1", "wait=true", cwd=tmp_path,
                   env=slurm, timeout=600)

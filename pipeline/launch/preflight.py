@@ -37,6 +37,7 @@ def check_stage(cfg: DictConfig, stage: str) -> None:
                           f"run `submit stage={producer}{same}` first (same experiment and run_root), "
                           f"or `submit stage=all{same}`")
     executors.check_available(cfg)
+    _torch_can_use_gpus(cfg, stage)
     _tracking_answers(cfg)
     _experiment_not_deleted(cfg)
     _not_queued(cfg, stage)
@@ -49,6 +50,8 @@ def check_chain(cfgs: dict[str, DictConfig], todo: list[str]) -> None:
     after it instead of refusing; a local one runs each stage itself, so none may run elsewhere."""
     cfg = next(iter(cfgs.values()))
     executors.check_available(cfg)
+    for stage in todo:
+        _torch_can_use_gpus(cfgs[stage], stage)
     if todo:
         _tracking_answers(cfg)
         _experiment_not_deleted(cfg)
@@ -167,6 +170,20 @@ def _done_outputs_kept(cfg: DictConfig, stage: str) -> None:
             "experiment=<a new name> to make them anew"
         raise ConfigError(f"stage={stage_name(cfg, stage)}", f"is done, with other settings ({changed}), and "
                           "finished outputs are never overwritten", f"pass the values it ran with, or {new_set}")
+
+
+def _torch_can_use_gpus(cfg: DictConfig, stage: str) -> None:
+    """A SLURM job runs this very Python (submitit starts ``sys.executable``): with a CPU-only torch
+    here, the GPUs a job asks for are of no use to it, and it would fail only after its wait in the
+    queue (NoUsableGPU)."""
+    import torch
+
+    gpus = int(cfg.cluster.get("gpus_per_node") or 0) if cfg.cluster.name == "slurm" else 0
+    if gpus and torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        raise ConfigError(f"cluster.gpus_per_node={gpus} (stage {stage_name(cfg, stage)})",
+                          f"the jobs run {sys.executable}, whose torch {torch.__version__} is a CPU-only build",
+                          "install a CUDA build of torch there, or set cluster.gpus_per_node=0 "
+                          f"({stage}:cluster.gpus_per_node=0 for that stage alone)")
 
 
 def _checkpoints_resumable(cfg: DictConfig, stage: str) -> None:
