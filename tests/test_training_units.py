@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from pipeline.training.distributed import NoUsableGPU, detect, first_host, node, require_allotted_gpus, use_allotted_cpus
+from pipeline.training.distributed import (NoUsableGPU, cuda_index, detect, first_host, node, require_allotted_gpus,
+                                           use_allotted_cpus)
 from pipeline.training.engine import lr_factor
 
 
@@ -74,6 +75,16 @@ def test_gpus_slurm_gave_that_torch_cannot_use_are_refused_with_the_reason(monke
         env = {"SLURM_GPUS_ON_NODE": "1", **({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible})}
         with pytest.raises(NoUsableGPU, match=re.escape(said)):
             require_allotted_gpus(env)
+
+
+def test_each_rank_takes_its_own_gpu_whether_it_sees_the_nodes_or_only_its_own():
+    # every task sees all 8 of the node's GPUs (SLURM's default, torchrun): the local rank's
+    assert [cuda_index(r, 8) for r in range(8)] == list(range(8))
+    # a site binding one GPU per task (--gpu-bind, --gpus-per-task): each task's only one, cuda:0 (it
+    # was cuda:<local rank>, an invalid device ordinal on all but the first rank)
+    assert [cuda_index(r, 1) for r in range(8)] == [0] * 8
+    with pytest.raises(NoUsableGPU, match=r"local rank 2 sees 2 GPUs, neither one of its own nor all"):
+        cuda_index(2, 2)  # two GPUs per task: not a layout the jobs are made with
 
 
 def test_lr_warmup_then_cosine_down_to_the_floor():

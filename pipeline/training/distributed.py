@@ -4,7 +4,8 @@ Sources, in order: SLURM (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
 ``SLURM_JOB_NODELIST``, a port derived from ``SLURM_JOB_ID`` so every rank agrees), a torchrun
 environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``), or a single
 process. All five variables DeepSpeed reads are exported. The device is chosen by local rank with
-``torch.cuda.set_device``; ``CUDA_VISIBLE_DEVICES`` is never narrowed.
+``torch.cuda.set_device`` (cuda:0 where a task sees one GPU only, its own; see ``cuda_index``);
+``CUDA_VISIBLE_DEVICES`` is never narrowed.
 """
 
 from __future__ import annotations
@@ -40,11 +41,24 @@ class DistEnv:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", cuda_index(self.local_rank, torch.cuda.device_count())) \
+            if torch.cuda.is_available() else torch.device("cpu")
 
     @property
     def backend(self) -> str:
         return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU a task uses among the ``visible`` ones: its local rank where every task of the node
+    sees all the node's GPUs (SLURM's default, torchrun), 0 where each sees only its own (sites
+    that bind a GPU per task: --gpu-bind, --gpus-per-task, cgroups); cuda:<local rank> there was
+    an invalid device ordinal on every rank but the first."""
+    if visible == 1 or local_rank < visible:
+        return local_rank if visible > 1 else 0
+    raise NoUsableGPU(f"local rank {local_rank} sees {visible} GPUs, neither one of its own nor all of the node's "
+                      "-- each task needs one GPU or all: check the site's --gpu-bind / --gpus-per-task defaults "
+                      "and cluster.extra")
 
 
 def first_host(nodelist: str) -> str:
@@ -193,10 +207,13 @@ def setup() -> DistEnv:
     if not _saved_env:  # teardown puts them back: a later job started from this process (a
         # subprocess, an sbatch that exports the environment) must not inherit this rank's identity
         _saved_env.update({k: os.environ.get(k) for k in _EXPORTED})
-    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+    # DeepSpeed's engine picks its GPU by LOCAL_RANK: given the device index, as for set_device below
+    gpu = info.device.index if info.device.type == "cuda" else None
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
+                      LOCAL_RANK=str(info.local_rank if gpu is None else gpu),
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(gpu)
     if not dist.is_initialized():
         import deepspeed
 
