@@ -66,9 +66,15 @@ class SystemMetrics:
         return self
 
     def stop(self) -> None:
+        """Stop sampling, with one last sample: the end of the curve (a node that joined a short job
+        late had a single point, or none)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        try:
+            self.sample()
+        except Exception as e:  # noqa: BLE001 - a failing sensor must not fail the stage's close
+            log.warning("system metrics: last sample failed (%s)", e)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -124,7 +130,7 @@ class NodeMetrics:
                 log.warning("system metrics of node %s: rank 0 opened no MLflow run for this "
                             "execution within %g s; not logging them", self.node_name, self.wait_s)
                 return
-            if self._stop.wait(1.0):
+            if self._stop.wait(0.2):  # a small file; rank 0 writes it seconds into the job
                 return
         from mlflow.tracking import MlflowClient
 

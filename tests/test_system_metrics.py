@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import compose
 from pipeline.mlflow_outbox import send_kept
-from pipeline.system_metrics import NodeMetrics
+from pipeline.system_metrics import NodeMetrics, SystemMetrics
 from pipeline.tracking import RUN_FILE, StageRun
 
 
@@ -42,6 +42,14 @@ def test_a_stage_logs_its_machine_every_interval_and_a_resumed_run_continues_the
     steps = _steps(client, run.run_id, "system/cpu_utilization_percentage")
     later = steps[len(first):]
     assert later and min(later) >= max(first) + 4, (first, later)
+
+
+def test_stopping_takes_one_last_sample_the_end_of_the_curve():
+    logged: list[tuple[dict[str, float], int]] = []
+    monitor = SystemMetrics(lambda metrics, step: logged.append((metrics, step)), interval=60.0,
+                            start_time_ms=int(time.time() * 1000)).start()
+    monitor.stop()  # well within the first interval: a short job's node had no point at all
+    assert len(logged) == 1 and "system/cpu_utilization_percentage" in logged[0][0], logged
 
 
 def test_another_node_logs_into_rank_0s_run_once_rank_0_opened_it_for_this_execution(tmp_path):
