@@ -54,8 +54,10 @@ def cuda_index(local_rank: int, visible: int) -> int:
     sees all the node's GPUs (SLURM's default, torchrun), 0 where each sees only its own (sites
     that bind a GPU per task: --gpu-bind, --gpus-per-task, cgroups); cuda:<local rank> there was
     an invalid device ordinal on every rank but the first."""
-    if visible == 1 or local_rank < visible:
-        return local_rank if visible > 1 else 0
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
     raise NoUsableGPU(f"local rank {local_rank} sees {visible} GPUs, neither one of its own nor all of the node's "
                       "-- each task needs one GPU or all: check the site's --gpu-bind / --gpus-per-task defaults "
                       "and cluster.extra")
