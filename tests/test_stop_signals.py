@@ -1,7 +1,8 @@
 """SLURM ends a job step with SIGCONT then SIGTERM (scancel, a failed rank's kill_on_bad_exit, the
-time limit); a stage must take the SIGTERM even where its main thread is blocked in a sleep or a
-lock wait, as it is under submitit, whose handler for SIGCONT made Linux hand the SIGTERM to
-another thread. The race needs a busy node: the test keeps both cores busy."""
+time limit); a stage must take the SIGTERM also where its main thread is blocked in a sleep or a
+lock wait. Under submitit, whose handler for SIGCONT left that signal pending on the main thread,
+Linux handed the SIGTERM to another thread and the main thread slept on. The race needs a busy
+node: the test keeps both cores busy."""
 
 import signal
 import subprocess
