@@ -249,8 +249,8 @@ def _png(img: Image.Image, **kw) -> bytes:
 
 def test_images_are_written_as_a_viewer_shows_them():
     """PIL decodes pixels as stored: a phone photo came out sideways, a transparent background as the
-    colour hidden under it (black here), a 16-bit greyscale PNG white."""
-    from pipeline.data.images import encode
+    colour hidden under it (black here), a 16-bit greyscale PNG white, a 0..1 float TIFF black."""
+    from pipeline.data.images import BadImage, encode
 
     def pixels(raw: bytes) -> np.ndarray:
         img = Image.open(io.BytesIO(encode(raw).data))
@@ -285,6 +285,20 @@ def test_images_are_written_as_a_viewer_shows_them():
     assert Image.open(io.BytesIO(raw16)).mode == "I;16"
     got = pixels(raw16)
     assert (got[..., 0] == got[..., 2]).all() and np.abs(got[..., 0] - wide / 257).max() <= 0.5
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)  # float TIFF, 0..1: was all black
+    for scale in (1, 255):
+        buf = io.BytesIO()
+        Image.fromarray(ramp * scale, "F").save(buf, format="TIFF")
+        assert Image.open(io.BytesIO(buf.getvalue())).mode == "F"
+        got = pixels(buf.getvalue())
+        assert (got[..., 0] == got[..., 2]).all() and np.abs(got[..., 0] - ramp * 255).max() <= 0.5
+    for pixel, says in ((-0.5, "span [-0.5, 1]"), (np.nan, "NaN")):  # no scale to guess: refused, named
+        unknown = ramp.copy()
+        unknown[0, 0] = pixel
+        buf = io.BytesIO()
+        Image.fromarray(unknown, "F").save(buf, format="TIFF")
+        with pytest.raises(BadImage, match=re.escape(says)):
+            encode(buf.getvalue())
     for fmt in ("BMP", "TIFF", "GIF"):
         buf = io.BytesIO()
         Image.fromarray(stored).save(buf, format=fmt)

@@ -52,10 +52,22 @@ def _upright(im: Image.Image) -> tuple[Image.Image, str]:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB as the image looks in a viewer: transparency over white (dropping alpha would show the
-    colour hidden under it, often black), 16-bit greyscale scaled to 8 bits (PIL clips it: white)."""
+    colour hidden under it, often black), 16-bit greyscale scaled to 8 bits (PIL clips it: white),
+    float greyscale (TIFF) read as 0..1 or 0..255 by its range (PIL clips 0..1 to black), refused
+    when its range is neither."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         wide = np.asarray(im).astype(np.float64)
         return Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        real = np.asarray(im).astype(np.float64)
+        if not np.isfinite(real).all():
+            raise ValueError("float pixels include NaN or infinity: convert the file to 8 or 16 bits")
+        low, high = float(real.min()), float(real.max())
+        if low < 0 or high > 255:
+            raise ValueError(f"float pixels span [{low:g}, {high:g}], neither 0..1 nor 0..255: "
+                             "convert the file to 8 or 16 bits, scaled as it should look")
+        scale = 255 if high <= 1 else 1
+        return Image.fromarray(np.round(real * scale).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
