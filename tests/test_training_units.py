@@ -111,6 +111,29 @@ def test_teardown_gives_the_environment_back(monkeypatch):
         assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
 
 
+def test_a_cpu_training_names_deepspeeds_accelerator_and_gives_the_variable_back():
+    """DeepSpeed, left to find the accelerator, warns on every CPU stage (the first command's
+    console too) that it may have missed a GPU; the stage knows it trains on the CPU and says so.
+    Its own process: DeepSpeed picks the accelerator once, when first imported."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os; from pipeline.training import distributed\n"
+              "distributed.setup(); inside = os.environ.get('DS_ACCELERATOR')\n"
+              "from deepspeed.accelerator import get_accelerator\n"
+              "name = get_accelerator().device_name(); distributed.teardown()\n"
+              "print(inside, name, os.environ.get('DS_ACCELERATOR'))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].split() == ["cpu", "cpu", "None"]
+    said = done.stdout + done.stderr  # DeepSpeed's logger writes to stdout
+    assert "unable to detect" not in said and "Setting accelerator" not in said
+
+
 def test_a_cpu_process_group_does_not_build_deepspeeds_shared_memory_op(monkeypatch):
     """DeepSpeed compiles that op (35-50 s per machine and environment) for its inference all-reduce
     only; training on CPU goes through gloo without it."""

@@ -195,7 +195,7 @@ def require_allotted_gpus(environ: dict[str, str] | None = None) -> None:
         "or set cluster.gpus_per_node=0 to run on CPUs")
 
 
-_EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
 _saved_env: dict[str, str | None] = {}
 _depth = 0  # setup() calls not yet torn down: the outermost teardown destroys the group
 _group_info: DistEnv | None = None  # the outermost setup()'s, until its teardown
@@ -216,6 +216,8 @@ def setup() -> DistEnv:
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     if torch.cuda.is_available():
         torch.cuda.set_device(gpu)
+    else:  # the device DeepSpeed would fall back to, named: its fallback warns of a GPU it may have missed
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         import deepspeed
 
