@@ -112,6 +112,19 @@ def test_status_shows_the_cause_of_a_multi_rank_failure_first_and_the_echoes_aft
     assert lines[0].startswith("OSError: disk full (rank 0, ") and len(lines) == 2, lines
 
 
+def test_a_long_error_keeps_what_went_wrong_and_the_fix_on_its_one_line():
+    """The status line and the run's error tag hold 300 characters; the fix, said last, was cut."""
+    from pipeline.launch import failures
+
+    said = ("SLURM gave this task 16 GPU(s), torch can use none: " + "the driver said why " * 12
+            + "-- cluster.exclude the node, or set cluster.gpus_per_node=0 to run on CPUs")
+    line = failures.message(RuntimeError(said + "\n"))
+    assert len(line) == 300 and "\n" not in line
+    assert line.startswith("RuntimeError: SLURM gave this task 16 GPU(s), torch can use none: the driver")
+    assert line.endswith("or set cluster.gpus_per_node=0 to run on CPUs") and " [...] " in line
+    assert failures.message(KeyError("x" * 280)) == "KeyError: '" + "x" * 280 + "'"  # 292: whole
+
+
 def test_a_run_left_running_is_closed_once_and_a_sigterm_after_another_ranks_failure_is_one(tmp_path, monkeypatch):
     """The store is real (sqlite); which job ended how is given, as accounting would say it."""
     import signal

@@ -38,9 +38,10 @@ def log_traceback(handler: logging.Handler, stage: str) -> None:
 
 
 def message(error: BaseException) -> str:
-    """``Type: message`` on one line, at most 300 characters."""
+    """``Type: message`` on one line, at most 300 characters: a longer one loses its middle, as
+    errors tend to say what went wrong first and the fix last (the whole is in the stage's log)."""
     text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return text if len(text) <= 300 else f"{text[:196]} [...] {text[-97:]}"
 
 
 ALSO_KEPT = 8  # later failures of the same execution listed beside the first
