@@ -136,7 +136,7 @@ def _overfit(prior, inputs, targets, steps=150):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def test_priors_overfit_a_few_code_maps():
