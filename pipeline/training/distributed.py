@@ -208,6 +208,7 @@ def setup() -> DistEnv:
     info = detect()
     if not _saved_env:  # teardown puts them back: a later job started from this process (a
         # subprocess, an sbatch that exports the environment) must not inherit this rank's identity
+        # nor the accelerator this stage named
         _saved_env.update({k: os.environ.get(k) for k in _EXPORTED})
     # DeepSpeed's engine picks its GPU by LOCAL_RANK: given the device index, as for set_device below
     gpu = info.device.index if info.device.type == "cuda" else None
