@@ -124,8 +124,9 @@ def test_a_cpu_training_names_deepspeeds_accelerator_and_gives_the_variable_back
               "from deepspeed.accelerator import get_accelerator\n"
               "name = get_accelerator().device_name(); distributed.teardown()\n"
               "print(inside, name, os.environ.get('DS_ACCELERATOR'))")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")}
+    from pipeline.training.distributed import _EXPORTED
+
+    env = {k: v for k, v in os.environ.items() if k not in _EXPORTED}  # what setup() would export
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**env, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-2000:]

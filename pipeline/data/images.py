@@ -50,6 +50,11 @@ def _upright(im: Image.Image) -> tuple[Image.Image, str]:
     return ImageOps.exif_transpose(im), f"EXIF orientation {orientation} applied"
 
 
+def _grey_rgb(values: np.ndarray) -> Image.Image:
+    """Greyscale values already scaled to 0..255 -> the RGB image."""
+    return Image.fromarray(np.round(values).astype(np.uint8), "L").convert("RGB")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB as the image looks in a viewer: transparency over white (dropping alpha would show the
     colour hidden under it, often black), 16-bit greyscale scaled to 8 bits (PIL clips it: white),
@@ -57,7 +62,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     when its range is neither."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         wide = np.asarray(im).astype(np.float64)
-        return Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L").convert("RGB")
+        return _grey_rgb(np.clip(wide, 0, 65535) / 257)
     if im.mode == "F":
         real = np.asarray(im).astype(np.float64)
         if not np.isfinite(real).all():
@@ -67,7 +72,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             raise ValueError(f"float pixels span [{low:g}, {high:g}], neither 0..1 nor 0..255: "
                              "convert the file to 8 or 16 bits, scaled as it should look")
         scale = 255 if high <= 1 else 1
-        return Image.fromarray(np.round(real * scale).astype(np.uint8), "L").convert("RGB")
+        return _grey_rgb(real * scale)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
