@@ -7,11 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import yaml
+from setuptools.config.pyprojecttoml import read_configuration
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILES = sorted(p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
@@ -20,7 +20,8 @@ CONFIG_FILES = sorted(p.relative_to(ROOT / "configs").as_posix() for p in (ROOT 
 def test_every_config_group_folder_is_a_listed_package():
     """setuptools warns ("Package would be ignored") about a config group folder left out of
     `packages`: a new group needs its line in pyproject.toml."""
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    # read as setuptools reads it (tomllib is Python 3.11+; the project supports 3.10)
+    listed = set(read_configuration(ROOT / "pyproject.toml")["tool"]["setuptools"]["packages"])
     groups = sorted({"pipeline.configs." + Path(f).parent.as_posix().replace("/", ".") for f in CONFIG_FILES
                      if "/" in f})
     assert len(groups) >= 6
