@@ -11,17 +11,17 @@ import zipfile
 from pathlib import Path
 
 import yaml
+from conftest import REPO, SUBMIT, run_group
 from setuptools.config.pyprojecttoml import read_configuration
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_FILES = sorted(p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+CONFIG_FILES = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml"))
 
 
 def test_every_config_group_folder_is_a_listed_package():
     """setuptools warns ("Package would be ignored") about a config group folder left out of
     `packages`: a new group needs its line in pyproject.toml."""
     # read as setuptools reads it (tomllib is Python 3.11+; the project supports 3.10)
-    listed = set(read_configuration(ROOT / "pyproject.toml")["tool"]["setuptools"]["packages"])
+    listed = set(read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"])
     groups = sorted({"pipeline.configs." + Path(f).parent.as_posix().replace("/", ".") for f in CONFIG_FILES
                      if "/" in f})
     assert len(groups) >= 6
@@ -34,9 +34,9 @@ def test_wheel_ships_every_config_and_its_submit_runs_from_anywhere(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
+        shutil.copy(REPO / name, src / name)
     for name in ("pipeline", "configs"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     # offline: the environment's own setuptools builds it (build isolation would fetch one)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
@@ -56,19 +56,14 @@ def test_wheel_ships_every_config_and_its_submit_runs_from_anywhere(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target), "MLFLOW_DISABLE_TELEMETRY": "true"}
 
-    def submit(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=elsewhere, env=env,
-                              capture_output=True, text=True, timeout=300)
+    def submit(*args: str) -> subprocess.CompletedProcess:  # the wheel's own console script
+        return run_group([str(target / "bin" / "submit"), *args], cwd=elsewhere, env=env, timeout=300)
 
-    where = subprocess.run([sys.executable, "-c", "import pipeline.configs; print(pipeline.configs.__file__)"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
-    assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr  # not the checkout
-
-    helped = submit("--help")
-    assert helped.returncode == 0, helped.stderr
-    for group, option in [("model", "paper_imagenet256"), ("cluster", "slurm"), ("data", "imagenet")]:
-        line = next(l for l in helped.stdout.splitlines() if l.strip().startswith(group + " "))
-        assert option in line
+    # the same stages, groups and options as the checkout's `submit`, read from the installed configs
+    helped, checkout = submit("--help"), run_group([SUBMIT, "--help"], cwd=elsewhere, timeout=300)
+    assert helped.returncode == 0 and checkout.returncode == 0, helped.stderr + checkout.stderr
+    assert helped.stdout == checkout.stdout.replace(str(REPO / "configs"), str(target / "pipeline" / "configs"))
+    assert str(target / "pipeline" / "configs") in helped.stdout
     shown = submit("--cfg", "job", "stage=train_vqvae", "model=paper_imagenet256", "cluster=slurm")
     assert shown.returncode == 0, shown.stderr
     resolved = yaml.safe_load(shown.stdout)
