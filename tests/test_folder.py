@@ -307,6 +307,50 @@ def test_images_are_written_as_a_viewer_shows_them():
         assert np.abs(pixels(buf.getvalue())[10, 5] - red).max() < 30
 
 
+def _tiff(pixels: np.ndarray, sample_format: int | None = None, orientation: int = 1) -> bytes:
+    """A greyscale integer TIFF, 32-bit (int32 pixels) or 16-bit (uint16 pixels). PIL writes only
+    signed 32-bit and unsigned 16-bit integers: ``sample_format`` rewrites the file's SampleFormat
+    entry (tag 339; 1 unsigned, 2 signed), as a scanner or microscope writing uint32 or int16 does."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="TIFF", tiffinfo={274: orientation, 339: 1})
+    raw = bytearray(buf.getvalue())
+    assert raw[:4] == b"II*\x00"
+    ifd = int.from_bytes(raw[4:8], "little")
+    for entry in range(int.from_bytes(raw[ifd:ifd + 2], "little")):
+        at = ifd + 2 + 12 * entry
+        if sample_format and int.from_bytes(raw[at:at + 2], "little") == 339:
+            raw[at + 8:at + 10] = sample_format.to_bytes(2, "little")
+    return bytes(raw)
+
+
+def test_wide_integer_tiffs_are_scaled_by_their_own_depth():
+    """PIL opens 16-bit signed and 32-bit TIFFs in one mode ("I"); read as 16-bit, a 32-bit scan
+    came out white but for its darkest pixels, and PIL hands unsigned values over 2**31 back
+    negative (black). Each depth now fills 0..255 as a viewer shows it; negatives are black."""
+    from pipeline.data.images import encode
+
+    def grey(raw: bytes) -> np.ndarray:
+        img = Image.open(io.BytesIO(raw))
+        assert img.mode == "I"  # the mode the depths share
+        got = np.asarray(Image.open(io.BytesIO(encode(raw).data))).astype(int)
+        assert (got[..., 0] == got[..., 1]).all() and (got[..., 0] == got[..., 2]).all()
+        return got[..., 0]
+
+    ramp = np.linspace(0, 1, 32 * 48).reshape(32, 48)
+    signed32 = np.round(ramp * (2**31 - 1)).astype(np.int32)
+    assert np.abs(grey(_tiff(signed32)) - ramp * 255).max() <= 0.5
+    unsigned32 = np.round(ramp * (2**32 - 1)).astype(np.uint32)
+    assert np.abs(grey(_tiff(unsigned32.view(np.int32), sample_format=1)) - ramp * 255).max() <= 0.5
+    signed16 = np.round(ramp * 65535 - 32768).astype(np.int32)  # -32768..32767: the lower half black
+    got = grey(_tiff(signed16.astype(np.int16).view(np.uint16), sample_format=2))
+    assert np.abs(got - np.clip(signed16, 0, None) / 32767 * 255).max() <= 0.5 and (got[signed16 < 0] == 0).all()
+    turned = _tiff(signed32, orientation=6)  # PIL turns a TIFF upright as it loads: the depth still read
+    assert (encode(turned).width, encode(turned).height) == (32, 48)
+    assert np.abs(grey(turned) - np.rot90(ramp, -1) * 255).max() <= 0.5
+    pgm = b"P5\n48 32\n1000\n" + np.round(ramp * 1000).astype(">u2").tobytes()  # PIL scales to 16 bits
+    assert np.abs(grey(pgm) - ramp * 255).max() <= 1
+
+
 def test_a_large_jpeg_shrunk_on_write_is_decoded_small_and_not_refused_as_a_bomb(monkeypatch):
     """With data.max_side a JPEG is decoded at the smallest DCT scale still at least that size, then
     resized: what a full decode and resize gives, within JPEG noise. A photo over PIL's decompression

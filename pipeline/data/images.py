@@ -17,6 +17,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # 64 times PIL's decompression-bomb limit then takes the memory that limit allows (a 300-megapixel
 # photo was skipped as a bomb although it would be written at 1024 pixels)
 DRAFT_PIXELS = 64
+TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT = 258, 339  # SampleFormat 1: unsigned, 2: signed integer
 
 
 class BadImage(Exception):
@@ -55,14 +56,31 @@ def _grey_rgb(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(values).astype(np.uint8), "L").convert("RGB")
 
 
+def _integer_range(im: Image.Image) -> tuple[np.ndarray, float]:
+    """Wide greyscale pixels and the value a viewer shows as white. PIL holds several depths in mode
+    "I": a TIFF says its own (BitsPerSample, SampleFormat: 32-bit integers were clipped to 16 bits,
+    all but the darkest white; unsigned 32-bit values over 2**31 come out of PIL negative); a
+    PGM/PPM over 8 bits is already scaled by PIL to 16 bits. Signed values below zero show black.
+    (PIL turns a TIFF upright itself, keeping its tags: :func:`_upright` never copies one.)"""
+    wide = np.asarray(im)
+    tags = getattr(im, "tag_v2", None) if im.format == "TIFF" else None
+    if im.mode != "I" or tags is None:
+        return wide.astype(np.float64), 65535.0
+    bits = int(tags.get(TIFF_BITS_PER_SAMPLE, (16,))[0])
+    signed = int(tags.get(TIFF_SAMPLE_FORMAT, (1,))[0]) == 2
+    if bits == 32 and not signed:
+        wide = wide.astype(np.int32).view(np.uint32)
+    return wide.astype(np.float64), float(2 ** (bits - 1 if signed else bits) - 1)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB as the image looks in a viewer: transparency over white (dropping alpha would show the
-    colour hidden under it, often black), 16-bit greyscale scaled to 8 bits (PIL clips it: white),
-    float greyscale (TIFF) read as 0..1 or 0..255 by its range (PIL clips 0..1 to black), refused
-    when its range is neither."""
+    colour hidden under it, often black), 16- and 32-bit greyscale scaled to 8 bits (PIL clips it:
+    white; :func:`_integer_range`), float greyscale (TIFF) read as 0..1 or 0..255 by its range (PIL
+    clips 0..1 to black), refused when its range is neither."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        wide = np.asarray(im).astype(np.float64)
-        return _grey_rgb(np.clip(wide, 0, 65535) / 257)
+        wide, white = _integer_range(im)
+        return _grey_rgb(np.clip(wide, 0, white) * (255 / white))
     if im.mode == "F":
         real = np.asarray(im).astype(np.float64)
         if not np.isfinite(real).all():
