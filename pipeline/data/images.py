@@ -69,7 +69,7 @@ def _integer_range(im: Image.Image) -> tuple[np.ndarray, float]:
     bits = int(tags.get(TIFF_BITS_PER_SAMPLE, (16,))[0])
     signed = int(tags.get(TIFF_SAMPLE_FORMAT, (1,))[0]) == 2
     if bits == 32 and not signed:
-        wide = wide.astype(np.int32).view(np.uint32)
+        wide = wide.view(np.uint32)  # PIL's int32, the same bits
     return wide.astype(np.float64), float(2 ** (bits - 1 if signed else bits) - 1)
 
 
