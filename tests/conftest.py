@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -12,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 SUBMIT = str(Path(sys.executable).parent / "submit")
 REPO = Path(__file__).resolve().parents[1]
@@ -229,3 +232,12 @@ def unsplittable_tree(tmp_path: Path) -> Path:
         (src / cls).mkdir(parents=True)
         shutil.copy(REPO / "tests" / "fake_imagenet.py", src / cls / "not_an_image.png")
     return src
+
+
+def exif_turned_jpeg(stored: np.ndarray, orientation: int) -> bytes:
+    """A JPEG as a phone writes it: pixels as the sensor read them, the turn in an EXIF tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue()
