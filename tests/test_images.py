@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -94,15 +95,28 @@ def _tiff(pixels: np.ndarray, sample_format: int | None = None, orientation: int
     return bytes(raw)
 
 
+def _tiff12(pixels: np.ndarray) -> bytes:
+    """A 12-bit greyscale TIFF, two pixels packed in three bytes, as some scientific and medical
+    cameras write them (PIL writes none): one uncompressed strip, the tags a reader needs."""
+    h, w = pixels.shape
+    a, b = pixels.astype(np.uint32).reshape(-1, 2).T  # w even: rows pack without padding
+    data = np.stack([a >> 4, (a & 0xF) << 4 | b >> 8, b & 0xFF], 1).astype(np.uint8).tobytes()
+    tags = {256: w, 257: h, 258: 12, 259: 1, 262: 1, 273: 0, 277: 1, 278: h, 279: len(data)}
+    tags[273] = 8 + 2 + 12 * len(tags) + 4  # the strip follows the one IFD
+    entries = b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags.items())  # 4: LONG
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + struct.pack("<I", 0) + data
+
+
 def test_wide_integer_tiffs_are_scaled_by_their_own_depth():
-    """PIL opens 16-bit signed and 32-bit TIFFs in one mode ("I"); read as 16-bit, a 32-bit scan
-    came out white but for its darkest pixels, and PIL hands unsigned values over 2**31 back
-    negative (black). Each depth now fills 0..255 as a viewer shows it; negatives are black."""
+    """PIL opens 16-bit signed and 32-bit TIFFs in one mode ("I"), 12-bit ones as 16-bit; read as
+    16-bit, a 32-bit scan came out white but for its darkest pixels, a 12-bit one near black, and
+    PIL hands unsigned values over 2**31 back negative (black). Each depth now fills 0..255 as a
+    viewer shows it; negatives are black."""
     from pipeline.data.images import encode
 
-    def grey(raw: bytes) -> np.ndarray:
+    def grey(raw: bytes, mode: str = "I") -> np.ndarray:
         img = Image.open(io.BytesIO(raw))
-        assert img.mode == "I"  # the mode the depths share
+        assert img.mode == mode  # "I": 32-bit and signed 16-bit; "I;16": unsigned 16 and 12-bit
         got = np.asarray(Image.open(io.BytesIO(encode(raw).data))).astype(int)  # written as RGB
         assert (got[..., 0] == got[..., 1]).all() and (got[..., 0] == got[..., 2]).all()
         return got[..., 0]
@@ -119,6 +133,10 @@ def test_wide_integer_tiffs_are_scaled_by_their_own_depth():
     written = encode(turned)
     assert (written.width, written.height) == (32, 48)
     assert np.abs(grey(turned) - np.rot90(ramp, -1) * 255).max() <= 0.5
+    unsigned16 = np.round(ramp * 65535).astype(np.uint16)
+    assert np.abs(grey(_tiff(unsigned16), mode="I;16") - ramp * 255).max() <= 0.5
+    twelve = np.round(ramp * 4095).astype(np.uint16)  # was 0..16 of 255: near black
+    assert np.abs(grey(_tiff12(twelve), mode="I;16") - ramp * 255).max() <= 0.5
     pgm = b"P5\n48 32\n1000\n" + np.round(ramp * 1000).astype(">u2").tobytes()  # PIL scales to 16 bits
     assert np.abs(grey(pgm) - ramp * 255).max() <= 1
 

@@ -57,14 +57,15 @@ def _grey_rgb(values: np.ndarray) -> Image.Image:
 
 
 def _integer_range(im: Image.Image) -> tuple[np.ndarray, float]:
-    """Wide greyscale pixels and the value a viewer shows as white. PIL holds several depths in mode
-    "I": a TIFF says its own (BitsPerSample, SampleFormat: 32-bit integers were clipped to 16 bits,
-    all but the darkest white; unsigned 32-bit values over 2**31 come out of PIL negative); a
-    PGM/PPM over 8 bits is already scaled by PIL to 16 bits. Signed values below zero show black.
-    (PIL turns a TIFF upright itself, keeping its tags: :func:`_upright` never copies one.)"""
+    """Wide greyscale pixels and the value a viewer shows as white. PIL keeps a TIFF's integers as
+    stored, in mode "I" or "I;16" whatever their depth: the file's tags say it (BitsPerSample,
+    SampleFormat: 32-bit integers were clipped to 16 bits, all but the darkest white; unsigned
+    32-bit values over 2**31 come out of PIL negative; 12-bit ones were near black). PNG and PGM/PPM
+    over 8 bits reach here scaled by PIL to 16 bits. Signed values below zero show black. (PIL
+    turns a TIFF upright itself, keeping its tags: :func:`_upright` never copies one.)"""
     wide = np.asarray(im)
     tags = getattr(im, "tag_v2", None) if im.format == "TIFF" else None
-    if im.mode != "I" or tags is None:
+    if tags is None:
         return wide.astype(np.float64), 65535.0
     bits = int(tags.get(TIFF_BITS_PER_SAMPLE, (16,))[0])
     signed = int(tags.get(TIFF_SAMPLE_FORMAT, (1,))[0]) == 2
@@ -75,7 +76,7 @@ def _integer_range(im: Image.Image) -> tuple[np.ndarray, float]:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB as the image looks in a viewer: transparency over white (dropping alpha would show the
-    colour hidden under it, often black), 16- and 32-bit greyscale scaled to 8 bits (PIL clips it:
+    colour hidden under it, often black), 12- to 32-bit greyscale scaled to 8 bits (PIL clips it:
     white; :func:`_integer_range`), float greyscale (TIFF) read as 0..1 or 0..255 by its range (PIL
     clips 0..1 to black), refused when its range is neither."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
