@@ -1,8 +1,11 @@
-"""Small functions of the training layer: rank discovery, LR schedule, splitting calls over ranks."""
+"""Small parts of the training layer: rank discovery, LR schedule, splitting calls over ranks, what a
+checkpoint can be restored into."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,8 +101,6 @@ def test_lr_warmup_then_cosine_down_to_the_floor():
 def test_teardown_gives_the_environment_back(monkeypatch):
     """A process that trained (evaluate's classifiers, in-process tests) must not pass its rank
     variables on to jobs it starts later: srun tasks would take them for a torchrun launch."""
-    import os
-
     from pipeline.training import distributed
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -115,7 +116,6 @@ def test_a_cpu_training_names_deepspeeds_accelerator_and_gives_the_variable_back
     """DeepSpeed, left to find the accelerator, warns on every CPU stage (the first command's
     console too) that it may have missed a GPU; the stage knows it trains on the CPU and says so.
     Its own process: DeepSpeed picks the accelerator once, when first imported."""
-    import os
     import subprocess
     import sys
 
@@ -152,8 +152,6 @@ def test_process_group_nests_and_skips_the_barrier_only_for_a_lone_error(monkeyp
     """evaluate keeps one group around its two trainings: the inner block leaves the group up, the
     outer destroys it. An error on one rank must not wait at a barrier the others never reach; a
     decision every rank took together (``agreed``) keeps it."""
-    import os
-
     import torch.distributed as dist
 
     from pipeline.training import distributed
@@ -185,7 +183,6 @@ def test_process_group_nests_and_skips_the_barrier_only_for_a_lone_error(monkeyp
 
 def _split_calls_rank(rank: int, init_file: str, failing: str | None, out_dir: str) -> None:
     import json
-    import os
 
     import torch.distributed as dist
 
@@ -270,3 +267,81 @@ def test_a_checkpoint_refuses_another_model_naming_the_keys_its_stage_depends_on
     assert resume_refusal(ckpt, cfg(), "train_vqvae") is None
     assert resume_refusal(ckpt, cfg("model.classifier.blocks=2"), "train_vqvae") == (
         f"{ckpt} was trained with another model or dataset configuration")
+
+
+def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str) -> None:
+    """Each job (directory, zero_stage, bf16, action): train two steps of a small model and save a
+    checkpoint ("save"), or build the engine and resume it ("load", "weights")."""
+    import json
+
+    from torch import nn
+
+    from pipeline.training import distributed
+    from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    results = []
+    with distributed.process_group():
+        import deepspeed  # after the process group's set-up named DeepSpeed's accelerator
+
+        for directory, zero_stage, bf16, action in jobs:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": zero_stage},
+                        "bf16": {"enabled": bf16}, "steps_per_print": 10**9})
+            ckpts = CheckpointManager(Path(directory), rank, world)
+            if action == "save":
+                for step in range(2):
+                    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank * 10 + step))
+                    engine.backward(engine(x.to(engine.module[0].weight.dtype)).float().pow(2).mean())
+                    engine.step()
+                ckpts.save(engine, 2, {})
+            try:
+                if action != "save":
+                    ckpts.load(engine, weights_only=action == "weights")
+                opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+                states = [s for s in opt.state.values() if "exp_avg" in s]
+                results.append({"weights": [p.float().sum().item() for p in engine.module.parameters()],
+                                "exp_avg": sum(float(s["exp_avg"].float().abs().sum()) for s in states)})
+            except CheckpointMismatch as e:
+                results.append({"refused": str(e)})
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _spawn_checkpoints(world: int, jobs: list, out_dir: Path) -> list:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a port free now, for the ranks' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_checkpoint_rank, args=(world, port, jobs, str(out_dir)), nprocs=world, join=True)
+    return json.loads((out_dir / "rank0.json").read_text())
+
+
+def test_a_zero0_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refused(tmp_path):
+    """ZeRO-0 keeps the whole optimizer state: two ranks' checkpoint resumes in one process with
+    it. A ZeRO-1 checkpoint holds it sharded over its ranks, and each layout (ZeRO stage, bf16) its
+    own way: those are refused before DeepSpeed is asked, naming the fix; weights-only still loads."""
+    zero0, zero1 = str(tmp_path / "zero0"), str(tmp_path / "zero1")
+    saved = _spawn_checkpoints(2, [(zero0, 0, False, "save"), (zero1, 1, False, "save")], tmp_path)
+    assert saved[0]["exp_avg"] > 0 and saved[1]["exp_avg"] > 0
+    loads = _spawn_checkpoints(1, [(zero0, 0, False, "load"), (zero1, 1, False, "load"), (zero1, 1, False, "weights"),
+                                   (zero0, 1, False, "load"), (zero0, 0, True, "load")], tmp_path)
+    assert loads[0] == saved[0]  # weights and optimizer state, as two ranks held them
+    assert loads[1]["refused"] == (
+        f"{zero1}/step_00000002 was written by 2 data-parallel ranks, this job has 1: ZeRO sharded its optimizer "
+        "state over those ranks and DeepSpeed cannot re-shard it. Rerun with 2 ranks (or take deepspeed.zero_stage=0 "
+        "for the trainings to come: its checkpoints resume on any number), or pass resume_weights_only=true to "
+        "load the weights only (fresh optimizer; the step count continues)")
+    assert loads[2]["weights"] == saved[1]["weights"] and loads[2]["exp_avg"] == 0
+    assert loads[3]["refused"].startswith(
+        f"{zero0}/step_00000002 was written with ZeRO stage 0, this job has ZeRO stage 1: DeepSpeed keeps the "
+        "optimizer state differently in each. Rerun with deepspeed.zero_stage=0, or pass resume_weights_only=true")
+    assert "was written with bf16 off, this job has bf16 on: DeepSpeed keeps the optimizer state differently " \
+           "in each. Rerun with deepspeed.bf16=false, or pass" in loads[4]["refused"]

@@ -5,6 +5,11 @@ Layout: ``<stage_dir>/checkpoints/step_00001234/`` (DeepSpeed's files, ``client.
 ``rng_rank<r>.pt``) and ``latest`` naming the newest complete one. ``latest`` moves only after
 every rank finished writing (barrier), atomically, so a crash mid-write leaves the previous
 checkpoint loadable. Only the last ``keep`` checkpoints are kept.
+
+DeepSpeed keeps the optimizer state in a layout set by the ZeRO stage and bf16: a checkpoint is
+restored only into the same layout, and one whose optimizer state ZeRO sharded (stage >= 1) only
+into as many data-parallel ranks. A ZeRO-0 checkpoint holds the whole state and resumes on any
+number of ranks. What cannot be restored is refused before DeepSpeed is asked, naming the fix.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={}, save_latest=False)
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
-            atomic.write_json(path / "client.json", {**client, "world_size": self.world_size, "step": step})
+            atomic.write_json(path / "client.json", {**client, "world_size": self.world_size, "step": step,
+                                                     **optimizer_layout(engine)})
         _barrier()  # everyone has written: only now does the checkpoint count
         if self.rank == 0:
             atomic.write_text(self.dir / LATEST, tag + "\n")
@@ -89,12 +95,15 @@ class CheckpointManager:
             return None
         path = self.dir / tag
         client = json.loads((path / "client.json").read_text())
-        if client["world_size"] != self.world_size and not weights_only:
-            raise CheckpointMismatch(
-                f"{path} was written by {client['world_size']} data-parallel ranks, this job has "
-                f"{self.world_size}: optimizer state is sharded per rank and cannot be restored. Rerun "
-                f"with {client['world_size']} ranks, or pass resume_weights_only=true to load the "
-                "weights only (fresh optimizer; the step count continues)")
+        if not weights_only:
+            refusal = self._refusal(path, client, optimizer_layout(engine))
+            if refusal:
+                raise CheckpointMismatch(f"{refusal}, or pass resume_weights_only=true to load the weights only "
+                                         "(fresh optimizer; the step count continues)")
+            if client["world_size"] != self.world_size:
+                log.warning("%s was written by %d data-parallel rank(s), this job has %d: resumed with its whole "
+                            "optimizer state (ZeRO stage 0 keeps it unsharded); the global batch is that of %d "
+                            "rank(s) from here on", path, client["world_size"], self.world_size, self.world_size)
         loaded, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_module_only=weights_only,
                                            load_optimizer_states=not weights_only,
                                            load_lr_scheduler_states=not weights_only)
@@ -105,3 +114,33 @@ class CheckpointManager:
             set_rng_state(torch.load(rng_file, weights_only=False))
         log.info("resumed from %s (step %d%s)", path, client["step"], ", weights only" if weights_only else "")
         return client
+
+    def _refusal(self, path: Path, client: dict[str, Any], now: dict[str, Any]) -> str | None:
+        """Why ``path``'s optimizer state cannot be restored into this job, up to the fix's last
+        clause, or None where it can."""
+        # none where written before checkpoints kept their layout
+        then = {k: client[k] for k in now if k in client and client[k] != now[k]}
+        if then:
+            differs = {k: now[k] for k in then}
+            return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}: "
+                    f"DeepSpeed keeps the optimizer state differently in each. Rerun with "
+                    f"{_layout_text(then, as_keys=True)}")
+        sharded = any(path.glob("*zero_pp_rank_*_optim_states.pt"))  # ZeRO >= 1, whatever the version
+        if sharded and client["world_size"] != self.world_size:
+            return (f"{path} was written by {client['world_size']} data-parallel ranks, this job has "
+                    f"{self.world_size}: ZeRO sharded its optimizer state over those ranks and DeepSpeed "
+                    f"cannot re-shard it. Rerun with {client['world_size']} ranks (or take deepspeed.zero_stage=0 "
+                    "for the trainings to come: its checkpoints resume on any number)")
+        return None
+
+
+def optimizer_layout(engine: Any) -> dict[str, Any]:
+    """What DeepSpeed's optimizer state layout depends on: kept in every checkpoint's client.json."""
+    return {"zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled())}
+
+
+def _layout_text(layout: dict[str, Any], as_keys: bool = False) -> str:
+    if as_keys:
+        return " ".join(f"deepspeed.{k}={str(v).lower()}" for k, v in layout.items())
+    return ", ".join(f"ZeRO stage {v}" if k == "zero_stage" else f"bf16 {'on' if v else 'off'}"
+                     for k, v in layout.items())
