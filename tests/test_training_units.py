@@ -269,9 +269,9 @@ def test_a_checkpoint_refuses_another_model_naming_the_keys_its_stage_depends_on
         f"{ckpt} was trained with another model or dataset configuration")
 
 
-def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str) -> None:
+def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str, client: dict) -> None:
     """Each job (directory, zero_stage, bf16, action): train two steps of a small model and save a
-    checkpoint ("save"), or build the engine and resume it ("load", "weights")."""
+    checkpoint with ``client`` state ("save"), or build the engine and resume it ("load", "weights")."""
     import json
 
     from torch import nn
@@ -298,7 +298,7 @@ def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str)
                     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank * 10 + step))
                     engine.backward(engine(x.to(engine.module[0].weight.dtype)).float().pow(2).mean())
                     engine.step()
-                ckpts.save(engine, 2, {})
+                ckpts.save(engine, 2, client)
             try:
                 if action != "save":
                     ckpts.load(engine, weights_only=action == "weights")
@@ -311,7 +311,7 @@ def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _spawn_checkpoints(world: int, jobs: list, out_dir: Path) -> list:
+def _spawn_checkpoints(world: int, jobs: list, out_dir: Path, client: dict | None = None) -> list:
     import json
     import socket
 
@@ -320,28 +320,53 @@ def _spawn_checkpoints(world: int, jobs: list, out_dir: Path) -> list:
     with socket.socket() as sock:  # a port free now, for the ranks' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_checkpoint_rank, args=(world, port, jobs, str(out_dir)), nprocs=world, join=True)
+    mp.spawn(_checkpoint_rank, args=(world, port, jobs, str(out_dir), client or {}), nprocs=world, join=True)
     return json.loads((out_dir / "rank0.json").read_text())
 
 
 def test_a_zero0_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refused(tmp_path):
     """ZeRO-0 keeps the whole optimizer state: two ranks' checkpoint resumes in one process with
     it. A ZeRO-1 checkpoint holds it sharded over its ranks, and each layout (ZeRO stage, bf16) its
-    own way: those are refused before DeepSpeed is asked, naming the fix; weights-only still loads."""
-    zero0, zero1 = str(tmp_path / "zero0"), str(tmp_path / "zero1")
-    saved = _spawn_checkpoints(2, [(zero0, 0, False, "save"), (zero1, 1, False, "save")], tmp_path)
+    own way: those are refused before DeepSpeed is asked (and by submit before a job is queued),
+    naming the fix; weights-only still loads."""
+    from pipeline.config import ConfigError, compose
+    from pipeline.launch.preflight import _checkpoints_resumable
+    from pipeline.training.fingerprint import trained_with
+
+    zero0, zero1 = str(tmp_path / "zero0"), str(tmp_path / "digits" / "train_vqvae" / "checkpoints")
+    saved = _spawn_checkpoints(2, [(zero0, 0, False, "save"), (zero1, 1, False, "save")], tmp_path,
+                               {"trained_with": trained_with(compose(["stage=train_vqvae"]))})
     assert saved[0]["exp_avg"] > 0 and saved[1]["exp_avg"] > 0
     loads = _spawn_checkpoints(1, [(zero0, 0, False, "load"), (zero1, 1, False, "load"), (zero1, 1, False, "weights"),
                                    (zero0, 1, False, "load"), (zero0, 0, True, "load")], tmp_path)
     assert loads[0] == saved[0]  # weights and optimizer state, as two ranks held them
     assert loads[1]["refused"] == (
-        f"{zero1}/step_00000002 was written by 2 data-parallel ranks, this job has 1: ZeRO sharded its optimizer "
-        "state over those ranks and DeepSpeed cannot re-shard it. Rerun with 2 ranks (or take deepspeed.zero_stage=0 "
+        f"{zero1}/step_00000002 was written by 2 data-parallel ranks, this job has 1, and DeepSpeed cannot "
+        "re-shard the optimizer state ZeRO sharded over those ranks: rerun with 2 ranks (deepspeed.zero_stage=0 "
         "for the trainings to come: its checkpoints resume on any number), or pass resume_weights_only=true to "
         "load the weights only (fresh optimizer; the step count continues)")
     assert loads[2]["weights"] == saved[1]["weights"] and loads[2]["exp_avg"] == 0
     assert loads[3]["refused"].startswith(
-        f"{zero0}/step_00000002 was written with ZeRO stage 0, this job has ZeRO stage 1: DeepSpeed keeps the "
-        "optimizer state differently in each. Rerun with deepspeed.zero_stage=0, or pass resume_weights_only=true")
-    assert "was written with bf16 off, this job has bf16 on: DeepSpeed keeps the optimizer state differently " \
-           "in each. Rerun with deepspeed.bf16=false, or pass" in loads[4]["refused"]
+        f"{zero0}/step_00000002 was written with ZeRO stage 0, this job has ZeRO stage 1, and DeepSpeed keeps the "
+        "optimizer state differently in each: rerun with deepspeed.zero_stage=0, or pass resume_weights_only=true")
+    assert "was written with bf16 off, this job has bf16 on, and DeepSpeed keeps the optimizer state differently " \
+           "in each: rerun with deepspeed.bf16=false, or pass" in loads[4]["refused"]
+
+    # submit refuses the same before a job is queued, by the ranks and layout that job will have
+    def submitted(*overrides):
+        return _checkpoints_resumable(compose(["stage=train_vqvae", f"run_root={tmp_path}", *overrides]),
+                                      "train_vqvae")
+    with pytest.raises(ConfigError, match=r"stage=train_vqvae: \S+step_00000002 was written by 2 data-parallel "
+                                          r"ranks, this job has 1, .* -- rerun with 2 ranks .*resume_weights_only"):
+        submitted("deepspeed.zero_stage=1")
+    with pytest.raises(ConfigError, match="this job has 4, "):
+        submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2",
+                  "deepspeed.bf16=false")
+    with pytest.raises(ConfigError, match="written with bf16 off, this job has bf16 on, .* deepspeed.bf16=false"):
+        submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.gpus_per_node=2")  # auto: on with GPUs
+    with pytest.raises(ConfigError, match="written with ZeRO stage 1, this job has ZeRO stage 0, and .* -- rerun "
+                                          "with deepspeed.zero_stage=1, or pass resume_weights_only=true"):
+        submitted("cluster=slurm", "cluster.nodes=2")
+    submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.nodes=2")
+    submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.tasks_per_node=2")
+    submitted("resume_weights_only=true")

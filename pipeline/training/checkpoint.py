@@ -29,6 +29,8 @@ from pipeline import atomic
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
+# the way out of every refusal of an optimizer state
+WEIGHTS_ONLY_FIX = "pass resume_weights_only=true to load the weights only (fresh optimizer; the step count continues)"
 
 
 class CheckpointMismatch(RuntimeError):
@@ -96,10 +98,9 @@ class CheckpointManager:
         path = self.dir / tag
         client = json.loads((path / "client.json").read_text())
         if not weights_only:
-            refusal = self._refusal(path, client, optimizer_layout(engine))
+            refusal = restore_refusal(path, optimizer_layout(engine), self.world_size)
             if refusal:
-                raise CheckpointMismatch(f"{refusal}, or pass resume_weights_only=true to load the weights only "
-                                         "(fresh optimizer; the step count continues)")
+                raise CheckpointMismatch(f"{refusal[0]}: {refusal[1]}, or {WEIGHTS_ONLY_FIX}")
             if client["world_size"] != self.world_size:
                 log.warning("%s was written by %d data-parallel rank(s), this job has %d: resumed with its whole "
                             "optimizer state (ZeRO stage 0 keeps it unsharded); the global batch is that of %d "
@@ -115,23 +116,28 @@ class CheckpointManager:
         log.info("resumed from %s (step %d%s)", path, client["step"], ", weights only" if weights_only else "")
         return client
 
-    def _refusal(self, path: Path, client: dict[str, Any], now: dict[str, Any]) -> str | None:
-        """Why ``path``'s optimizer state cannot be restored into this job, up to the fix's last
-        clause, or None where it can."""
-        # none where written before checkpoints kept their layout
-        then = {k: client[k] for k in now if k in client and client[k] != now[k]}
-        if then:
-            differs = {k: now[k] for k in then}
-            return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}: "
-                    f"DeepSpeed keeps the optimizer state differently in each. Rerun with "
-                    f"{_layout_text(then, as_keys=True)}")
-        sharded = any(path.glob("*zero_pp_rank_*_optim_states.pt"))  # ZeRO >= 1, whatever the version
-        if sharded and client["world_size"] != self.world_size:
-            return (f"{path} was written by {client['world_size']} data-parallel ranks, this job has "
-                    f"{self.world_size}: ZeRO sharded its optimizer state over those ranks and DeepSpeed "
-                    f"cannot re-shard it. Rerun with {client['world_size']} ranks (or take deepspeed.zero_stage=0 "
-                    "for the trainings to come: its checkpoints resume on any number)")
+
+def restore_refusal(path: Path, now: dict[str, Any], world_size: int) -> tuple[str, str] | None:
+    """Why the optimizer state of checkpoint ``path`` (a ``step_*`` dir) cannot be restored into a
+    job of optimizer layout ``now`` (the keys of :func:`optimizer_layout`) and ``world_size``
+    ranks, and the fix (besides WEIGHTS_ONLY_FIX); None where it can."""
+    client_file = path / "client.json"
+    if not client_file.exists():
         return None
+    client = json.loads(client_file.read_text())
+    # none where written before checkpoints kept their layout
+    then = {k: client[k] for k in now if k in client and client[k] != now[k]}
+    if then:
+        differs = {k: now[k] for k in then}
+        return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}, and "
+                "DeepSpeed keeps the optimizer state differently in each", f"rerun with {_layout_text(then, as_keys=True)}")
+    sharded = any(path.glob("*zero_pp_rank_*_optim_states.pt"))  # ZeRO >= 1, whatever the version
+    if sharded and client["world_size"] != world_size:
+        return (f"{path} was written by {client['world_size']} data-parallel ranks, this job has {world_size}, "
+                "and DeepSpeed cannot re-shard the optimizer state ZeRO sharded over those ranks",
+                f"rerun with {client['world_size']} ranks (deepspeed.zero_stage=0 for the trainings to come: "
+                "its checkpoints resume on any number)")
+    return None
 
 
 def optimizer_layout(engine: Any) -> dict[str, Any]:
