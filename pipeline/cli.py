@@ -132,6 +132,11 @@ def _main(args: list[str]) -> int:
         log = "" if isinstance(e, StageKilled) else failure_log([stage_dir(cfg, stage)])
         print(f"submit: stage {stage} failed: {type(e).__name__}: {e}{log}", file=sys.stderr)
         return 143 if isinstance(e, StageKilled) else 1
+    if result["run_id"] is None:  # a torchrun rank other than 0: rank 0 prints the summary below
+        from pipeline.training.distributed import detect
+
+        print(f"stage {stage}: done on rank {detect().rank} (log {result['log']})")
+        return 0
     print(f"\nstage {stage}: done\n  outputs: {result['stage_dir']}\n  log:     {result['log']}\n"
           f"  MLflow:  run {result['run_id']} at {result['tracking_uri']}\n"
           f"  open:    {ui_command_for(result['tracking_uri'])}")

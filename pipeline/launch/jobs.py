@@ -144,8 +144,10 @@ class StageJob:
             if threads:
                 log.info("%s", threads)
             with StageRun(cfg, self.stage, sdir, self.task, job) as run:
-                log.info("MLflow run %s at %s (%s)", run.run_id, tracking_uri(cfg),
-                         ui_command(tracking_uri(cfg)))
+                if run.run_id is not None:
+                    log.info("MLflow run %s at %s (%s)", run.run_id, tracking_uri(cfg), ui_command(tracking_uri(cfg)))
+                else:  # another rank or array task: the run is rank 0's (of task 0)
+                    log.info("MLflow: this stage's run is rank 0's (of array task 0), at %s", tracking_uri(cfg))
                 run.set_tags({"log_file": str(log_file)})  # this execution's; all are under logs/
                 try:
                     try:
