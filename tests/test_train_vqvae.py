@@ -251,7 +251,8 @@ def test_two_ranks_agree_and_one_process_resumes_their_checkpoint(run_root, tmp_
     # one summary (rank 0's, with its MLflow run); rank 1 says it is done and where its log is
     assert proc.stdout.count("stage train_vqvae: done\n") == 1 and "MLflow:  run None" not in proc.stdout
     assert re.search(r"stage train_vqvae: done on rank 1 \(log \S+-rank1\.log\)", proc.stdout), proc.stdout
-    assert "MLflow: this stage's run is rank 0's" in proc.stderr and "MLflow run None" not in proc.stderr
+    both = proc.stdout + proc.stderr
+    assert "MLflow: this stage's run is rank 0's" in both and "MLflow run None" not in both
     logs = sorted((run_root / "digits" / "train_vqvae" / "logs").glob("*.log"))
     digests = {re.search(r"identical on all 2 rank\(s\): sha256 (\w+)", p.read_text()).group(1) for p in logs}
     assert len(logs) == 2 and len(digests) == 1  # each rank computed the same digest of its weights
