@@ -270,8 +270,9 @@ def test_a_checkpoint_refuses_another_model_naming_the_keys_its_stage_depends_on
 
 
 def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str, client: dict) -> None:
-    """Each job (directory, zero_stage, bf16, action): train two steps of a small model and save a
-    checkpoint with ``client`` state ("save"), or build the engine and resume it ("load", "weights")."""
+    """Each job (directory, zero_stage, bf16, steps): build a small model's engine as the training
+    engine does, resume the directory's checkpoint (steps >= 0; -1: its weights only), train
+    ``steps`` steps and save a checkpoint if it trained; record the state or the refusal."""
     import json
 
     from torch import nn
@@ -285,33 +286,37 @@ def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str,
     with distributed.process_group():
         import deepspeed  # after the process group's set-up named DeepSpeed's accelerator
 
-        for directory, zero_stage, bf16, action in jobs:
+        for directory, zero_stage, bf16, steps in jobs:
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-            engine, *_ = deepspeed.initialize(
-                model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": zero_stage},
-                        "bf16": {"enabled": bf16}, "steps_per_print": 10**9})
+            model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": zero_stage},
+                      "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
             ckpts = CheckpointManager(Path(directory), rank, world)
-            if action == "save":
-                for step in range(2):
-                    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank * 10 + step))
-                    engine.backward(engine(x.to(engine.module[0].weight.dtype)).float().pow(2).mean())
-                    engine.step()
-                ckpts.save(engine, 2, client)
+            if ckpts.resharded(weights_only=steps < 0):
+                config["checkpoint"] = {"load_universal": True}
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                              lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5))
             try:
-                if action != "save":
-                    ckpts.load(engine, weights_only=action == "weights")
-                opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-                states = [s for s in opt.state.values() if "exp_avg" in s]
-                results.append({"weights": [p.float().sum().item() for p in engine.module.parameters()],
-                                "exp_avg": sum(float(s["exp_avg"].float().abs().sum()) for s in states)})
+                start = ckpts.load(engine, weights_only=steps < 0) or {"step": 0}
             except CheckpointMismatch as e:
                 results.append({"refused": str(e)})
+                continue
+            for step in range(start["step"], start["step"] + max(0, steps)):
+                x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank * 100 + step))
+                engine.backward(engine(x.to(engine.module[0].weight.dtype)).float().pow(2).mean())
+                engine.step()
+            if steps > 0:
+                ckpts.save(engine, start["step"] + steps, client)
+            results.append({"weights": [p.float().sum().item() for p in engine.module.parameters()],
+                            "buffers": [b.float().sum().item() for b in engine.module.buffers()],
+                            # this rank's: all of it with ZeRO-0, its shard with ZeRO-1
+                            "exp_avg": sum(s["exp_avg"].abs().sum().item() for s in optimizer.state.values()),
+                            "lr": engine.get_lr(), "steps": engine.global_steps})
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _spawn_checkpoints(world: int, jobs: list, out_dir: Path, client: dict | None = None) -> list:
+def _spawn_checkpoints(world: int, jobs: list, out_dir: Path, client: dict) -> list:
     import json
     import socket
 
@@ -320,53 +325,52 @@ def _spawn_checkpoints(world: int, jobs: list, out_dir: Path, client: dict | Non
     with socket.socket() as sock:  # a port free now, for the ranks' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_checkpoint_rank, args=(world, port, jobs, str(out_dir), client or {}), nprocs=world, join=True)
-    return json.loads((out_dir / "rank0.json").read_text())
+    mp.spawn(_checkpoint_rank, args=(world, port, jobs, str(out_dir), client), nprocs=world, join=True)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def test_a_zero0_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refused(tmp_path):
+def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refused(tmp_path):
     """ZeRO-0 keeps the whole optimizer state: two ranks' checkpoint resumes in one process with
-    it. A ZeRO-1 checkpoint holds it sharded over its ranks, and each layout (ZeRO stage, bf16) its
-    own way: those are refused before DeepSpeed is asked (and by submit before a job is queued),
-    naming the fix; weights-only still loads."""
+    it. ZeRO-1 shards it over its ranks: DeepSpeed's universal format re-shards it (buffers too),
+    and the next checkpoint is an ordinary one. Each layout (ZeRO stage, bf16) keeps it its own way:
+    another is refused before DeepSpeed is asked (and by submit before a job is queued), naming the
+    fix; weights-only still loads."""
     from pipeline.config import ConfigError, compose
     from pipeline.launch.preflight import _checkpoints_resumable
     from pipeline.training.fingerprint import trained_with
 
     zero0, zero1 = str(tmp_path / "zero0"), str(tmp_path / "digits" / "train_vqvae" / "checkpoints")
-    saved = _spawn_checkpoints(2, [(zero0, 0, False, "save"), (zero1, 1, False, "save")], tmp_path,
-                               {"trained_with": trained_with(compose(["stage=train_vqvae"]))})
-    assert saved[0]["exp_avg"] > 0 and saved[1]["exp_avg"] > 0
-    loads = _spawn_checkpoints(1, [(zero0, 0, False, "load"), (zero1, 1, False, "load"), (zero1, 1, False, "weights"),
-                                   (zero0, 1, False, "load"), (zero0, 0, True, "load")], tmp_path)
-    assert loads[0] == saved[0]  # weights and optimizer state, as two ranks held them
-    assert loads[1]["refused"] == (
-        f"{zero1}/step_00000002 was written by 2 data-parallel ranks, this job has 1, and DeepSpeed cannot "
-        "re-shard the optimizer state ZeRO sharded over those ranks: rerun with 2 ranks (deepspeed.zero_stage=0 "
-        "for the trainings to come: its checkpoints resume on any number), or pass resume_weights_only=true to "
-        "load the weights only (fresh optimizer; the step count continues)")
-    assert loads[2]["weights"] == saved[1]["weights"] and loads[2]["exp_avg"] == 0
+    client = {"trained_with": trained_with(compose(["stage=train_vqvae"]))}  # what the training keeps
+    saved, saved_rank1 = _spawn_checkpoints(2, [(zero0, 0, False, 2), (zero1, 1, False, 2)], tmp_path, client)
+    assert saved[0]["exp_avg"] == saved_rank1[0]["exp_avg"] > 0  # ZeRO-0: every rank holds all of it
+    whole = saved[1]["exp_avg"] + saved_rank1[1]["exp_avg"]  # ZeRO-1: each rank its shard
+    assert 0 < saved[1]["exp_avg"] < whole and saved[1]["steps"] == 2
+    [loads] = _spawn_checkpoints(1, [(zero0, 0, False, 0), (zero1, 1, False, 0), (zero1, 1, False, -1),
+                                     (zero0, 1, False, 0), (zero0, 0, True, 0), (zero1, 1, False, 1),
+                                     (zero1, 1, False, 0)], tmp_path, client)
+    assert loads[0] == saved[0]  # weights, buffers, optimizer and schedule, as two ranks held them
+    # re-sharded: both shards in one rank; weights, buffers and schedule as they were; the conversion gone
+    assert loads[1]["exp_avg"] == pytest.approx(whole, rel=1e-6) and not Path(zero1, "universal").exists()
+    assert {**loads[1], "exp_avg": 0} == {**saved[1], "exp_avg": 0}
+    assert loads[2]["weights"] == saved[1]["weights"] and loads[2]["exp_avg"] == 0  # fresh optimizer
     assert loads[3]["refused"].startswith(
         f"{zero0}/step_00000002 was written with ZeRO stage 0, this job has ZeRO stage 1, and DeepSpeed keeps the "
-        "optimizer state differently in each: rerun with deepspeed.zero_stage=0, or pass resume_weights_only=true")
+        "optimizer state differently in each: rerun with deepspeed.zero_stage=0, or pass resume_weights_only=true "
+        "to load the weights only (fresh optimizer; the step count continues)")
     assert "was written with bf16 off, this job has bf16 on, and DeepSpeed keeps the optimizer state differently " \
            "in each: rerun with deepspeed.bf16=false, or pass" in loads[4]["refused"]
+    assert loads[5]["steps"] == 3 and loads[6] == loads[5]  # one step on from the re-sharded state, saved, resumed
 
-    # submit refuses the same before a job is queued, by the ranks and layout that job will have
+    # submit refuses the same before a job is queued, by the layout that job will have
     def submitted(*overrides):
         return _checkpoints_resumable(compose(["stage=train_vqvae", f"run_root={tmp_path}", *overrides]),
                                       "train_vqvae")
-    with pytest.raises(ConfigError, match=r"stage=train_vqvae: \S+step_00000002 was written by 2 data-parallel "
-                                          r"ranks, this job has 1, .* -- rerun with 2 ranks .*resume_weights_only"):
-        submitted("deepspeed.zero_stage=1")
-    with pytest.raises(ConfigError, match="this job has 4, "):
-        submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2",
-                  "deepspeed.bf16=false")
+    with pytest.raises(ConfigError, match=r"stage=train_vqvae: \S+step_00000003 was written with ZeRO stage 1, "
+                                          r"this job has ZeRO stage 0, and .* -- rerun with deepspeed.zero_stage=1, "
+                                          r"or pass resume_weights_only=true"):
+        submitted()
     with pytest.raises(ConfigError, match="written with bf16 off, this job has bf16 on, .* deepspeed.bf16=false"):
         submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.gpus_per_node=2")  # auto: on with GPUs
-    with pytest.raises(ConfigError, match="written with ZeRO stage 1, this job has ZeRO stage 0, and .* -- rerun "
-                                          "with deepspeed.zero_stage=1, or pass resume_weights_only=true"):
-        submitted("cluster=slurm", "cluster.nodes=2")
-    submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.nodes=2")
-    submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.tasks_per_node=2")
+    submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2",
+              "deepspeed.bf16=false")
     submitted("resume_weights_only=true")

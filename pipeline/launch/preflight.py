@@ -202,20 +202,17 @@ def _checkpoints_resumable(cfg: DictConfig, stage: str) -> None:
     refusal = resume_refusal(latest.parent / tag, cfg, stage)
     if refusal:
         raise ConfigError(f"stage={stage_name(cfg, stage)}", refusal, RESUME_FIX)
-    layout = None if cfg.resume_weights_only else restore_refusal(latest.parent / tag, *_planned_layout_and_ranks(cfg))
+    layout = None if cfg.resume_weights_only else restore_refusal(latest.parent / tag, _planned_layout(cfg))
     if layout:  # the job's queue wait would end in the same refusal
         raise ConfigError(f"stage={stage_name(cfg, stage)}", layout[0], f"{layout[1]}, or {WEIGHTS_ONLY_FIX}")
 
 
-def _planned_layout_and_ranks(cfg: DictConfig) -> tuple[dict[str, object], int]:
-    """The optimizer layout and data-parallel ranks the training's job will have (its checkpoint
-    manager's terms): the DeepSpeed settings, bf16=auto on where the job gets a GPU, and a SLURM
-    job's nodes x tasks (or GPUs) per node."""
+def _planned_layout(cfg: DictConfig) -> dict[str, object]:
+    """The optimizer layout the training's job will have (its checkpoint manager's terms): the
+    DeepSpeed settings, bf16=auto on where the job gets a GPU."""
     import torch
 
-    c = cfg.cluster
-    gpus = int(c.get("gpus_per_node") or 0) if c.name == "slurm" else 0
-    ranks = int(c.nodes) * (gpus or int(c.tasks_per_node)) if c.name == "slurm" else detect().world_size
-    auto = gpus > 0 if c.name == "slurm" else torch.cuda.is_available()
+    gpus = int(cfg.cluster.get("gpus_per_node") or 0) if cfg.cluster.name == "slurm" else 0
+    auto = gpus > 0 if cfg.cluster.name == "slurm" else torch.cuda.is_available()
     bf16 = auto if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
-    return {"zero_stage": int(cfg.deepspeed.zero_stage), "bf16": bf16}, ranks
+    return {"zero_stage": int(cfg.deepspeed.zero_stage), "bf16": bf16}

@@ -7,13 +7,17 @@ every rank finished writing (barrier), atomically, so a crash mid-write leaves t
 checkpoint loadable. Only the last ``keep`` checkpoints are kept.
 
 DeepSpeed keeps the optimizer state in a layout set by the ZeRO stage and bf16: a checkpoint is
-restored only into the same layout, and one whose optimizer state ZeRO sharded (stage >= 1) only
-into as many data-parallel ranks. A ZeRO-0 checkpoint holds the whole state and resumes on any
-number of ranks. What cannot be restored is refused before DeepSpeed is asked, naming the fix.
+restored only into the same layout (another is refused before DeepSpeed is asked, naming the fix).
+A ZeRO-0 checkpoint holds the whole state and resumes on any number of ranks; one whose state ZeRO
+sharded (stage 1/2) over another number of ranks than the job has is converted to DeepSpeed's
+universal format first (``checkpoints/universal/``, deleted once loaded), which re-shards it.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import logging
 import random
@@ -65,6 +69,15 @@ class CheckpointManager:
         pointer = self.dir / LATEST
         return pointer.read_text().strip() if pointer.exists() else None
 
+    def resharded(self, weights_only: bool = False) -> bool:
+        """Whether resuming the latest checkpoint re-shards its optimizer state (ZeRO sharded it
+        over another number of ranks): DeepSpeed must then be initialised with
+        ``{"checkpoint": {"load_universal": True}}``."""
+        tag = self.latest()
+        if tag is None or weights_only or not _sharded(self.dir / tag):
+            return False
+        return json.loads((self.dir / tag / "client.json").read_text())["world_size"] != self.world_size
+
     def save(self, engine: Any, step: int, client: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
         tag = f"step_{step:08d}"
@@ -97,30 +110,64 @@ class CheckpointManager:
             return None
         path = self.dir / tag
         client = json.loads((path / "client.json").read_text())
+        resharded = self.resharded(weights_only)
         if not weights_only:
-            refusal = restore_refusal(path, optimizer_layout(engine), self.world_size)
+            refusal = restore_refusal(path, optimizer_layout(engine))
             if refusal:
                 raise CheckpointMismatch(f"{refusal[0]}: {refusal[1]}, or {WEIGHTS_ONLY_FIX}")
             if client["world_size"] != self.world_size:
                 log.warning("%s was written by %d data-parallel rank(s), this job has %d: resumed with its whole "
-                            "optimizer state (ZeRO stage 0 keeps it unsharded); the global batch is that of %d "
-                            "rank(s) from here on", path, client["world_size"], self.world_size, self.world_size)
-        loaded, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_module_only=weights_only,
+                            "optimizer state%s; the global batch is that of %d rank(s) from here on", path,
+                            client["world_size"], self.world_size,
+                            ", re-sharded" if resharded else " (ZeRO stage 0 keeps it unsharded)", self.world_size)
+        if resharded and not engine.load_universal_checkpoint():
+            raise RuntimeError("the engine was not initialised for a universal checkpoint (see resharded())")
+        load_dir = self._universal(path) if resharded else self.dir
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_only=weights_only,
                                            load_optimizer_states=not weights_only,
                                            load_lr_scheduler_states=not weights_only)
         if loaded is None:
             raise CheckpointMismatch(f"{path}: DeepSpeed could not load it; move it away to start over")
+        if resharded:  # a universal checkpoint restores the parameters only: the buffers (EMA codebooks)
+            module = torch.load(load_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                                weights_only=False)["module"]
+            buffers = {name for name, _ in engine.module.named_buffers()}
+            engine.module.load_state_dict({k: v for k, v in module.items() if k in buffers}, strict=False)
+            _barrier()  # every rank has loaded: the conversion has served
+            if self.rank == 0:
+                shutil.rmtree(load_dir, ignore_errors=True)
         rng_file = path / f"rng_rank{self.rank}.pt"
         if not weights_only and rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
         log.info("resumed from %s (step %d%s)", path, client["step"], ", weights only" if weights_only else "")
         return client
 
+    def _universal(self, path: Path) -> Path:
+        """Collective: checkpoint ``path`` in DeepSpeed's universal format (one file per parameter
+        and optimizer state, for any number of ranks), written by rank 0; the directory holding it."""
+        out = self.dir / "universal"
+        if self.rank == 0:
+            shutil.rmtree(out, ignore_errors=True)  # what a conversion cut short left
+            log.info("converting %s to DeepSpeed's universal format in %s, to re-shard its optimizer state",
+                     path, out)
+            from deepspeed.checkpoint import ds_to_universal
 
-def restore_refusal(path: Path, now: dict[str, Any], world_size: int) -> tuple[str, str] | None:
+            # one worker: forking this process (threads of its own, a process group) could hang
+            args = argparse.Namespace(input_folder=str(path), output_folder=str(out / path.name),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                ds_to_universal.main(args)
+            log.debug("%s", printed.getvalue())
+        _barrier()
+        return out
+
+
+def restore_refusal(path: Path, now: dict[str, Any]) -> tuple[str, str] | None:
     """Why the optimizer state of checkpoint ``path`` (a ``step_*`` dir) cannot be restored into a
-    job of optimizer layout ``now`` (the keys of :func:`optimizer_layout`) and ``world_size``
-    ranks, and the fix (besides WEIGHTS_ONLY_FIX); None where it can."""
+    job of optimizer layout ``now`` (the keys of :func:`optimizer_layout`), and the fix (besides
+    WEIGHTS_ONLY_FIX); None where it can."""
     client_file = path / "client.json"
     if not client_file.exists():
         return None
@@ -131,13 +178,12 @@ def restore_refusal(path: Path, now: dict[str, Any], world_size: int) -> tuple[s
         differs = {k: now[k] for k in then}
         return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}, and "
                 "DeepSpeed keeps the optimizer state differently in each", f"rerun with {_layout_text(then, as_keys=True)}")
-    sharded = any(path.glob("*zero_pp_rank_*_optim_states.pt"))  # ZeRO >= 1, whatever the version
-    if sharded and client["world_size"] != world_size:
-        return (f"{path} was written by {client['world_size']} data-parallel ranks, this job has {world_size}, "
-                "and DeepSpeed cannot re-shard the optimizer state ZeRO sharded over those ranks",
-                f"rerun with {client['world_size']} ranks (deepspeed.zero_stage=0 for the trainings to come: "
-                "its checkpoints resume on any number)")
     return None
+
+
+def _sharded(path: Path) -> bool:
+    """Whether ZeRO (stage >= 1) sharded the optimizer state of checkpoint ``path`` over its ranks."""
+    return any(path.glob("*zero_pp_rank_*_optim_states.pt"))
 
 
 def optimizer_layout(engine: Any) -> dict[str, Any]:

@@ -128,6 +128,9 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, max_steps, str(t.schedule), float(t.min_lr_ratio)))
     ds_config = deepspeed_config(cfg)
+    ckpts = CheckpointManager(ctx.stage_dir / "checkpoints", info.rank, info.world_size, int(t.keep_ckpts))
+    if ckpts.resharded(bool(cfg.resume_weights_only)):  # a ZeRO checkpoint of another number of ranks
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     if bool(t.channels_last) and ds_config["zero_optimization"]["stage"] == 0 and not ds_config["bf16"]["enabled"]:
@@ -135,7 +138,6 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
         # initialize (DeepSpeed's broadcast needs contiguous parameters) and only where DeepSpeed
         # does not keep flattened views of the parameters (ZeRO >= 1, bf16).
         engine.module.to(memory_format=torch.channels_last)
-    ckpts = CheckpointManager(ctx.stage_dir / "checkpoints", info.rank, info.world_size, int(t.keep_ckpts))
     client = _resume(cfg, ctx.stage, ckpts, engine)
     step, samples = int(client.get("step", 0)), int(client.get("samples", 0))
     ga = int(cfg.deepspeed.grad_accum)
