@@ -244,7 +244,7 @@ def test_two_ranks_agree_and_one_process_resumes_their_checkpoint(run_root, tmp_
     port = 29000 + os.getpid() % 1000
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "pipeline.cli", *_args(run_root, "train.max_steps=30", "train.ckpt_every=30",
-                                         "train.eval_every=30")]
+                                         "train.eval_every=30", "deepspeed.zero_stage=2")]
     proc = run_group(cmd, cwd=tmp_path, timeout=600,
                      env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -260,13 +260,19 @@ def test_two_ranks_agree_and_one_process_resumes_their_checkpoint(run_root, tmp_
     assert run.data.tags["world_size"] == "2"
     assert len(client.search_runs([run.info.experiment_id])) == 1  # rank 1 logged nothing of its own
 
-    # ZeRO stage 0 keeps the whole optimizer state: it resumes on another number of ranks
-    # (tests/test_training_units.py: what ZeRO-1/2 and a layout change refuse)
-    ok = submit(*_args(run_root, "train.max_steps=40"), cwd=tmp_path, timeout=600)
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    assert re.search(r"step_00000030 was written by 2 data-parallel rank\(s\), this job has 1: resumed with its "
-                     r"whole optimizer state", ok.stdout + ok.stderr)
-    assert re.search(r"resumed from \S+step_00000030 \(step 30\)\n", ok.stdout + ok.stderr)
+    # ZeRO-2 sharded the optimizer state over the two ranks: one process resumes it re-sharded
+    # (DeepSpeed's universal format), weights and EMA codebooks bit for bit: the export is the same
+    # file (tests/test_training_units.py: ZeRO-0 on any number of ranks; a layout change refused)
+    ckpts = run_root / "digits" / "train_vqvae" / "checkpoints"
+    for steps in (30, 40):
+        ok = submit(*_args(run_root, f"train.max_steps={steps}", "deepspeed.zero_stage=2"), cwd=tmp_path, timeout=600)
+        assert ok.returncode == 0, ok.stderr[-3000:]
+        out = ok.stdout + ok.stderr
+        assert re.search(r"step_00000030 was written by 2 data-parallel rank\(s\), this job has 1: resumed with its "
+                         r"whole optimizer state, re-sharded", out)
+        assert re.search(r"resumed from \S+step_00000030 \(step 30\)\n", out) and not (ckpts / "universal").exists()
+        if steps == 30:
+            assert f"identical on all 1 rank(s): sha256 {digests.pop()}" in out and "holds these weights already" in out
     resumed = _run(run_root)[1]
     assert resumed.info.run_id == run.info.run_id and [s for s, _ in _history(client, resumed, "loss")][-2:] == [30, 40]
 
