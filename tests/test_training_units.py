@@ -360,6 +360,11 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
     assert "was written with bf16 off, this job has bf16 on, and DeepSpeed keeps the optimizer state differently " \
            "in each: rerun with deepspeed.bf16=false, or pass" in loads[4]["refused"]
     assert loads[5]["steps"] == 3 and loads[6] == loads[5]  # one step on from the re-sharded state, saved, resumed
+    # and one process's ZeRO-1 checkpoint in two ranks: each its shard of the whole
+    two = [ranks[0] for ranks in _spawn_checkpoints(2, [(zero1, 1, False, 0)], tmp_path, client)]
+    assert two[0]["exp_avg"] + two[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
+    assert all({**t, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for t in two) and 0 < two[0]["exp_avg"]
+    assert not Path(zero1, "universal").exists()
 
     # submit refuses the same before a job is queued, by the layout that job will have
     def submitted(*overrides):

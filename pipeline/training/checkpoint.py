@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,11 @@ class CheckpointManager:
         """Collective: checkpoint ``path`` in DeepSpeed's universal format (one file per parameter
         and optimizer state, for any number of ranks), written by rank 0; the directory holding it."""
         out = self.dir / "universal"
+        converted = out / f"{path.name}.converted"
         if self.rank == 0:
             shutil.rmtree(out, ignore_errors=True)  # what a conversion cut short left
+        _barrier()  # from here on no rank can see an earlier conversion's marker
+        if self.rank == 0:
             log.info("converting %s to DeepSpeed's universal format in %s, to re-shard its optimizer state",
                      path, out)
             from deepspeed.checkpoint import ds_to_universal
@@ -160,6 +164,11 @@ class CheckpointManager:
             with contextlib.redirect_stdout(printed):
                 ds_to_universal.main(args)
             log.debug("%s", printed.getvalue())
+            atomic.write_text(converted, "")
+        # the others wait on the marker, not at a barrier: converting a large checkpoint can outlast
+        # a collective's timeout (10 min); a failed rank 0 ends the job (SLURM, torchrun)
+        while not converted.exists():
+            time.sleep(2)
         _barrier()
         return out
 
