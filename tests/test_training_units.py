@@ -288,7 +288,9 @@ def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str,
 
         for directory, zero_stage, bf16, steps in jobs:
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+            # buffers to restore; torch's batch norm takes no bf16 weights beside fp32 statistics
+            norm = nn.Identity() if bf16 else nn.BatchNorm1d(16)
+            model = nn.Sequential(nn.Linear(8, 16), norm, nn.Tanh(), nn.Linear(16, 1))
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
             config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": zero_stage},
                       "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
@@ -340,14 +342,16 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
     from pipeline.training.fingerprint import trained_with
 
     zero0, zero1 = str(tmp_path / "zero0"), str(tmp_path / "digits" / "train_vqvae" / "checkpoints")
+    zero2 = str(tmp_path / "zero2_bf16")  # the README's ImageNet settings on GPUs
     client = {"trained_with": trained_with(compose(["stage=train_vqvae"]))}  # what the training keeps
-    saved, saved_rank1 = _spawn_checkpoints(2, [(zero0, 0, False, 2), (zero1, 1, False, 2)], tmp_path, client)
+    saved, saved_rank1 = _spawn_checkpoints(2, [(zero0, 0, False, 2), (zero1, 1, False, 2), (zero2, 2, True, 2)],
+                                            tmp_path, client)
     assert saved[0]["exp_avg"] == saved_rank1[0]["exp_avg"] > 0  # ZeRO-0: every rank holds all of it
     whole = saved[1]["exp_avg"] + saved_rank1[1]["exp_avg"]  # ZeRO-1: each rank its shard
     assert 0 < saved[1]["exp_avg"] < whole and saved[1]["steps"] == 2
     [loads] = _spawn_checkpoints(1, [(zero0, 0, False, 0), (zero1, 1, False, 0), (zero1, 1, False, -1),
                                      (zero0, 1, False, 0), (zero0, 0, True, 0), (zero1, 1, False, 1),
-                                     (zero1, 1, False, 0)], tmp_path, client)
+                                     (zero1, 1, False, 0), (zero2, 2, True, 0)], tmp_path, client)
     assert loads[0] == saved[0]  # weights, buffers, optimizer and schedule, as two ranks held them
     # re-sharded: both shards in one rank; weights, buffers and schedule as they were; the conversion gone
     assert loads[1]["exp_avg"] == pytest.approx(whole, rel=1e-6) and not Path(zero1, "universal").exists()
@@ -365,6 +369,9 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
     assert two[0]["exp_avg"] + two[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
     assert all({**t, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for t in two) and 0 < two[0]["exp_avg"]
     assert not Path(zero1, "universal").exists()
+    # bf16 with ZeRO-2 (DeepSpeed's fp32 master weights in the shards) re-shards alike
+    assert loads[7]["exp_avg"] == pytest.approx(saved[2]["exp_avg"] + saved_rank1[2]["exp_avg"], rel=1e-6)
+    assert {**loads[7], "exp_avg": 0} == {**saved[2], "exp_avg": 0} and loads[7]["steps"] == 2
 
     # submit refuses the same before a job is queued, by the layout that job will have
     def submitted(*overrides):
