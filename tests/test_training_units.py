@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -369,6 +370,21 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
     assert two[0]["exp_avg"] + two[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
     assert all({**t, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for t in two) and 0 < two[0]["exp_avg"]
     assert not Path(zero1, "universal").exists()
+    # a checkpoint the conversion cannot read: rank 0 refuses it, and so does rank 1 rather than wait
+    # for ever where the launcher lets it live on (here each rank's refusal is caught); nothing is lost
+    broken = tmp_path / "broken"
+    shutil.copytree(zero1, broken)
+    tag = (broken / "latest").read_text().strip()
+    (broken / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    files = {p.name: p.read_bytes() for p in (broken / tag).iterdir()}
+    first, second = [ranks[0]["refused"]
+                     for ranks in _spawn_checkpoints(2, [(str(broken), 1, False, 0)], tmp_path, client)]
+    assert first.startswith(f"{broken}/{tag} was written by 1 data-parallel rank(s); re-sharding its optimizer "
+                            "state for 2 failed in DeepSpeed's universal conversion (UnpicklingError: ")
+    assert "): resume on 1 rank(s), or pass resume_weights_only=true" in first
+    assert second == first.replace(" conversion (", " conversion (rank 0: ", 1)
+    assert {p.name: p.read_bytes() for p in (broken / tag).iterdir()} == files
+    assert [p.name for p in (broken / "universal").iterdir()] == [f"{tag}.failed"]
     # bf16 with ZeRO-2 (DeepSpeed's fp32 master weights in the shards) re-shards alike
     assert loads[7]["exp_avg"] == pytest.approx(saved[2]["exp_avg"] + saved_rank1[2]["exp_avg"], rel=1e-6)
     assert {**loads[7], "exp_avg": 0} == {**saved[2], "exp_avg": 0} and loads[7]["steps"] == 2

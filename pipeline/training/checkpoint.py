@@ -123,7 +123,7 @@ class CheckpointManager:
                             ", re-sharded" if resharded else " (ZeRO stage 0 keeps it unsharded)", self.world_size)
         if resharded and not engine.load_universal_checkpoint():
             raise RuntimeError("the engine was not initialised for a universal checkpoint (see resharded())")
-        load_dir = self._universal(path) if resharded else self.dir
+        load_dir = self._universal(path, client["world_size"]) if resharded else self.dir
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_only=weights_only,
                                            load_optimizer_states=not weights_only,
                                            load_lr_scheduler_states=not weights_only)
@@ -143,11 +143,18 @@ class CheckpointManager:
         log.info("resumed from %s (step %d%s)", path, client["step"], ", weights only" if weights_only else "")
         return client
 
-    def _universal(self, path: Path) -> Path:
-        """Collective: checkpoint ``path`` in DeepSpeed's universal format (one file per parameter
-        and optimizer state, for any number of ranks), written by rank 0; the directory holding it."""
+    def _universal(self, path: Path, written_by: int) -> Path:
+        """Collective: checkpoint ``path`` (of ``written_by`` ranks) in DeepSpeed's universal format
+        (one file per parameter and optimizer state, for any number of ranks), written by rank 0; the
+        directory holding it. Every rank raises CheckpointMismatch if rank 0 could not convert it."""
         out = self.dir / "universal"
-        converted = out / f"{path.name}.converted"
+        converted, failed = out / f"{path.name}.converted", out / f"{path.name}.failed"
+
+        def refusal(error: str) -> CheckpointMismatch:
+            return CheckpointMismatch(
+                f"{path} was written by {written_by} data-parallel rank(s); re-sharding its optimizer state for "
+                f"{self.world_size} failed in DeepSpeed's universal conversion ({error}): resume on {written_by} "
+                f"rank(s), or {WEIGHTS_ONLY_FIX}")
         if self.rank == 0:
             shutil.rmtree(out, ignore_errors=True)  # what a conversion cut short left
         _barrier()  # from here on no rank can see an earlier conversion's marker
@@ -161,13 +168,26 @@ class CheckpointManager:
                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                       strict=True, inject_missing_state=True)
             printed = io.StringIO()
-            with contextlib.redirect_stdout(printed):
-                ds_to_universal.main(args)
-            log.debug("%s", printed.getvalue())
+            try:
+                with contextlib.redirect_stdout(printed):
+                    ds_to_universal.main(args)
+            except BaseException as e:
+                # the others must not wait for ever where the launcher does not end them
+                # (cluster.kill_on_bad_exit=false); the checkpoint itself is left as it was
+                shutil.rmtree(out / path.name, ignore_errors=True)
+                out.mkdir(parents=True, exist_ok=True)
+                atomic.write_text(failed, f"{type(e).__name__}: {e}")
+                if isinstance(e, Exception):
+                    raise refusal(f"{type(e).__name__}: {e}") from e
+                raise
+            finally:
+                log.debug("%s", printed.getvalue())
             atomic.write_text(converted, "")
-        # the others wait on the marker, not at a barrier: converting a large checkpoint can outlast
-        # a collective's timeout (10 min); a failed rank 0 ends the job (SLURM, torchrun)
+        # the others wait on a marker, not at a barrier: converting a large checkpoint can outlast
+        # a collective's timeout (10 min)
         while not converted.exists():
+            if failed.exists():
+                raise refusal(f"rank 0: {failed.read_text()}")
             time.sleep(2)
         _barrier()
         return out
