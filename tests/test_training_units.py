@@ -271,9 +271,9 @@ def test_a_checkpoint_refuses_another_model_naming_the_keys_its_stage_depends_on
 
 
 def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str, client: dict) -> None:
-    """Each job (directory, zero_stage, bf16, steps): build a small model's engine as the training
-    engine does, resume the directory's checkpoint (steps >= 0; -1: its weights only), train
-    ``steps`` steps and save a checkpoint if it trained; record the state or the refusal."""
+    """Each job (directory, zero_stage, bf16, steps[, batch_norm]): build a small model's engine as
+    the training engine does, resume the directory's checkpoint (steps >= 0; -1: its weights only),
+    train ``steps`` steps and save a checkpoint if it trained; record the state or the refusal."""
     import json
 
     from torch import nn
@@ -287,17 +287,16 @@ def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str,
     with distributed.process_group():
         import deepspeed  # after the process group's set-up named DeepSpeed's accelerator
 
-        for directory, zero_stage, bf16, steps in jobs:
+        for directory, zero_stage, bf16, steps, *batch_norm in jobs:
             torch.manual_seed(0)
             # buffers to restore; torch's batch norm takes no bf16 weights beside fp32 statistics
-            norm = nn.Identity() if bf16 else nn.BatchNorm1d(16)
+            norm = nn.BatchNorm1d(16) if (batch_norm or [not bf16])[0] else nn.Identity()
             model = nn.Sequential(nn.Linear(8, 16), norm, nn.Tanh(), nn.Linear(16, 1))
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
             config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": zero_stage},
                       "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
             ckpts = CheckpointManager(Path(directory), rank, world)
-            if ckpts.resharded(weights_only=steps < 0):
-                config["checkpoint"] = {"load_universal": True}
+            ckpts.configure(config, weights_only=steps < 0)
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                               lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5))
             try:
@@ -332,14 +331,16 @@ def _spawn_checkpoints(world: int, jobs: list, out_dir: Path, client: dict) -> l
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refused(tmp_path):
+def test_a_checkpoint_resumes_on_any_number_of_ranks_and_zero_layouts_and_the_rest_is_refused(tmp_path):
     """ZeRO-0 keeps the whole optimizer state: two ranks' checkpoint resumes in one process with
-    it. ZeRO-1 shards it over its ranks: DeepSpeed's universal format re-shards it (buffers too),
-    and the next checkpoint is an ordinary one. Each layout (ZeRO stage, bf16) keeps it its own way:
-    another is refused before DeepSpeed is asked (and by submit before a job is queued), naming the
-    fix; weights-only still loads."""
+    it. ZeRO-1/2 shard it over their ranks: DeepSpeed's universal format re-shards it (buffers too),
+    also into another ZeRO-1/2 layout (stage, bf16), and the next checkpoint is an ordinary one. A
+    ZeRO-0 state converts to no other layout: that is refused before DeepSpeed is asked (and by
+    submit before a job is queued), naming the fix; weights-only still loads. A conversion that
+    fails stops every rank."""
     from pipeline.config import ConfigError, compose
     from pipeline.launch.preflight import _checkpoints_resumable
+    from pipeline.training.checkpoint import WEIGHTS_ONLY_FIX
     from pipeline.training.fingerprint import trained_with
 
     zero0, zero1 = str(tmp_path / "zero0"), str(tmp_path / "digits" / "train_vqvae" / "checkpoints")
@@ -352,7 +353,8 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
     assert 0 < saved[1]["exp_avg"] < whole and saved[1]["steps"] == 2
     [loads] = _spawn_checkpoints(1, [(zero0, 0, False, 0), (zero1, 1, False, 0), (zero1, 1, False, -1),
                                      (zero0, 1, False, 0), (zero0, 0, True, 0), (zero1, 1, False, 1),
-                                     (zero1, 1, False, 0), (zero2, 2, True, 0)], tmp_path, client)
+                                     (zero1, 1, False, 0), (zero2, 2, True, 0), (zero1, 2, False, 0),
+                                     (zero2, 1, False, 0, False)], tmp_path, client)
     assert loads[0] == saved[0]  # weights, buffers, optimizer and schedule, as two ranks held them
     # re-sharded: both shards in one rank; weights, buffers and schedule as they were; the conversion gone
     assert loads[1]["exp_avg"] == pytest.approx(whole, rel=1e-6) and not Path(zero1, "universal").exists()
@@ -365,10 +367,11 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
     assert "was written with bf16 off, this job has bf16 on, and DeepSpeed keeps the optimizer state differently " \
            "in each: rerun with deepspeed.bf16=false, or pass" in loads[4]["refused"]
     assert loads[5]["steps"] == 3 and loads[6] == loads[5]  # one step on from the re-sharded state, saved, resumed
-    # and one process's ZeRO-1 checkpoint in two ranks: each its shard of the whole
-    two = [ranks[0] for ranks in _spawn_checkpoints(2, [(zero1, 1, False, 0)], tmp_path, client)]
-    assert two[0]["exp_avg"] + two[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
-    assert all({**t, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for t in two) and 0 < two[0]["exp_avg"]
+    assert loads[8] == loads[6]  # the same state, held by ZeRO-2 in place of ZeRO-1
+    # and one process's ZeRO-1 checkpoint in two ranks, ZeRO-1 and ZeRO-2: each its shard of the whole
+    for ranks in zip(*_spawn_checkpoints(2, [(zero1, 1, False, 0), (zero1, 2, False, 0)], tmp_path, client)):
+        assert ranks[0]["exp_avg"] + ranks[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
+        assert all({**r, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for r in ranks) and 0 < ranks[0]["exp_avg"]
     assert not Path(zero1, "universal").exists()
     # a checkpoint the conversion cannot read: rank 0 refuses it, and so does rank 1 rather than wait
     # for ever where the launcher lets it live on (here each rank's refusal is caught); nothing is lost
@@ -379,15 +382,21 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
     files = {p.name: p.read_bytes() for p in (broken / tag).iterdir()}
     first, second = [ranks[0]["refused"]
                      for ranks in _spawn_checkpoints(2, [(str(broken), 1, False, 0)], tmp_path, client)]
-    assert first.startswith(f"{broken}/{tag} was written by 1 data-parallel rank(s); re-sharding its optimizer "
-                            "state for 2 failed in DeepSpeed's universal conversion (UnpicklingError: ")
-    assert "): resume on 1 rank(s), or pass resume_weights_only=true" in first
-    assert second == first.replace(" conversion (", " conversion (rank 0: ", 1)
+    assert first.startswith(f"{broken}/{tag}: converting its optimizer state for this job in DeepSpeed's universal "
+                            "format failed (UnpicklingError: ")
+    assert first.endswith("): resume it as it was written, on 1 rank(s) with deepspeed.zero_stage=1 "
+                          f"deepspeed.bf16=false, or {WEIGHTS_ONLY_FIX}")
+    assert second == first.replace(" failed (", " failed (rank 0: ", 1)
     assert {p.name: p.read_bytes() for p in (broken / tag).iterdir()} == files
     assert [p.name for p in (broken / "universal").iterdir()] == [f"{tag}.failed"]
     # bf16 with ZeRO-2 (DeepSpeed's fp32 master weights in the shards) re-shards alike
     assert loads[7]["exp_avg"] == pytest.approx(saved[2]["exp_avg"] + saved_rank1[2]["exp_avg"], rel=1e-6)
     assert {**loads[7], "exp_avg": 0} == {**saved[2], "exp_avg": 0} and loads[7]["steps"] == 2
+    # and into fp32 ZeRO-1: its fp32 master weights, rounded to bf16 in the bf16 model
+    assert loads[9]["exp_avg"] == pytest.approx(loads[7]["exp_avg"], rel=1e-6)
+    assert loads[9]["weights"] != loads[7]["weights"]
+    assert loads[9]["weights"] == pytest.approx(loads[7]["weights"], rel=1e-2)
+    assert {**loads[9], "exp_avg": 0, "weights": 0} == {**loads[7], "exp_avg": 0, "weights": 0}
 
     # submit refuses the same before a job is queued, by the layout that job will have
     def submitted(*overrides):
@@ -397,8 +406,8 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_another_layout_is_refus
                                           r"this job has ZeRO stage 0, and .* -- rerun with deepspeed.zero_stage=1, "
                                           r"or pass resume_weights_only=true"):
         submitted()
-    with pytest.raises(ConfigError, match="written with bf16 off, this job has bf16 on, .* deepspeed.bf16=false"):
-        submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.gpus_per_node=2")  # auto: on with GPUs
-    submitted("deepspeed.zero_stage=1", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2",
-              "deepspeed.bf16=false")
+    with pytest.raises(ConfigError, match="written with ZeRO stage 1, bf16 off, this job has ZeRO stage 0, bf16 "
+                                          "on, .* deepspeed.zero_stage=1 deepspeed.bf16=false"):
+        submitted("cluster=slurm", "cluster.gpus_per_node=2")  # auto: on with GPUs
+    submitted("deepspeed.zero_stage=2", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2")
     submitted("resume_weights_only=true")

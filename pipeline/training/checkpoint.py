@@ -6,11 +6,12 @@ Layout: ``<stage_dir>/checkpoints/step_00001234/`` (DeepSpeed's files, ``client.
 every rank finished writing (barrier), atomically, so a crash mid-write leaves the previous
 checkpoint loadable. Only the last ``keep`` checkpoints are kept.
 
-DeepSpeed keeps the optimizer state in a layout set by the ZeRO stage and bf16: a checkpoint is
-restored only into the same layout (another is refused before DeepSpeed is asked, naming the fix).
-A ZeRO-0 checkpoint holds the whole state and resumes on any number of ranks; one whose state ZeRO
-sharded (stage 1/2) over another number of ranks than the job has is converted to DeepSpeed's
-universal format first (``checkpoints/universal/``, deleted once loaded), which re-shards it.
+DeepSpeed keeps the optimizer state in a layout set by the ZeRO stage and bf16. A ZeRO-0 checkpoint
+holds the whole state and resumes on any number of ranks, into the same layout only. One whose state
+ZeRO sharded (stage 1/2) resumes into any ZeRO-1/2 layout: over another number of ranks or in
+another layout it is converted to DeepSpeed's universal format first (``checkpoints/universal/``,
+deleted once loaded), which re-shards it. What cannot be restored is refused before DeepSpeed is
+asked, naming the fix.
 """
 
 from __future__ import annotations
@@ -70,14 +71,20 @@ class CheckpointManager:
         pointer = self.dir / LATEST
         return pointer.read_text().strip() if pointer.exists() else None
 
-    def resharded(self, weights_only: bool = False) -> bool:
-        """Whether resuming the latest checkpoint re-shards its optimizer state (ZeRO sharded it
-        over another number of ranks): DeepSpeed must then be initialised with
-        ``{"checkpoint": {"load_universal": True}}``."""
+    def configure(self, ds_config: dict[str, Any], weights_only: bool = False) -> None:
+        """Add to the DeepSpeed config of the engine to come what resuming the latest checkpoint
+        needs: ``{"checkpoint": {"load_universal": True}}`` where it goes through the universal format."""
+        if self._universal_layout(_config_layout(ds_config), weights_only):
+            ds_config["checkpoint"] = {"load_universal": True}
+
+    def _universal_layout(self, layout: dict[str, Any], weights_only: bool) -> bool:
+        """Whether the latest checkpoint resumes into an engine of optimizer ``layout`` through the
+        universal format: ZeRO sharded its state, over another number of ranks or in another layout."""
         tag = self.latest()
-        if tag is None or weights_only or not _sharded(self.dir / tag):
+        if tag is None or weights_only or not _sharded(self.dir / tag) or layout["zero_stage"] == 0:
             return False
-        return json.loads((self.dir / tag / "client.json").read_text())["world_size"] != self.world_size
+        client = json.loads((self.dir / tag / "client.json").read_text())
+        return client["world_size"] != self.world_size or any(client.get(k, v) != v for k, v in layout.items())
 
     def save(self, engine: Any, step: int, client: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
@@ -111,9 +118,10 @@ class CheckpointManager:
             return None
         path = self.dir / tag
         client = json.loads((path / "client.json").read_text())
-        resharded = self.resharded(weights_only)
+        layout = optimizer_layout(engine)
+        resharded = self._universal_layout(layout, weights_only)
         if not weights_only:
-            refusal = restore_refusal(path, optimizer_layout(engine))
+            refusal = restore_refusal(path, layout)
             if refusal:
                 raise CheckpointMismatch(f"{refusal[0]}: {refusal[1]}, or {WEIGHTS_ONLY_FIX}")
             if client["world_size"] != self.world_size:
@@ -121,9 +129,13 @@ class CheckpointManager:
                             "optimizer state%s; the global batch is that of %d rank(s) from here on", path,
                             client["world_size"], self.world_size,
                             ", re-sharded" if resharded else " (ZeRO stage 0 keeps it unsharded)", self.world_size)
+            then = {k: client[k] for k in layout if k in client and client[k] != layout[k]}
+            if then:
+                log.warning("%s was written with %s, this job has %s: its optimizer state is converted", path,
+                            _layout_text(then), _layout_text({k: layout[k] for k in then}))
         if resharded and not engine.load_universal_checkpoint():
-            raise RuntimeError("the engine was not initialised for a universal checkpoint (see resharded())")
-        load_dir = self._universal(path, client["world_size"]) if resharded else self.dir
+            raise RuntimeError("the engine was not initialised for a universal checkpoint (see configure())")
+        load_dir = self._universal(path, client) if resharded else self.dir
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_only=weights_only,
                                            load_optimizer_states=not weights_only,
                                            load_lr_scheduler_states=not weights_only)
@@ -143,24 +155,25 @@ class CheckpointManager:
         log.info("resumed from %s (step %d%s)", path, client["step"], ", weights only" if weights_only else "")
         return client
 
-    def _universal(self, path: Path, written_by: int) -> Path:
-        """Collective: checkpoint ``path`` (of ``written_by`` ranks) in DeepSpeed's universal format
+    def _universal(self, path: Path, client: dict[str, Any]) -> Path:
+        """Collective: checkpoint ``path`` (``client`` its client.json) in DeepSpeed's universal format
         (one file per parameter and optimizer state, for any number of ranks), written by rank 0; the
         directory holding it. Every rank raises CheckpointMismatch if rank 0 could not convert it."""
         out = self.dir / "universal"
         converted, failed = out / f"{path.name}.converted", out / f"{path.name}.failed"
 
         def refusal(error: str) -> CheckpointMismatch:
+            settings = _layout_text({k: client[k] for k in ("zero_stage", "bf16") if k in client}, as_keys=True)
             return CheckpointMismatch(
-                f"{path} was written by {written_by} data-parallel rank(s); re-sharding its optimizer state for "
-                f"{self.world_size} failed in DeepSpeed's universal conversion ({error}): resume on {written_by} "
-                f"rank(s), or {WEIGHTS_ONLY_FIX}")
+                f"{path}: converting its optimizer state for this job in DeepSpeed's universal format failed "
+                f"({error}): resume it as it was written, on {client['world_size']} rank(s)"
+                f"{' with ' + settings if settings else ''}, or {WEIGHTS_ONLY_FIX}")
         if self.rank == 0:
             shutil.rmtree(out, ignore_errors=True)  # what a conversion cut short left
         _barrier()  # from here on no rank can see an earlier conversion's marker
         if self.rank == 0:
-            log.info("converting %s to DeepSpeed's universal format in %s, to re-shard its optimizer state",
-                     path, out)
+            log.info("converting %s to DeepSpeed's universal format in %s, to re-shard its optimizer state for "
+                     "this job", path, out)
             from deepspeed.checkpoint import ds_to_universal
 
             # one worker: forking this process (threads of its own, a process group) could hang
@@ -203,7 +216,8 @@ def restore_refusal(path: Path, now: dict[str, Any]) -> tuple[str, str] | None:
     client = json.loads(client_file.read_text())
     # none where written before checkpoints kept their layout
     then = {k: client[k] for k in now if k in client and client[k] != now[k]}
-    if then:
+    # ZeRO-1/2 states convert into each other (universal format); a ZeRO-0 one is a plain torch optimizer's
+    if then and not (client.get("zero_stage", 0) >= 1 and now["zero_stage"] >= 1):
         differs = {k: now[k] for k in then}
         return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}, and "
                 "DeepSpeed keeps the optimizer state differently in each", f"rerun with {_layout_text(then, as_keys=True)}")
@@ -218,6 +232,10 @@ def _sharded(path: Path) -> bool:
 def optimizer_layout(engine: Any) -> dict[str, Any]:
     """What DeepSpeed's optimizer state layout depends on: kept in every checkpoint's client.json."""
     return {"zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled())}
+
+
+def _config_layout(ds_config: dict[str, Any]) -> dict[str, Any]:
+    return {"zero_stage": int(ds_config["zero_optimization"]["stage"]), "bf16": bool(ds_config["bf16"]["enabled"])}
 
 
 def planned_layout(deepspeed: Any, gpu: bool) -> dict[str, Any]:

@@ -129,8 +129,7 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
         optimizer, lambda s: lr_factor(s, warmup, max_steps, str(t.schedule), float(t.min_lr_ratio)))
     ds_config = deepspeed_config(cfg)
     ckpts = CheckpointManager(ctx.stage_dir / "checkpoints", info.rank, info.world_size, int(t.keep_ckpts))
-    if ckpts.resharded(bool(cfg.resume_weights_only)):  # a ZeRO checkpoint of another number of ranks
-        ds_config["checkpoint"] = {"load_universal": True}
+    ckpts.configure(ds_config, bool(cfg.resume_weights_only))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     if bool(t.channels_last) and ds_config["zero_optimization"]["stage"] == 0 and not ds_config["bf16"]["enabled"]:
