@@ -403,11 +403,13 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_and_zero_layouts_and_the_re
         return _checkpoints_resumable(compose(["stage=train_vqvae", f"run_root={tmp_path}", *overrides]),
                                       "train_vqvae")
     with pytest.raises(ConfigError, match=r"stage=train_vqvae: \S+step_00000003 was written with ZeRO stage 1, "
-                                          r"this job has ZeRO stage 0, and .* -- rerun with deepspeed.zero_stage=1, "
-                                          r"or pass resume_weights_only=true"):
-        submitted()
-    with pytest.raises(ConfigError, match="written with ZeRO stage 1, bf16 off, this job has ZeRO stage 0, bf16 "
-                                          "on, .* deepspeed.zero_stage=1 deepspeed.bf16=false"):
-        submitted("cluster=slurm", "cluster.gpus_per_node=2")  # auto: on with GPUs
+                                          r"this job has ZeRO stage 0, and DeepSpeed cannot convert .* -- rerun with "
+                                          r"deepspeed.zero_stage=1 \(or 2; deepspeed.bf16 either way\), or pass "
+                                          r"resume_weights_only=true"):
+        submitted("cluster=slurm", "cluster.gpus_per_node=2")
+    shutil.copytree(zero0, tmp_path / "plain" / "train_vqvae" / "checkpoints")
+    with pytest.raises(ConfigError, match="written with bf16 off, this job has bf16 on, .* deepspeed.bf16=false"):
+        submitted("experiment=plain", "cluster=slurm", "cluster.gpus_per_node=2")  # auto: on with GPUs
+    submitted("experiment=plain", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2", "deepspeed.bf16=false")
     submitted("deepspeed.zero_stage=2", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2")
     submitted("resume_weights_only=true")

@@ -217,11 +217,16 @@ def restore_refusal(path: Path, now: dict[str, Any]) -> tuple[str, str] | None:
     # none where written before checkpoints kept their layout
     then = {k: client[k] for k in now if k in client and client[k] != now[k]}
     # ZeRO-1/2 states convert into each other (universal format); a ZeRO-0 one is a plain torch optimizer's
-    if then and not (client.get("zero_stage", 0) >= 1 and now["zero_stage"] >= 1):
-        differs = {k: now[k] for k in then}
-        return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}, and "
-                "DeepSpeed keeps the optimizer state differently in each", f"rerun with {_layout_text(then, as_keys=True)}")
-    return None
+    if not then or (client.get("zero_stage", 0) >= 1 and now["zero_stage"] >= 1):
+        return None
+    if client.get("zero_stage", 0) >= 1:  # into ZeRO-0: any ZeRO-1/2 layout would take it
+        stage = client["zero_stage"]
+        return (f"{path} was written with ZeRO stage {stage}, this job has ZeRO stage 0, and DeepSpeed cannot "
+                "convert a sharded optimizer state into ZeRO-0's plain one",
+                f"rerun with deepspeed.zero_stage={stage} (or {3 - stage}; deepspeed.bf16 either way)")
+    differs = {k: now[k] for k in then}
+    return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}, and "
+            "DeepSpeed keeps the optimizer state differently in each", f"rerun with {_layout_text(then, as_keys=True)}")
 
 
 def _sharded(path: Path) -> bool:
