@@ -262,7 +262,7 @@ def test_two_ranks_agree_and_one_process_resumes_their_checkpoint(run_root, tmp_
 
     # ZeRO-2 sharded the optimizer state over the two ranks: one process resumes it re-sharded
     # (DeepSpeed's universal format), weights and EMA codebooks bit for bit: the export is the same
-    # file (tests/test_training_units.py: ZeRO-0 on any number of ranks; a layout change refused)
+    # file (tests/test_checkpoints.py: ZeRO-0 on any number of ranks, other ZeRO-1/2 layouts, refusals)
     ckpts = run_root / "digits" / "train_vqvae" / "checkpoints"
     for steps in (30, 40):
         ok = submit(*_args(run_root, f"train.max_steps={steps}", "deepspeed.zero_stage=2"), cwd=tmp_path, timeout=600)

@@ -1,0 +1,191 @@
+"""What a checkpoint can be restored into: another model refused by name, the optimizer state on
+any number of ranks and in another ZeRO-1/2 layout, what cannot be restored refused with the fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def test_a_checkpoint_refuses_another_model_naming_the_keys_its_stage_depends_on(tmp_path):
+    import json
+
+    from pipeline.config import compose
+    from pipeline.training.fingerprint import config_hash, resume_refusal, trained_with
+
+    def cfg(*overrides):
+        return compose(["stage=train_vqvae", *overrides])
+
+    ckpt = tmp_path / "step_00000020"
+    ckpt.mkdir()
+    assert resume_refusal(ckpt, cfg(), "train_vqvae") is None  # no client state (a save cut short): nothing to tell
+    (ckpt / "client.json").write_text(json.dumps({"trained_with": trained_with(cfg())}))
+    assert resume_refusal(ckpt, cfg(), "train_vqvae") is None
+    assert resume_refusal(ckpt, cfg("train.lr=0.1", "data.num_workers=0"), "train_vqvae") is None
+    other = cfg("data.resolution=64", "model.top_prior.layers=7", "model.vqvae.res_blocks=3")
+    assert resume_refusal(ckpt, other, "train_vqvae") == (
+        f"{ckpt} was trained with another model or dataset configuration "
+        "(data.resolution=32 there, 64 now; model.vqvae.res_blocks=2 there, 3 now)")
+    # each stage by the settings it depends on: another stage's model section is not one of them
+    assert resume_refusal(ckpt, cfg("model.classifier.blocks=2"), "train_vqvae") is None
+    assert "model.classifier.blocks=1 there, 2 now" in resume_refusal(ckpt, cfg("model.classifier.blocks=2"), "evaluate")
+    assert resume_refusal(ckpt, cfg("model.vqvae.beta=0.5"), "train_top_prior") is None
+    assert resume_refusal(ckpt, cfg("model.vqvae.codebook_size_top=16"), "train_top_prior").endswith(
+        "(model.vqvae.codebook_size_top=32 there, 16 now)")
+    every = {k: ("x" if k.startswith("model.vqvae.") else v) for k, v in trained_with(cfg()).items()}
+    (ckpt / "client.json").write_text(json.dumps({"trained_with": every}))
+    assert resume_refusal(ckpt, cfg(), "train_vqvae").endswith(f"; and {len(cfg().model.vqvae) - 8} more)")
+    # written before checkpoints kept their settings: the hash over all of model.* decides
+    (ckpt / "client.json").write_text(json.dumps({"config_hash": config_hash(cfg())}))
+    assert resume_refusal(ckpt, cfg(), "train_vqvae") is None
+    assert resume_refusal(ckpt, cfg("model.classifier.blocks=2"), "train_vqvae") == (
+        f"{ckpt} was trained with another model or dataset configuration")
+
+
+def _checkpoint_rank(rank: int, world: int, port: int, jobs: list, out_dir: str, client: dict) -> None:
+    """Each job (directory, zero_stage, bf16, steps[, batch_norm]): build a small model's engine as
+    the training engine does, resume the directory's checkpoint (steps >= 0; -1: its weights only),
+    train ``steps`` steps and save a checkpoint if it trained; record the state or the refusal."""
+    import json
+
+    from torch import nn
+
+    from pipeline.training import distributed
+    from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    results = []
+    with distributed.process_group():
+        import deepspeed  # after the process group's set-up named DeepSpeed's accelerator
+
+        for directory, zero_stage, bf16, steps, *batch_norm in jobs:
+            torch.manual_seed(0)
+            # buffers to restore; torch's batch norm takes no bf16 weights beside fp32 statistics
+            norm = nn.BatchNorm1d(16) if (batch_norm or [not bf16])[0] else nn.Identity()
+            model = nn.Sequential(nn.Linear(8, 16), norm, nn.Tanh(), nn.Linear(16, 1))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": zero_stage},
+                      "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+            ckpts = CheckpointManager(Path(directory), rank, world)
+            ckpts.configure(config, weights_only=steps < 0)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                              lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5))
+            try:
+                start = ckpts.load(engine, weights_only=steps < 0) or {"step": 0}
+            except CheckpointMismatch as e:
+                results.append({"refused": str(e)})
+                continue
+            for step in range(start["step"], start["step"] + max(0, steps)):
+                x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank * 100 + step))
+                engine.backward(engine(x.to(engine.module[0].weight.dtype)).float().pow(2).mean())
+                engine.step()
+            if steps > 0:
+                ckpts.save(engine, start["step"] + steps, client)
+            results.append({"weights": [p.float().sum().item() for p in engine.module.parameters()],
+                            "buffers": [b.float().sum().item() for b in engine.module.buffers()],
+                            # this rank's: all of it with ZeRO-0, its shard with ZeRO-1
+                            "exp_avg": sum(s["exp_avg"].abs().sum().item() for s in optimizer.state.values()),
+                            "lr": engine.get_lr(), "steps": engine.global_steps})
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _spawn_checkpoints(world: int, jobs: list, out_dir: Path, client: dict) -> list:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a port free now, for the ranks' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_checkpoint_rank, args=(world, port, jobs, str(out_dir), client), nprocs=world, join=True)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_a_checkpoint_resumes_on_any_number_of_ranks_and_zero_layouts_and_the_rest_is_refused(tmp_path):
+    """ZeRO-0 keeps the whole optimizer state: two ranks' checkpoint resumes in one process with
+    it. ZeRO-1/2 shard it over their ranks: DeepSpeed's universal format re-shards it (buffers too),
+    also into another ZeRO-1/2 layout (stage, bf16), and the next checkpoint is an ordinary one. A
+    ZeRO-0 state converts to no other layout: that is refused before DeepSpeed is asked (and by
+    submit before a job is queued), naming the fix; weights-only still loads. A conversion that
+    fails stops every rank."""
+    from pipeline.config import ConfigError, compose
+    from pipeline.launch.preflight import _checkpoints_resumable
+    from pipeline.training.checkpoint import WEIGHTS_ONLY_FIX
+    from pipeline.training.fingerprint import trained_with
+
+    zero0, zero1 = str(tmp_path / "zero0"), str(tmp_path / "digits" / "train_vqvae" / "checkpoints")
+    zero2 = str(tmp_path / "zero2_bf16")  # the README's ImageNet settings on GPUs
+    client = {"trained_with": trained_with(compose(["stage=train_vqvae"]))}  # what the training keeps
+    saved, saved_rank1 = _spawn_checkpoints(2, [(zero0, 0, False, 2), (zero1, 1, False, 2), (zero2, 2, True, 2)],
+                                            tmp_path, client)
+    assert saved[0]["exp_avg"] == saved_rank1[0]["exp_avg"] > 0  # ZeRO-0: every rank holds all of it
+    whole = saved[1]["exp_avg"] + saved_rank1[1]["exp_avg"]  # ZeRO-1: each rank its shard
+    assert 0 < saved[1]["exp_avg"] < whole and saved[1]["steps"] == 2
+    [loads] = _spawn_checkpoints(1, [(zero0, 0, False, 0), (zero1, 1, False, 0), (zero1, 1, False, -1),
+                                     (zero0, 1, False, 0), (zero0, 0, True, 0), (zero1, 1, False, 1),
+                                     (zero1, 1, False, 0), (zero2, 2, True, 0), (zero1, 2, False, 0),
+                                     (zero2, 1, False, 0, False)], tmp_path, client)
+    assert loads[0] == saved[0]  # weights, buffers, optimizer and schedule, as two ranks held them
+    # re-sharded: both shards in one rank; weights, buffers and schedule as they were; the conversion gone
+    assert loads[1]["exp_avg"] == pytest.approx(whole, rel=1e-6) and not Path(zero1, "universal").exists()
+    assert {**loads[1], "exp_avg": 0} == {**saved[1], "exp_avg": 0}
+    assert loads[2]["weights"] == saved[1]["weights"] and loads[2]["exp_avg"] == 0  # fresh optimizer
+    assert loads[3]["refused"].startswith(
+        f"{zero0}/step_00000002 was written with ZeRO stage 0, this job has ZeRO stage 1, and DeepSpeed keeps the "
+        "optimizer state differently in each: rerun with deepspeed.zero_stage=0, or pass resume_weights_only=true "
+        "to load the weights only (fresh optimizer; the step count continues)")
+    assert "was written with bf16 off, this job has bf16 on, and DeepSpeed keeps the optimizer state differently " \
+           "in each: rerun with deepspeed.bf16=false, or pass" in loads[4]["refused"]
+    assert loads[5]["steps"] == 3 and loads[6] == loads[5]  # one step on from the re-sharded state, saved, resumed
+    assert loads[8] == loads[6]  # the same state, held by ZeRO-2 in place of ZeRO-1
+    # and one process's ZeRO-1 checkpoint in two ranks, ZeRO-1 and ZeRO-2: each its shard of the whole
+    for ranks in zip(*_spawn_checkpoints(2, [(zero1, 1, False, 0), (zero1, 2, False, 0)], tmp_path, client)):
+        assert ranks[0]["exp_avg"] + ranks[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
+        assert all({**r, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for r in ranks) and 0 < ranks[0]["exp_avg"]
+    assert not Path(zero1, "universal").exists()
+    # a checkpoint the conversion cannot read: rank 0 refuses it, and so does rank 1 rather than wait
+    # for ever where the launcher lets it live on (here each rank's refusal is caught); nothing is lost
+    broken = tmp_path / "broken"
+    shutil.copytree(zero1, broken)
+    tag = (broken / "latest").read_text().strip()
+    (broken / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    files = {p.name: p.read_bytes() for p in (broken / tag).iterdir()}
+    first, second = [ranks[0]["refused"]
+                     for ranks in _spawn_checkpoints(2, [(str(broken), 1, False, 0)], tmp_path, client)]
+    assert first.startswith(f"{broken}/{tag}: converting its optimizer state for this job in DeepSpeed's universal "
+                            "format failed (UnpicklingError: ")
+    assert first.endswith("): resume it as it was written, on 1 rank(s) with deepspeed.zero_stage=1 "
+                          f"deepspeed.bf16=false, or {WEIGHTS_ONLY_FIX}")
+    assert second == first.replace(" failed (", " failed (rank 0: ", 1)
+    assert {p.name: p.read_bytes() for p in (broken / tag).iterdir()} == files
+    assert [p.name for p in (broken / "universal").iterdir()] == [f"{tag}.failed"]
+    # bf16 with ZeRO-2 (DeepSpeed's fp32 master weights in the shards) re-shards alike
+    assert loads[7]["exp_avg"] == pytest.approx(saved[2]["exp_avg"] + saved_rank1[2]["exp_avg"], rel=1e-6)
+    assert {**loads[7], "exp_avg": 0} == {**saved[2], "exp_avg": 0} and loads[7]["steps"] == 2
+    # and into fp32 ZeRO-1: its fp32 master weights, rounded to bf16 in the bf16 model
+    assert loads[9]["exp_avg"] == pytest.approx(loads[7]["exp_avg"], rel=1e-6)
+    assert loads[9]["weights"] != loads[7]["weights"]
+    assert loads[9]["weights"] == pytest.approx(loads[7]["weights"], rel=1e-2)
+    assert {**loads[9], "exp_avg": 0, "weights": 0} == {**loads[7], "exp_avg": 0, "weights": 0}
+
+    # submit refuses the same before a job is queued, by the layout that job will have
+    def submitted(*overrides):
+        return _checkpoints_resumable(compose(["stage=train_vqvae", f"run_root={tmp_path}", *overrides]),
+                                      "train_vqvae")
+    with pytest.raises(ConfigError, match=r"stage=train_vqvae: \S+step_00000003 was written with ZeRO stage 1, "
+                                          r"this job has ZeRO stage 0, and DeepSpeed cannot convert .* -- rerun with "
+                                          r"deepspeed.zero_stage=1 \(or 2; deepspeed.bf16 either way\), or pass "
+                                          r"resume_weights_only=true"):
+        submitted("cluster=slurm", "cluster.gpus_per_node=2")
+    shutil.copytree(zero0, tmp_path / "plain" / "train_vqvae" / "checkpoints")
+    with pytest.raises(ConfigError, match="written with bf16 off, this job has bf16 on, .* deepspeed.bf16=false"):
+        submitted("experiment=plain", "cluster=slurm", "cluster.gpus_per_node=2")  # auto: on with GPUs
+    submitted("experiment=plain", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2", "deepspeed.bf16=false")
+    submitted("deepspeed.zero_stage=2", "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=2")
+    submitted("resume_weights_only=true")
