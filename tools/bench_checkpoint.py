@@ -84,7 +84,7 @@ def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int,
     gc.collect()  # one engine at a time: paper-size models fill a small machine's memory
     if reshard:
         engine = _engine(which, model_cfg, num_classes, 3 - zero_stage, ckpts)
-        convert = _Timed(ckpts, "_universal")
+        convert = _Timed(ckpts, "_convert")
         t0 = time.perf_counter()
         ckpts.load(engine)
         result.update(reshard_s=time.perf_counter() - t0, convert_s=convert.seconds)

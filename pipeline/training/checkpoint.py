@@ -74,17 +74,20 @@ class CheckpointManager:
     def configure(self, ds_config: dict[str, Any], weights_only: bool = False) -> None:
         """Add to the DeepSpeed config of the engine to come what resuming the latest checkpoint
         needs: ``{"checkpoint": {"load_universal": True}}`` where it goes through the universal format."""
-        if self._universal_layout(_config_layout(ds_config), weights_only):
+        tag = self.latest()
+        if tag is None or weights_only:
+            return
+        client = json.loads((self.dir / tag / "client.json").read_text())
+        if self._through_universal(self.dir / tag, client, _config_layout(ds_config)):
             ds_config["checkpoint"] = {"load_universal": True}
 
-    def _universal_layout(self, layout: dict[str, Any], weights_only: bool) -> bool:
-        """Whether the latest checkpoint resumes into an engine of optimizer ``layout`` through the
-        universal format: ZeRO sharded its state, over another number of ranks or in another layout."""
-        tag = self.latest()
-        if tag is None or weights_only or not _sharded(self.dir / tag) or layout["zero_stage"] == 0:
+    def _through_universal(self, path: Path, client: dict[str, Any], layout: dict[str, Any]) -> bool:
+        """Whether checkpoint ``path`` (``client`` its client.json) resumes into an engine of
+        optimizer ``layout`` through the universal format: ZeRO sharded its state, over another
+        number of ranks or in another layout."""
+        if not _sharded(path) or layout["zero_stage"] == 0:
             return False
-        client = json.loads((self.dir / tag / "client.json").read_text())
-        return client["world_size"] != self.world_size or any(client.get(k, v) != v for k, v in layout.items())
+        return client["world_size"] != self.world_size or bool(_changed(client, layout))
 
     def save(self, engine: Any, step: int, client: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
@@ -119,9 +122,9 @@ class CheckpointManager:
         path = self.dir / tag
         client = json.loads((path / "client.json").read_text())
         layout = optimizer_layout(engine)
-        resharded = self._universal_layout(layout, weights_only)
+        resharded = not weights_only and self._through_universal(path, client, layout)
         if not weights_only:
-            refusal = restore_refusal(path, layout)
+            refusal = _refusal(path, client, layout)
             if refusal:
                 raise CheckpointMismatch(f"{refusal[0]}: {refusal[1]}, or {WEIGHTS_ONLY_FIX}")
             if client["world_size"] != self.world_size:
@@ -129,13 +132,13 @@ class CheckpointManager:
                             "optimizer state%s; the global batch is that of %d rank(s) from here on", path,
                             client["world_size"], self.world_size,
                             ", re-sharded" if resharded else " (ZeRO stage 0 keeps it unsharded)", self.world_size)
-            then = {k: client[k] for k in layout if k in client and client[k] != layout[k]}
+            then = _changed(client, layout)
             if then:
                 log.warning("%s was written with %s, this job has %s: its optimizer state is converted", path,
                             _layout_text(then), _layout_text({k: layout[k] for k in then}))
         if resharded and not engine.load_universal_checkpoint():
             raise RuntimeError("the engine was not initialised for a universal checkpoint (see configure())")
-        load_dir = self._universal(path, client) if resharded else self.dir
+        load_dir = self._convert(path, client) if resharded else self.dir
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_only=weights_only,
                                            load_optimizer_states=not weights_only,
                                            load_lr_scheduler_states=not weights_only)
@@ -155,7 +158,7 @@ class CheckpointManager:
         log.info("resumed from %s (step %d%s)", path, client["step"], ", weights only" if weights_only else "")
         return client
 
-    def _universal(self, path: Path, client: dict[str, Any]) -> Path:
+    def _convert(self, path: Path, client: dict[str, Any]) -> Path:
         """Collective: checkpoint ``path`` (``client`` its client.json) in DeepSpeed's universal format
         (one file per parameter and optimizer state, for any number of ranks), written by rank 0; the
         directory holding it. Every rank raises CheckpointMismatch if rank 0 could not convert it."""
@@ -180,7 +183,7 @@ class CheckpointManager:
             args = argparse.Namespace(input_folder=str(path), output_folder=str(out / path.name),
                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                       strict=True, inject_missing_state=True)
-            printed = io.StringIO()
+            printed, t0 = io.StringIO(), time.perf_counter()
             try:
                 with contextlib.redirect_stdout(printed):
                     ds_to_universal.main(args)
@@ -196,6 +199,7 @@ class CheckpointManager:
             finally:
                 log.debug("%s", printed.getvalue())
             atomic.write_text(converted, "")
+            log.info("converted in %.0f s", time.perf_counter() - t0)
         # the others wait on a marker, not at a barrier: converting a large checkpoint can outlast
         # a collective's timeout (10 min)
         while not converted.exists():
@@ -213,9 +217,17 @@ def restore_refusal(path: Path, now: dict[str, Any]) -> tuple[str, str] | None:
     client_file = path / "client.json"
     if not client_file.exists():
         return None
-    client = json.loads(client_file.read_text())
-    # none where written before checkpoints kept their layout
-    then = {k: client[k] for k in now if k in client and client[k] != now[k]}
+    return _refusal(path, json.loads(client_file.read_text()), now)
+
+
+def _changed(client: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """The layout keys whose value in a checkpoint's ``client`` differs from ``now``, with the
+    checkpoint's values; none where written before checkpoints kept their layout."""
+    return {k: client[k] for k in now if k in client and client[k] != now[k]}
+
+
+def _refusal(path: Path, client: dict[str, Any], now: dict[str, Any]) -> tuple[str, str] | None:
+    then = _changed(client, now)
     # ZeRO-1/2 states convert into each other (universal format); a ZeRO-0 one is a plain torch optimizer's
     if not then or (client.get("zero_stage", 0) >= 1 and now["zero_stage"] >= 1):
         return None
