@@ -17,7 +17,6 @@ from pipeline.launch import executors, local_store, queue, records, stage_lock
 from pipeline.mlflow_outbox import reachable
 from pipeline.stages import PREPARE_ONLY
 from pipeline.tracking import tracking_uri
-from pipeline.training.checkpoint import WEIGHTS_ONLY_FIX, planned_layout, restore_refusal
 from pipeline.training.distributed import detect
 from pipeline.training.fingerprint import RESUME_FIX, resume_refusal
 
@@ -202,16 +201,3 @@ def _checkpoints_resumable(cfg: DictConfig, stage: str) -> None:
     refusal = resume_refusal(latest.parent / tag, cfg, stage)
     if refusal:
         raise ConfigError(f"stage={stage_name(cfg, stage)}", refusal, RESUME_FIX)
-    layout = None if cfg.resume_weights_only else restore_refusal(latest.parent / tag, _job_layout(cfg))
-    if layout:  # the job's queue wait would end in the same refusal
-        raise ConfigError(f"stage={stage_name(cfg, stage)}", layout[0], f"{layout[1]}, or {WEIGHTS_ONLY_FIX}")
-
-
-def _job_layout(cfg: DictConfig) -> dict[str, object]:
-    """The optimizer layout the training's job will have: a SLURM job's GPUs are those it asks
-    for, a local job's this machine's."""
-    import torch
-
-    if cfg.cluster.name == "slurm":
-        return planned_layout(cfg.deepspeed, gpu=int(cfg.cluster.get("gpus_per_node") or 0) > 0)
-    return planned_layout(cfg.deepspeed, gpu=torch.cuda.is_available())

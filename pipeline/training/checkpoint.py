@@ -6,12 +6,11 @@ Layout: ``<stage_dir>/checkpoints/step_00001234/`` (DeepSpeed's files, ``client.
 every rank finished writing (barrier), atomically, so a crash mid-write leaves the previous
 checkpoint loadable. Only the last ``keep`` checkpoints are kept.
 
-DeepSpeed keeps the optimizer state in a layout set by the ZeRO stage and bf16. A ZeRO-0 checkpoint
-holds the whole state and resumes on any number of ranks, into the same layout only. One whose state
-ZeRO sharded (stage 1/2) resumes into any ZeRO-1/2 layout: over another number of ranks or in
-another layout it is converted to DeepSpeed's universal format first (``checkpoints/universal/``,
-deleted once loaded), which re-shards it. What cannot be restored is refused before DeepSpeed is
-asked, naming the fix.
+DeepSpeed keeps the optimizer state in a layout set by the ZeRO stage and bf16. A checkpoint resumes
+with its whole optimizer state on any number of ranks and in any layout: a ZeRO-0 one holds it whole
+and resumes as it is into its own layout; one whose state ZeRO sharded (stage 1/2) over another
+number of ranks, or one of another layout, is converted first through DeepSpeed's universal format
+(``checkpoints/universal/``, deleted once loaded), which re-shards it.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import atomic
+from pipeline.training import optimizer_state
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -78,16 +78,15 @@ class CheckpointManager:
         if tag is None or weights_only:
             return
         client = json.loads((self.dir / tag / "client.json").read_text())
-        if self._through_universal(self.dir / tag, client, _config_layout(ds_config)):
+        layout = _config_layout(ds_config)
+        if layout["zero_stage"] >= 1 and self._converted(self.dir / tag, client, layout):
             ds_config["checkpoint"] = {"load_universal": True}
 
-    def _through_universal(self, path: Path, client: dict[str, Any], layout: dict[str, Any]) -> bool:
+    def _converted(self, path: Path, client: dict[str, Any], layout: dict[str, Any]) -> bool:
         """Whether checkpoint ``path`` (``client`` its client.json) resumes into an engine of
-        optimizer ``layout`` through the universal format: ZeRO sharded its state, over another
-        number of ranks or in another layout."""
-        if not _sharded(path) or layout["zero_stage"] == 0:
-            return False
-        return client["world_size"] != self.world_size or bool(_changed(client, layout))
+        optimizer ``layout`` only once its optimizer state is converted: it was written in another
+        layout, or ZeRO sharded it over another number of ranks."""
+        return bool(_changed(client, layout)) or (_sharded(path) and client["world_size"] != self.world_size)
 
     def save(self, engine: Any, step: int, client: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
@@ -122,47 +121,50 @@ class CheckpointManager:
         path = self.dir / tag
         client = json.loads((path / "client.json").read_text())
         layout = optimizer_layout(engine)
-        resharded = not weights_only and self._through_universal(path, client, layout)
+        converted = not weights_only and self._converted(path, client, layout)
+        universal = converted and layout["zero_stage"] >= 1  # the engine loads the universal format itself
         if not weights_only:
-            refusal = _refusal(path, client, layout)
-            if refusal:
-                raise CheckpointMismatch(f"{refusal[0]}: {refusal[1]}, or {WEIGHTS_ONLY_FIX}")
             if client["world_size"] != self.world_size:
                 log.warning("%s was written by %d data-parallel rank(s), this job has %d: resumed with its whole "
                             "optimizer state%s; the global batch is that of %d rank(s) from here on", path,
-                            client["world_size"], self.world_size,
-                            ", re-sharded" if resharded else " (ZeRO stage 0 keeps it unsharded)", self.world_size)
+                            client["world_size"], self.world_size, ", re-sharded" if universal else "",
+                            self.world_size)
             then = _changed(client, layout)
             if then:
                 log.warning("%s was written with %s, this job has %s: its optimizer state is converted", path,
                             _layout_text(then), _layout_text({k: layout[k] for k in then}))
-        if resharded and not engine.load_universal_checkpoint():
+        if universal and not engine.load_universal_checkpoint():
             raise RuntimeError("the engine was not initialised for a universal checkpoint (see configure())")
-        load_dir = self._convert(path, client) if resharded else self.dir
+        load_dir = self._convert(path, client, engine) if converted else self.dir
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_only=weights_only,
                                            load_optimizer_states=not weights_only,
                                            load_lr_scheduler_states=not weights_only)
         if loaded is None:
             raise CheckpointMismatch(f"{path}: DeepSpeed could not load it; move it away to start over")
-        if resharded:  # a universal checkpoint restores the parameters only: the buffers (EMA codebooks)
-            module = torch.load(load_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+        if universal:  # a universal checkpoint restores the parameters only: the buffers (EMA codebooks)
+            module = torch.load(load_dir / tag / optimizer_state.MODEL_STATES, map_location="cpu",
                                 weights_only=False)["module"]
             buffers = {name for name, _ in engine.module.named_buffers()}
             engine.module.load_state_dict({k: v for k, v in module.items() if k in buffers}, strict=False)
+        if converted:
             _barrier()  # every rank has loaded: the conversion has served
             if self.rank == 0:
-                shutil.rmtree(load_dir, ignore_errors=True)
+                shutil.rmtree(self.dir / "universal", ignore_errors=True)
         rng_file = path / f"rng_rank{self.rank}.pt"
         if not weights_only and rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
         log.info("resumed from %s (step %d%s)", path, client["step"], ", weights only" if weights_only else "")
         return client
 
-    def _convert(self, path: Path, client: dict[str, Any]) -> Path:
-        """Collective: checkpoint ``path`` (``client`` its client.json) in DeepSpeed's universal format
-        (one file per parameter and optimizer state, for any number of ranks), written by rank 0; the
-        directory holding it. Every rank raises CheckpointMismatch if rank 0 could not convert it."""
+    def _convert(self, path: Path, client: dict[str, Any], engine: Any) -> Path:
+        """Collective: checkpoint ``path`` (``client`` its client.json) converted by rank 0 for
+        ``engine``: into DeepSpeed's universal format (one file per parameter and optimizer state,
+        for any number of ranks) for a ZeRO-1/2 engine, from there into a ZeRO-0 checkpoint of the
+        engine's layout for a ZeRO-0 one; the directory to load it from. Every rank raises
+        CheckpointMismatch if rank 0 could not convert it."""
         out = self.dir / "universal"
+        layout = optimizer_layout(engine)
+        names = [name for name, _ in engine.module.named_parameters()]  # the optimizer's order
         converted, failed = out / f"{path.name}.converted", out / f"{path.name}.failed"
 
         def refusal(error: str) -> CheckpointMismatch:
@@ -175,8 +177,8 @@ class CheckpointManager:
             shutil.rmtree(out, ignore_errors=True)  # what a conversion cut short left
         _barrier()  # from here on no rank can see an earlier conversion's marker
         if self.rank == 0:
-            log.info("converting %s to DeepSpeed's universal format in %s, to re-shard its optimizer state for "
-                     "this job", path, out)
+            log.info("converting the optimizer state of %s for this job, through DeepSpeed's universal format "
+                     "(in %s)", path, out)
             from deepspeed.checkpoint import ds_to_universal
 
             # one worker: forking this process (threads of its own, a process group) could hang
@@ -186,11 +188,17 @@ class CheckpointManager:
             printed, t0 = io.StringIO(), time.perf_counter()
             try:
                 with contextlib.redirect_stdout(printed):
-                    ds_to_universal.main(args)
+                    if _sharded(path):
+                        ds_to_universal.main(args)
+                    else:  # a torch optimizer's state, which DeepSpeed converts to nothing
+                        optimizer_state.zero0_to_universal(path, out / path.name, names)
+                if layout["zero_stage"] == 0:
+                    optimizer_state.universal_to_zero0(out / path.name, out / "zero0" / path.name, names,
+                                                       bf16=layout["bf16"])
             except BaseException as e:
                 # the others must not wait for ever where the launcher does not end them
                 # (cluster.kill_on_bad_exit=false); the checkpoint itself is left as it was
-                shutil.rmtree(out / path.name, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True, exist_ok=True)
                 atomic.write_text(failed, f"{type(e).__name__}: {e}")
                 if isinstance(e, Exception):
@@ -207,38 +215,13 @@ class CheckpointManager:
                 raise refusal(f"rank 0: {failed.read_text()}")
             time.sleep(2)
         _barrier()
-        return out
-
-
-def restore_refusal(path: Path, now: dict[str, Any]) -> tuple[str, str] | None:
-    """Why the optimizer state of checkpoint ``path`` (a ``step_*`` dir) cannot be restored into a
-    job of optimizer layout ``now`` (the keys of :func:`optimizer_layout`), and the fix (besides
-    WEIGHTS_ONLY_FIX); None where it can."""
-    client_file = path / "client.json"
-    if not client_file.exists():
-        return None
-    return _refusal(path, json.loads(client_file.read_text()), now)
+        return out / "zero0" if layout["zero_stage"] == 0 else out
 
 
 def _changed(client: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     """The layout keys whose value in a checkpoint's ``client`` differs from ``now``, with the
     checkpoint's values; none where written before checkpoints kept their layout."""
     return {k: client[k] for k in now if k in client and client[k] != now[k]}
-
-
-def _refusal(path: Path, client: dict[str, Any], now: dict[str, Any]) -> tuple[str, str] | None:
-    then = _changed(client, now)
-    # ZeRO-1/2 states convert into each other (universal format); a ZeRO-0 one is a plain torch optimizer's
-    if not then or (client.get("zero_stage", 0) >= 1 and now["zero_stage"] >= 1):
-        return None
-    if client.get("zero_stage", 0) >= 1:  # into ZeRO-0: any ZeRO-1/2 layout would take it
-        stage = client["zero_stage"]
-        return (f"{path} was written with ZeRO stage {stage}, this job has ZeRO stage 0, and DeepSpeed cannot "
-                "convert a sharded optimizer state into ZeRO-0's plain one",
-                f"rerun with deepspeed.zero_stage={stage} (or {3 - stage}; deepspeed.bf16 either way)")
-    differs = {k: now[k] for k in then}
-    return (f"{path} was written with {_layout_text(then)}, this job has {_layout_text(differs)}, and "
-            "DeepSpeed keeps the optimizer state differently in each", f"rerun with {_layout_text(then, as_keys=True)}")
 
 
 def _sharded(path: Path) -> bool:
