@@ -7,6 +7,7 @@
     python tools/bench_checkpoint.py --preset tiny_digits
     torchrun --nproc-per-node 8 tools/bench_checkpoint.py --zero-stage 2 --dir /shared/scratch   # 8 ranks
     python tools/bench_checkpoint.py --models top_prior --zero-stage 1 --reshard
+    python tools/bench_checkpoint.py --models top_prior --reshard --into 1      # ZeRO-0 into ZeRO-1
 
 What it answers: does a stop request leave the time to save? A preempted or timed-out job gets USR2
 ``cluster.signal_delay_s`` (120 s) before SLURM kills it, a ``scancel``/``submit cancel`` SIGTERM
@@ -18,10 +19,11 @@ node crash would need); the times are rank 0's. fp32 weights + AdamW state; unde
 ``--zero-stage 1`` or ``2`` each rank writes its shard of the optimizer state. The gradients are
 zero: the sizes, not the values, set the cost.
 
-``--reshard`` (ZeRO 1 or 2) adds what a resume on another number of ranks costs: an engine of the
-other ZeRO stage resumes the checkpoint, which takes the same way (rank 0 converts it to
-DeepSpeed's universal format, every rank loads its new shard from there); ``re-shard`` is that
-resume, conversion included, and ``convert`` the conversion alone (rank 0, one worker).
+``--reshard`` adds what a resume on another number of ranks or in another layout costs: an engine
+of ZeRO stage ``--into`` (default: 2 after 1, else 1) resumes the checkpoint, which takes the
+same way as another number of ranks (rank 0 converts it through DeepSpeed's universal format,
+every rank loads its new shard from there); ``re-shard`` is that resume, conversion included, and
+``convert`` the conversion alone (rank 0, one worker).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _engine(which: str, model_cfg, num_classes: int, zero_stage: int, ckpts: Che
     return engine
 
 
-def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int, reshard: bool,
+def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int, reshard: int | None,
             info: distributed.DistEnv) -> dict[str, float]:
     engine = _engine(which, model_cfg, num_classes, zero_stage)
     # one step with zero gradients: AdamW allocates its two moments per parameter, as in training
@@ -82,8 +84,8 @@ def measure(which: str, model_cfg, num_classes: int, out: Path, zero_stage: int,
               "load_s": loaded}
     del engine
     gc.collect()  # one engine at a time: paper-size models fill a small machine's memory
-    if reshard:
-        engine = _engine(which, model_cfg, num_classes, 3 - zero_stage, ckpts)
+    if reshard is not None:
+        engine = _engine(which, model_cfg, num_classes, reshard, ckpts)
         convert = _Timed(ckpts, "_convert")
         t0 = time.perf_counter()
         ckpts.load(engine)
@@ -118,21 +120,25 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--zero-stage", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary dir)")
-    ap.add_argument("--reshard", action="store_true", help="ZeRO 1/2: also time a resume through the universal format")
+    ap.add_argument("--reshard", action="store_true", help="also time a resume through the universal format")
+    ap.add_argument("--into", type=int, choices=(0, 1, 2), default=None,
+                    help="--reshard: the ZeRO stage that resumes the checkpoint (default: 2 after 1, else 1)")
     args = ap.parse_args()
-    if args.reshard and args.zero_stage not in (1, 2):
-        ap.error("--reshard needs --zero-stage 1 or 2 (a ZeRO-0 checkpoint resumes on any number of ranks as it is)")
+    into = (args.into if args.into is not None else 2 if args.zero_stage == 1 else 1) if args.reshard else None
+    if into == args.zero_stage == 0:
+        ap.error("--into 0 after --zero-stage 0: a ZeRO-0 checkpoint resumes into ZeRO-0 as it is, unconverted")
     model_cfg = OmegaConf.load(config_dir() / "model" / f"{args.preset}.yaml")
     with distributed.process_group() as info:
         # one directory for all ranks (under torchrun: --dir on a filesystem they share)
         base = (args.dir or Path(tempfile.gettempdir())) / f"ckpt-bench-{info.master_port}"
         say = print if info.rank == 0 else (lambda *a, **k: None)
         say(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"preset {args.preset}, ZeRO {args.zero_stage}, {info.world_size} rank(s), writing under {base}")
+            f"preset {args.preset}, ZeRO {args.zero_stage}{'' if into is None else f' resumed by ZeRO {into}'}, "
+            f"{info.world_size} rank(s), writing under {base}")
         say(f"{'model':<14}{'params':>14}{'checkpoint':>12}{'save':>9}{'+ sync':>9}{'load':>9}"
             + (f"{'re-shard':>10}{'convert':>9}" if args.reshard else ""))
         for which in args.models.split(","):
-            r = measure(which, model_cfg, args.num_classes, base, args.zero_stage, args.reshard, info)
+            r = measure(which, model_cfg, args.num_classes, base, args.zero_stage, into, info)
             say(f"{which:<14}{r['params']:>14,}{r['bytes'] / 2**30:>9.2f}GiB{r['save_s']:>8.1f}s"
                 f"{r['sync_s']:>8.1f}s{r['load_s']:>8.1f}s"
                 + (f"{r['reshard_s']:>9.1f}s{r['convert_s']:>8.1f}s" if args.reshard else ""), flush=True)
