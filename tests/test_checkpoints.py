@@ -166,6 +166,21 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_in_any_layout(tmp_path):
         assert ranks[0]["exp_avg"] + ranks[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
         assert all({**r, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for r in ranks) and 0 < ranks[0]["exp_avg"]
     assert not Path(zero1, "universal").exists()
+    # a ZeRO-0 state the conversion does not know is refused, naming what it found
+    from pipeline.training.optimizer_state import MODEL_STATES, zero0_to_universal
+
+    states = torch.load(Path(zero0, "step_00000003", MODEL_STATES), weights_only=False)
+    names = list(states["module"])[:4] + list(states["module"])[-2:]  # the parameters, without the norm's buffers
+    group = states["optimizer"]["param_groups"][0]
+    states["optimizer"]["param_groups"] = [{**group, "params": group["params"][:2]},
+                                           {**group, "params": group["params"][2:]}]
+    (tmp_path / "two_groups").mkdir()
+    torch.save(states, tmp_path / "two_groups" / MODEL_STATES)
+    with pytest.raises(ValueError, match="^its optimizer has 2 parameter groups; only one is converted$"):
+        zero0_to_universal(tmp_path / "two_groups", tmp_path / "two_groups_universal", names)
+    with pytest.raises(ValueError, match="^its optimizer holds 6 parameters, this model 5$"):
+        zero0_to_universal(Path(zero0, "step_00000003"), tmp_path / "fewer_universal", names[:5])
+    assert not (tmp_path / "two_groups_universal").exists() and not (tmp_path / "fewer_universal").exists()
     # a checkpoint the conversion cannot read: rank 0 refuses it, and so does rank 1 rather than wait
     # for ever where the launcher lets it live on (here each rank's refusal is caught); nothing is lost
     broken = tmp_path / "broken"
