@@ -161,11 +161,18 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks_in_any_layout(tmp_path):
     assert loads[13]["steps"] == loads[14]["steps"] == 3 and loads[13]["weights"] != loads[0]["weights"]
     assert loads[14]["weights"] == pytest.approx(loads[13]["weights"], rel=1e-6)
     assert loads[14]["exp_avg"] == pytest.approx(loads[13]["exp_avg"], rel=1e-6)
-    # and one process's ZeRO-1 checkpoint in two ranks, ZeRO-1 and ZeRO-2: each its shard of the whole
-    for ranks in zip(*_spawn_checkpoints(2, [(zero1, 1, False, 0), (zero1, 2, False, 0)], tmp_path, client)):
+    # and one process's ZeRO-1 checkpoint in two ranks, ZeRO-1 and ZeRO-2: each its shard of the whole;
+    # ZeRO-0: each all of it; and two ranks' bf16 ZeRO-0 checkpoint into bf16 ZeRO-1 on two ranks
+    *sharded, unsharded, zero0_sharded = zip(*_spawn_checkpoints(
+        2, [(zero1, 1, False, 0), (zero1, 2, False, 0), (zero1, 0, False, 0), (zero0_bf16, 1, True, 0)],
+        tmp_path, client))
+    for ranks in sharded:
         assert ranks[0]["exp_avg"] + ranks[1]["exp_avg"] == pytest.approx(loads[6]["exp_avg"], rel=1e-6)
         assert all({**r, "exp_avg": 0} == {**loads[6], "exp_avg": 0} for r in ranks) and 0 < ranks[0]["exp_avg"]
-    assert not Path(zero1, "universal").exists()
+    assert all(_same_state(r, loads[6]) for r in unsharded)
+    assert sum(r["exp_avg"] for r in zero0_sharded) == pytest.approx(saved[3]["exp_avg"], rel=1e-6)
+    assert all({**r, "exp_avg": 0} == {**saved[3], "exp_avg": 0} for r in zero0_sharded)
+    assert not Path(zero1, "universal").exists() and not Path(zero0_bf16, "universal").exists()
     # a ZeRO-0 state the conversion does not know is refused, naming what it found
     from pipeline.training.optimizer_state import MODEL_STATES, zero0_to_universal
 
