@@ -173,18 +173,21 @@ def test_sigkill_then_rerun_resumes_the_same_run(run_root, tmp_path):
     assert json.loads((run_root / "digits" / "train_vqvae" / "mlflow_run.json").read_text())["attempts"] == 2
 
 
-@pytest.mark.parametrize("stop, extra", [
-    (signal.SIGUSR2, []), (signal.SIGUSR2, ["deepspeed.bf16=true"]),
-    (signal.SIGUSR2, ["deepspeed.zero_stage=2", "deepspeed.grad_accum=2"]),
-    (signal.SIGINT, ["data.num_workers=2"]),  # Ctrl-C in a terminal: every process, loader workers too
-], ids=["fp32", "bf16", "zero2-accum2", "ctrl-c-workers2"])
-def test_a_stop_signal_checkpoints_and_resume_is_exact(run_root, tmp_path, stop, extra):
+@pytest.mark.parametrize("stop, extra, resume_with", [
+    (signal.SIGUSR2, [], []), (signal.SIGUSR2, ["deepspeed.bf16=true"], []),
+    (signal.SIGUSR2, ["deepspeed.zero_stage=2", "deepspeed.grad_accum=2"], []),
+    (signal.SIGINT, ["data.num_workers=2"], []),  # Ctrl-C in a terminal: every process, loader workers too
+    # stopped under ZeRO-0, resumed by ZeRO-2 (its optimizer state converted): as if ZeRO-2 all along
+    # (ZeRO-2 keeps convolutions contiguous: both do here)
+    (signal.SIGUSR2, ["train.channels_last=false"], ["deepspeed.zero_stage=2"]),
+], ids=["fp32", "bf16", "zero2-accum2", "ctrl-c-workers2", "zero0-resumed-by-zero2"])
+def test_a_stop_signal_checkpoints_and_resume_is_exact(run_root, tmp_path, stop, extra, resume_with):
     args = ["train.max_steps=120", "train.ckpt_every=20", "train.eval_every=1000", *extra]
     bf16 = "deepspeed.bf16=true" in extra
-    # the reference: the same command, uninterrupted, in another run_root
+    # the reference: the resume's command, uninterrupted, in another run_root
     ref_root = tmp_path / "ref"
     shutil.copytree(run_root, ref_root)
-    ref = submit(*_args(ref_root, *args), cwd=tmp_path, timeout=600)
+    ref = submit(*_args(ref_root, *args, *resume_with), cwd=tmp_path, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert re.search(r"training vqvae: .*, cpu, " + ("bf16" if bf16 else "fp32"), ref.stdout + ref.stderr)
 
@@ -200,8 +203,10 @@ def test_a_stop_signal_checkpoints_and_resume_is_exact(run_root, tmp_path, stop,
     client, run = _run(run_root)
     assert run.info.status == "KILLED"
 
-    again = submit(*_args(run_root, *args), cwd=tmp_path, timeout=600)
+    again = submit(*_args(run_root, *args, *resume_with), cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert ("this job has ZeRO stage 2: its optimizer state is converted" in said) == bool(resume_with), said[-3000:]
     a = torch.load(ref_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(run_root / "digits" / "train_vqvae" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
