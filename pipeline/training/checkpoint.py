@@ -79,10 +79,10 @@ class CheckpointManager:
             return
         client = json.loads((self.dir / tag / "client.json").read_text())
         layout = _config_layout(ds_config)
-        if layout["zero_stage"] >= 1 and self._converted(self.dir / tag, client, layout):
+        if layout["zero_stage"] >= 1 and self._needs_conversion(self.dir / tag, client, layout):
             ds_config["checkpoint"] = {"load_universal": True}
 
-    def _converted(self, path: Path, client: dict[str, Any], layout: dict[str, Any]) -> bool:
+    def _needs_conversion(self, path: Path, client: dict[str, Any], layout: dict[str, Any]) -> bool:
         """Whether checkpoint ``path`` (``client`` its client.json) resumes into an engine of
         optimizer ``layout`` only once its optimizer state is converted: it was written in another
         layout, or ZeRO sharded it over another number of ranks."""
@@ -121,8 +121,8 @@ class CheckpointManager:
         path = self.dir / tag
         client = json.loads((path / "client.json").read_text())
         layout = optimizer_layout(engine)
-        converted = not weights_only and self._converted(path, client, layout)
-        universal = converted and layout["zero_stage"] >= 1  # the engine loads the universal format itself
+        convert = not weights_only and self._needs_conversion(path, client, layout)
+        universal = convert and layout["zero_stage"] >= 1  # the engine loads the universal format itself
         if not weights_only:
             if client["world_size"] != self.world_size:
                 log.warning("%s was written by %d data-parallel rank(s), this job has %d: resumed with its whole "
@@ -135,7 +135,7 @@ class CheckpointManager:
                             _layout_text(then), _layout_text({k: layout[k] for k in then}))
         if universal and not engine.load_universal_checkpoint():
             raise RuntimeError("the engine was not initialised for a universal checkpoint (see configure())")
-        load_dir = self._convert(path, client, engine) if converted else self.dir
+        load_dir = self._convert(path, client, engine) if convert else self.dir
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_only=weights_only,
                                            load_optimizer_states=not weights_only,
                                            load_lr_scheduler_states=not weights_only)
@@ -146,7 +146,7 @@ class CheckpointManager:
                                 weights_only=False)["module"]
             buffers = {name for name, _ in engine.module.named_buffers()}
             engine.module.load_state_dict({k: v for k, v in module.items() if k in buffers}, strict=False)
-        if converted:
+        if convert:
             _barrier()  # every rank has loaded: the conversion has served
             if self.rank == 0:
                 shutil.rmtree(self.dir / "universal", ignore_errors=True)
