@@ -238,13 +238,6 @@ def _config_layout(ds_config: dict[str, Any]) -> dict[str, Any]:
     return {"zero_stage": int(ds_config["zero_optimization"]["stage"]), "bf16": bool(ds_config["bf16"]["enabled"])}
 
 
-def planned_layout(deepspeed: Any, gpu: bool) -> dict[str, Any]:
-    """The :func:`optimizer_layout` an engine built from the ``deepspeed`` config section will have,
-    on a machine with (``gpu``) or without a GPU: ``bf16=auto`` is on where there is one."""
-    bf16 = gpu if deepspeed.bf16 == "auto" else bool(deepspeed.bf16)
-    return {"zero_stage": int(deepspeed.zero_stage), "bf16": bf16}
-
-
 def _layout_text(layout: dict[str, Any], as_keys: bool = False) -> str:
     if as_keys:
         return " ".join(f"deepspeed.{k}={str(v).lower()}" for k, v in layout.items())

@@ -30,7 +30,7 @@ from pipeline.progress import progress_bar
 from pipeline.stages import PROGRESS, StageContext
 from pipeline.tracking import StageStopped
 from pipeline.training import distributed
-from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch, planned_layout
+from pipeline.training.checkpoint import CheckpointManager, CheckpointMismatch
 from pipeline.training.fingerprint import RESUME_FIX, resume_refusal, trained_with
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def lr_factor(step: int, warmup: int, max_steps: int, schedule: str, min_ratio: 
 
 def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
-    bf16 = planned_layout(ds, gpu=torch.cuda.is_available())["bf16"]
+    bf16 = torch.cuda.is_available() if ds.bf16 == "auto" else bool(ds.bf16)  # auto: on with a GPU
     return {
         "train_micro_batch_size_per_gpu": int(ds.micro_batch),
         "gradient_accumulation_steps": int(ds.grad_accum),
