@@ -20,7 +20,7 @@ node crash would need); the times are rank 0's. fp32 weights + AdamW state; unde
 zero: the sizes, not the values, set the cost.
 
 ``--reshard`` adds what a resume on another number of ranks or in another layout costs: an engine
-of ZeRO stage ``--into`` (default: 2 after 1, else 1) resumes the checkpoint, which takes the
+of ZeRO stage ``--into`` (which implies ``--reshard``; default: 2 after 1, else 1) resumes the checkpoint, which takes the
 same way as another number of ranks (rank 0 converts it through DeepSpeed's universal format,
 every rank loads its new shard from there); ``re-shard`` is that resume, conversion included, and
 ``convert`` the conversion alone (rank 0, one worker).
@@ -122,8 +122,9 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary dir)")
     ap.add_argument("--reshard", action="store_true", help="also time a resume through the universal format")
     ap.add_argument("--into", type=int, choices=(0, 1, 2), default=None,
-                    help="--reshard: the ZeRO stage that resumes the checkpoint (default: 2 after 1, else 1)")
+                    help="the ZeRO stage that resumes the checkpoint (implies --reshard; default: 2 after 1, else 1)")
     args = ap.parse_args()
+    args.reshard = args.reshard or args.into is not None  # --into alone asks for the resume it names
     into = (args.into if args.into is not None else 2 if args.zero_stage == 1 else 1) if args.reshard else None
     if into == args.zero_stage == 0:
         ap.error("--into 0 after --zero-stage 0: a ZeRO-0 checkpoint resumes into ZeRO-0 as it is, unconverted")
