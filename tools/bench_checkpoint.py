@@ -20,10 +20,10 @@ node crash would need); the times are rank 0's. fp32 weights + AdamW state; unde
 zero: the sizes, not the values, set the cost.
 
 ``--reshard`` adds what a resume on another number of ranks or in another layout costs: an engine
-of ZeRO stage ``--into`` (which implies ``--reshard``; default: 2 after 1, else 1) resumes the checkpoint, which takes the
-same way as another number of ranks (rank 0 converts it through DeepSpeed's universal format,
-every rank loads its new shard from there); ``re-shard`` is that resume, conversion included, and
-``convert`` the conversion alone (rank 0, one worker).
+of ZeRO stage ``--into`` (which implies ``--reshard``; default: 2 after 1, else 1) resumes the
+checkpoint, which takes the same way as another number of ranks (rank 0 converts it through
+DeepSpeed's universal format, every rank loads its new shard from there); ``re-shard`` is that
+resume, conversion included, and ``convert`` the conversion alone (rank 0, one worker).
 """
 
 from __future__ import annotations
