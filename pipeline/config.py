@@ -179,8 +179,20 @@ def unknown_key_fix(key: str, overrides: list[str]) -> str:
     if of_option:
         return of_option
     searched = keys if chosen in (["all"], []) else {chosen[0]: keys.get(chosen[0], set())}
-    close = difflib.get_close_matches(key, sorted(set().union(*searched.values())), n=1, cutoff=0.8)
-    return f"did you mean {close[0]}?" if close else "check the spelling against `submit stage=<name> --cfg job`"
+    known = sorted(set().union(*searched.values()))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    if close:
+        return f"did you mean {close[0]}?"
+    leaf = key.rpartition(".")[2]
+    same_name = [k for k in known if k.rpartition(".")[2] in (leaf, _LEAF_SYNONYMS.get(leaf))][:5]
+    if same_name:  # the right name under another section (train.batch_size -> deepspeed.micro_batch)
+        return f"did you mean {' or '.join([', '.join(same_name[:-1]), same_name[-1]] if same_name[:-1] else same_name)}?"
+    return "check the spelling against `submit stage=<name> --cfg job`"
+
+
+# names other trainers use -> the name of the same setting here
+_LEAF_SYNONYMS = {"batch_size": "micro_batch", "learning_rate": "lr", "epochs": "max_steps", "steps": "max_steps",
+                  "iterations": "max_steps", "max_iters": "max_steps", "temp": "temperature"}
 
 
 def _other_option_with(key: str, groups: list[str]) -> str:
