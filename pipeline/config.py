@@ -192,7 +192,8 @@ def unknown_key_fix(key: str, overrides: list[str]) -> str:
 
 # names other trainers use -> the name of the same setting here
 _LEAF_SYNONYMS = {"batch_size": "micro_batch", "learning_rate": "lr", "epochs": "max_steps", "steps": "max_steps",
-                  "iterations": "max_steps", "max_iters": "max_steps", "temp": "temperature"}
+                  "iterations": "max_steps", "max_iters": "max_steps", "temp": "temperature",
+                  "num_samples": "per_class", "n_samples": "per_class"}
 
 
 def _other_option_with(key: str, groups: list[str]) -> str:
