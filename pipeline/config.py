@@ -186,7 +186,8 @@ def unknown_key_fix(key: str, overrides: list[str]) -> str:
     leaf = key.rpartition(".")[2]
     same_name = [k for k in known if k.rpartition(".")[2] in (leaf, _LEAF_SYNONYMS.get(leaf))][:5]
     if same_name:  # the right name under another section (train.batch_size -> deepspeed.micro_batch)
-        return f"did you mean {' or '.join([', '.join(same_name[:-1]), same_name[-1]] if same_name[:-1] else same_name)}?"
+        listed = ", ".join(same_name[:-1]) + " or " if len(same_name) > 1 else ""
+        return f"did you mean {listed}{same_name[-1]}?"
     return "check the spelling against `submit stage=<name> --cfg job`"
 
 
