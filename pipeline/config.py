@@ -184,10 +184,9 @@ def unknown_key_fix(key: str, overrides: list[str]) -> str:
     if close:
         return f"did you mean {close[0]}?"
     leaf = key.rpartition(".")[2]
-    same_name = [k for k in known if k.rpartition(".")[2] in (leaf, _LEAF_SYNONYMS.get(leaf))][:5]
+    same_name = [k for k in known if k.rpartition(".")[2] in (leaf, _LEAF_SYNONYMS.get(leaf))]
     if same_name:  # the right name under another section (train.batch_size -> deepspeed.micro_batch)
-        listed = ", ".join(same_name[:-1]) + " or " if len(same_name) > 1 else ""
-        return f"did you mean {listed}{same_name[-1]}?"
+        return f"did you mean {first_few(same_name, limit=5)}?"
     return "check the spelling against `submit stage=<name> --cfg job`"
 
 

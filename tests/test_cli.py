@@ -144,8 +144,8 @@ def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
     (["stage=prepare", "zzz.yyy=1"], ["zzz.yyy", "no such config key", "check the spelling"]),
     # the right name under another section, or the name other trainers use
     (["stage=train_top_prior", "train.batch_size=8"], ["train.batch_size", "did you mean deepspeed.micro_batch?"]),
-    (["stage=all", "train.batch_size=8"], ["did you mean deepspeed.micro_batch, encode.batch_size, eval.batch_size "
-                                           "or sample.batch_size?"]),
+    (["stage=all", "train.batch_size=8"], ["did you mean deepspeed.micro_batch, encode.batch_size, eval.batch_size, "
+                                           "sample.batch_size?"]),
     (["stage=train_vqvae", "learning_rate=0.1"], ["learning_rate", "did you mean train.lr?"]),
     (["stage=prepare", "data=folder"], ["data.source", "missing", "data.source=/path/to/the/dataset"]),
     (["stage=prepare", "data=folder", "data.source=/does/not/exist"], ["data.source=/does/not/exist", "does not exist"]),
