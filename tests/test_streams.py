@@ -215,3 +215,34 @@ def test_ctrl_c_leaves_the_loader_workers_to_the_main_process(tars):
                           timeout=120, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["40", str(sum(SIZES))]
+
+
+EARLY_CTRL_C = """
+import os, signal, time
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from pipeline.data.streams import start_workers
+
+class Numbers(IterableDataset):
+    def __iter__(self):
+        yield from (torch.tensor(i) for i in range(10))
+
+# the workers' init is slow: Ctrl-C arrives before any of them could have ignored it
+loader = DataLoader(Numbers(), batch_size=None, num_workers=2, worker_init_fn=lambda _: time.sleep(2))
+batches = start_workers(loader)
+signal.signal(signal.SIGINT, lambda *_: None)
+os.killpg(0, signal.SIGINT)
+print(sum(1 for _ in batches))
+"""
+
+
+def test_ctrl_c_before_the_workers_ran_their_init_does_not_kill_them():
+    """Each worker ignores SIGINT only once its init runs; start_workers has them born ignoring it
+    (with a plain iter(loader) both workers die here: 'DataLoader worker ... exited unexpectedly')."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", EARLY_CTRL_C], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["20"]  # each of the 2 workers yields the 10 numbers

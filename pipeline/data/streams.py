@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -152,7 +153,7 @@ class TrainLoader:
                             prefetch_factor=4 if self._num_workers else None,
                             persistent_workers=False, worker_init_fn=ignore_ctrl_c)
         per_worker: dict[int, int] = {}
-        it = iter(loader)
+        it = start_workers(loader)
         for _ in range(self.steps):
             batch = next(it)
             per_worker[batch["worker"]] = batch["corrupt"]
@@ -204,7 +205,7 @@ def ordered_batches(urls: list[str], *, batch_size: int, resolution: int, augmen
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=private_generator(),
                         prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_ctrl_c)
     per_worker: dict[int, int] = {}
-    for batch in loader:
+    for batch in start_workers(loader):
         per_worker[batch.pop("worker")] = batch["corrupt"]
         batch["corrupt"] = sum(per_worker.values())
         if "image" in batch:
@@ -219,6 +220,21 @@ def ignore_ctrl_c(_worker_id: int) -> None:
     finishes to save its checkpoint; a forked one would run the training's handler. The main
     process shuts its workers down itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_workers(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, its workers started with SIGINT ignored: they inherit that (forked, or
+    spawned: Python keeps an ignored SIGINT), so a Ctrl-C in the moment before a worker has run
+    :func:`ignore_ctrl_c` cannot kill it. A Ctrl-C while they start is lost (milliseconds). Off the
+    main thread, or under a handler Python did not set, the workers rely on ignore_ctrl_c alone."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return iter(loader)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
