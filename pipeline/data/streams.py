@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 import signal
-import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -218,23 +217,24 @@ def ignore_ctrl_c(_worker_id: int) -> None:
     worker started with Python's default handler (spawned, or forked before the training took
     Ctrl-C as a stop flag) would exit on it and fail the next batch of the step that the training
     finishes to save its checkpoint; a forked one would run the training's handler. The main
-    process shuts its workers down itself."""
+    process shuts its workers down itself. A worker of :func:`start_workers` is born with SIGINT
+    blocked; ignoring it first drops a Ctrl-C that is pending, unblocking it then restores the mask."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def start_workers(loader: DataLoader) -> Iterator:
-    """``iter(loader)``, its workers started with SIGINT ignored: they inherit that (forked, or
-    spawned: Python keeps an ignored SIGINT), so a Ctrl-C in the moment before a worker has run
-    :func:`ignore_ctrl_c` cannot kill it. A Ctrl-C while they start is lost (milliseconds). Off the
-    main thread, or under a handler Python did not set, the workers rely on ignore_ctrl_c alone."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None or threading.current_thread() is not threading.main_thread():
-        return iter(loader)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """``iter(loader)``, its workers started while this thread blocks SIGINT: forked workers (the
+    default on Linux) are born with it blocked, so a Ctrl-C in the moment before a worker has run
+    :func:`ignore_ctrl_c` cannot kill it. This process still gets that Ctrl-C: blocked, not ignored,
+    it waits until the workers are started, or another thread takes it for the handler. (Ignoring
+    it meanwhile lost a Ctrl-C sent just as a training segment started its loader.) Spawned or
+    forkserver workers start with a fresh mask and are safe only once ignore_ctrl_c has run."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return iter(loader)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
