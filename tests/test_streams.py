@@ -243,22 +243,29 @@ def on_ctrl_c(*_):  # a training takes Ctrl-C as a flag; a worker that runs this
         raise KeyboardInterrupt
     got.append("ctrl-c")
 
-signal.signal(signal.SIGINT, on_ctrl_c)
-batches = start_workers(CtrlCWhileStarting(Numbers(), batch_size=None, num_workers=2, worker_init_fn=slow_init))
-os.killpg(0, signal.SIGINT)
-print(len(got), sum(1 for _ in batches))
+if __name__ == "__main__":  # spawned workers import this file again
+    import sys
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    batches = start_workers(CtrlCWhileStarting(Numbers(), batch_size=None, num_workers=2, worker_init_fn=slow_init,
+                                               multiprocessing_context=sys.argv[1]))
+    os.killpg(0, signal.SIGINT)
+    print(len(got), sum(1 for _ in batches))
 """
 
 
-def test_a_ctrl_c_while_the_workers_start_reaches_the_main_process_and_does_not_kill_them():
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_a_ctrl_c_while_the_workers_start_reaches_the_main_process_and_does_not_kill_them(start_method, tmp_path):
     """A training segment starts its loader's workers just after a checkpoint. A Ctrl-C then must
     neither be lost to the main process (it was, while SIGINT was ignored there for the start) nor
     kill a worker that has not run its init yet (with a plain iter(loader) both die: 'DataLoader
-    worker ... exited unexpectedly')."""
+    worker ... exited unexpectedly'). Fork is Linux's default before Python 3.14, forkserver after;
+    spawn and forkserver workers died while the resource tracker's start unblocked SIGINT."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", EARLY_CTRL_C], capture_output=True, text=True, timeout=120,
-                          start_new_session=True)
+    script = tmp_path / "early_ctrl_c.py"
+    script.write_text(EARLY_CTRL_C)
+    proc = subprocess.run([sys.executable, str(script), start_method], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["2", "20"]  # both Ctrl-Cs seen; each of the 2 workers yields 10 numbers

@@ -12,6 +12,7 @@ with channels-last memory. Bad samples and truncated tars are counted by ``Corru
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 import signal
 from typing import Any, Iterator
@@ -228,13 +229,28 @@ def start_workers(loader: DataLoader) -> Iterator:
     default on Linux) are born with it blocked, so a Ctrl-C in the moment before a worker has run
     :func:`ignore_ctrl_c` cannot kill it. This process still gets that Ctrl-C: blocked, not ignored,
     it waits until the workers are started, or another thread takes it for the handler. (Ignoring
-    it meanwhile lost a Ctrl-C sent just as a training segment started its loader.) Spawned or
-    forkserver workers start with a fresh mask and are safe only once ignore_ctrl_c has run."""
+    it meanwhile lost a Ctrl-C sent just as a training segment started its loader.) Spawned
+    workers inherit the mask too, and so do forkserver ones (Python 3.14's default) when the server
+    starts here: its children inherit its mask, so one started unblocked elsewhere leaves them
+    exposed until ignore_ctrl_c."""
+    _start_resource_tracker(loader)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _start_resource_tracker(loader: DataLoader) -> None:
+    """Start multiprocessing's resource tracker now if the loader's workers will need it (spawn,
+    forkserver): starting it inside start_workers' window would end that window early, as CPython
+    unblocks SIGINT after the tracker starts instead of restoring the mask, and the first loader's
+    workers died on a Ctrl-C before their init."""
+    context = loader.multiprocessing_context or multiprocessing.get_context()
+    if loader.num_workers and context.get_start_method() != "fork":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
