@@ -24,6 +24,7 @@ from pipeline.data.shard_images import write_image_shard
 from pipeline.data.streams import ordered_batches
 from pipeline.models import VQVAE2
 from pipeline.stages.train_vqvae import VQVAETask
+from pipeline.training.engine import cpu_emulates_bf16
 
 FAST = ["deepspeed.micro_batch=16", "data.num_workers=0", "train.warmup_steps=10", "train.log_every=10",
         "train.eval_samples=64"]
@@ -192,6 +193,9 @@ def test_a_stop_signal_checkpoints_and_resume_is_exact(run_root, tmp_path, stop,
     ref = submit(*_args(ref_root, *args, *resume_with), cwd=tmp_path, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert re.search(r"training vqvae: .*, cpu, " + ("bf16" if bf16 else "fp32"), ref.stdout + ref.stderr)
+    # bf16 on a CPU that emulates it is slow: the log says so, and how to train in fp32
+    said = ref.stdout + ref.stderr
+    assert ("CPU without bf16 units" in said) == (bf16 and cpu_emulates_bf16()), said[-3000:]
 
     ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"
     proc = _popen(_args(run_root, *args), tmp_path)

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.training.distributed import (NoUsableGPU, cuda_index, detect, first_host, node, require_allotted_gpus,
                                            use_allotted_cpus)
-from pipeline.training.engine import lr_factor
+from pipeline.training.engine import cpu_emulates_bf16, lr_factor
 
 
 def test_slurm_environment_gives_rank_and_a_shared_port():
@@ -230,3 +230,10 @@ def test_split_calls_in_one_process_runs_every_call_and_raises_its_error():
     assert split_calls({"x": lambda: 1, "y": lambda: 2}) == {"x": 1, "y": 2}
     with pytest.raises(KeyError):
         split_calls({"x": lambda: {}["missing"]})
+
+
+def test_cpu_emulates_bf16_where_the_cpu_flags_lack_bf16_units(monkeypatch):
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))).split(":")[1].split()
+    assert cpu_emulates_bf16() == ("avx2" in flags and "avx512_bf16" not in flags and "amx_tile" not in flags)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: no warning
+    assert cpu_emulates_bf16() is False

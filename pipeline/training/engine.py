@@ -109,6 +109,15 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def cpu_emulates_bf16() -> bool:
+    """An x86 CPU without AVX-512 BF16 or AMX: no bf16 arithmetic, so torch's bf16 kernels emulate it."""
+    try:  # torch's own private probes; without them no CPU is called slow
+        return bool(torch.cpu._is_avx2_supported() and not torch.cpu._is_avx512_bf16_supported()
+                    and not torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
 def train(cfg: DictConfig, ctx: StageContext, task: Task) -> dict[str, Any]:
     """Train ``task`` to ``train.max_steps`` (resuming if a checkpoint exists); collective."""
     # Every rank takes the stop and divergence decisions together, so all of them reach the barrier.
@@ -146,6 +155,10 @@ def _train(cfg: DictConfig, ctx: StageContext, task: Task, info: distributed.Dis
                  "%d CPU thread(s) per rank", task.kind, f"{sum(p.numel() for p in model.parameters()):,}", step,
                  max_steps, global_batch, info.world_size, info.source, info.device,
                  "bf16" if ds_config["bf16"]["enabled"] else "fp32", torch.get_num_threads())
+    if ds_config["bf16"]["enabled"] and info.device.type == "cpu" and cpu_emulates_bf16():
+        ctx.log.warning("deepspeed.bf16=true on a CPU without bf16 units (no AVX-512 BF16 or AMX): torch "
+                        "emulates bf16 here, ~10x slower than fp32 (tools/bench_train.py) -- "
+                        "deepspeed.bf16=auto trains in fp32 on CPU")
     ctx.run.set_tags({"world_size": info.world_size, "global_batch": global_batch})
     ctx.log.info("memory per rank: %.2f GB of fp32 weights, gradients and AdamW state (before ZeRO "
                  "sharding and activations)%s", 16 * sum(p.numel() for p in model.parameters()) / 2**30,
