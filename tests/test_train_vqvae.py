@@ -192,9 +192,9 @@ def test_a_stop_signal_checkpoints_and_resume_is_exact(run_root, tmp_path, stop,
     shutil.copytree(run_root, ref_root)
     ref = submit(*_args(ref_root, *args, *resume_with), cwd=tmp_path, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert re.search(r"training vqvae: .*, cpu, " + ("bf16" if bf16 else "fp32"), ref.stdout + ref.stderr)
-    # bf16 on a CPU that emulates it is slow: the log says so, and how to train in fp32
     said = ref.stdout + ref.stderr
+    assert re.search(r"training vqvae: .*, cpu, " + ("bf16" if bf16 else "fp32"), said)
+    # bf16 on a CPU that emulates it is slow: the log says so, and how to train in fp32
     assert ("CPU without bf16 units" in said) == (bf16 and cpu_emulates_bf16()), said[-3000:]
 
     ckpt_dir = run_root / "digits" / "train_vqvae" / "checkpoints"

@@ -1,9 +1,11 @@
-"""Small parts of the training layer: rank discovery, LR schedule, splitting calls over ranks."""
+"""Small parts of the training layer: rank discovery, LR schedule, splitting calls over ranks,
+the CPU bf16 probe."""
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,7 +235,8 @@ def test_split_calls_in_one_process_runs_every_call_and_raises_its_error():
 
 
 def test_cpu_emulates_bf16_where_the_cpu_flags_lack_bf16_units(monkeypatch):
-    flags = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))).split(":")[1].split()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = next(line for line in cpuinfo if line.startswith(("flags", "Features"))).split(":")[1].split()
     assert cpu_emulates_bf16() == ("avx2" in flags and "avx512_bf16" not in flags and "amx_tile" not in flags)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: no warning
     assert cpu_emulates_bf16() is False
