@@ -78,6 +78,14 @@ def test_gpus_slurm_gave_that_torch_cannot_use_are_refused_with_the_reason(monke
         env = {"SLURM_GPUS_ON_NODE": "1", **({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible})}
         with pytest.raises(NoUsableGPU, match=re.escape(said)):
             require_allotted_gpus(env)
+    # the build named is the one installed: CUDA, ROCm (torch.version.cuda is None there) or CPU-only
+    env = {"SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"}
+    builds = (("12.8", None, "CUDA 12.8)"), (None, "6.4.1", "ROCm 6.4.1)"), (None, None, "a CPU-only build)"))
+    for cuda, hip, said in builds:
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        monkeypatch.setattr(torch.version, "hip", hip, raising=False)
+        with pytest.raises(NoUsableGPU, match=re.escape(said)):
+            require_allotted_gpus(env)
 
 
 def test_each_rank_takes_its_own_gpu_whether_it_sees_the_nodes_or_only_its_own():

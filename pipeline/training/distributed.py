@@ -185,7 +185,8 @@ def require_allotted_gpus(environ: dict[str, str] | None = None) -> None:
         why = f"torch.cuda.device_count() is {torch.cuda.device_count()}"
     except Exception as e:  # its text is the diagnosis
         why = str(e).split(". ")[0]
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    hip = getattr(torch.version, "hip", None)  # a ROCm build drives AMD GPUs through torch.cuda too
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {hip}" if hip else "a CPU-only build"
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None or not all(i.isdigit() for i in visible.split(",")):  # SLURM sets 0,1,...
         build += "; CUDA_VISIBLE_DEVICES " + ("unset" if visible is None else f"is '{visible}'")
