@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.training.distributed import (NoUsableGPU, cuda_index, detect, first_host, node, require_allotted_gpus,
-                                           use_allotted_cpus)
+from pipeline.training.distributed import (NoUsableGPU, cuda_index, detect, first_host, gpu_build, node,
+                                           require_allotted_gpus, use_allotted_cpus)
 from pipeline.training.engine import cpu_emulates_bf16, lr_factor
 
 
@@ -79,12 +79,14 @@ def test_gpus_slurm_gave_that_torch_cannot_use_are_refused_with_the_reason(monke
         with pytest.raises(NoUsableGPU, match=re.escape(said)):
             require_allotted_gpus(env)
     # the build named is the one installed: CUDA, ROCm (torch.version.cuda is None there) or CPU-only
+    # (gpu_build() None: what submit's preflight refuses GPUs for)
     env = {"SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"}
-    builds = (("12.8", None, "CUDA 12.8)"), (None, "6.4.1", "ROCm 6.4.1)"), (None, None, "a CPU-only build)"))
-    for cuda, hip, said in builds:
+    builds = (("12.8", None, "CUDA 12.8"), (None, "6.4.1", "ROCm 6.4.1"), (None, None, None))
+    for cuda, hip, build in builds:
         monkeypatch.setattr(torch.version, "cuda", cuda)
         monkeypatch.setattr(torch.version, "hip", hip, raising=False)
-        with pytest.raises(NoUsableGPU, match=re.escape(said)):
+        assert gpu_build() == build
+        with pytest.raises(NoUsableGPU, match=re.escape(f", {build or 'a CPU-only build'})")):
             require_allotted_gpus(env)
 
 

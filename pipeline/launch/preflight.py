@@ -17,7 +17,7 @@ from pipeline.launch import executors, local_store, queue, records, stage_lock
 from pipeline.mlflow_outbox import reachable
 from pipeline.stages import PREPARE_ONLY
 from pipeline.tracking import tracking_uri
-from pipeline.training.distributed import detect
+from pipeline.training.distributed import detect, gpu_build
 from pipeline.training.fingerprint import RESUME_FIX, resume_refusal
 
 
@@ -179,7 +179,7 @@ def _torch_can_use_gpus(cfg: DictConfig, stage: str) -> None:
     import torch
 
     gpus = int(cfg.cluster.get("gpus_per_node") or 0) if cfg.cluster.name == "slurm" else 0
-    if gpus and torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+    if gpus and gpu_build() is None:
         raise ConfigError(f"cluster.gpus_per_node={gpus} (stage {stage_name(cfg, stage)})",
                           f"the jobs run {sys.executable}, whose torch {torch.__version__} is a CPU-only build",
                           "install a CUDA build of torch there, or set cluster.gpus_per_node=0 "

@@ -168,6 +168,15 @@ def use_allotted_cpus(environ: dict[str, str] | None = None) -> str | None:
             f"not torch's default of {before}; OMP_NUM_THREADS=<n> chooses otherwise")
 
 
+def gpu_build() -> str | None:
+    """The GPU platform this torch was built for ("CUDA 13.0", or "ROCm 6.4.1": a ROCm build drives
+    AMD GPUs through torch.cuda too, with torch.version.cuda None), None for a CPU-only build."""
+    if torch.version.cuda:
+        return f"CUDA {torch.version.cuda}"
+    hip = getattr(torch.version, "hip", None)
+    return f"ROCm {hip}" if hip else None
+
+
 class NoUsableGPU(RuntimeError):
     """SLURM gave this task GPUs that torch cannot use."""
 
@@ -185,8 +194,7 @@ def require_allotted_gpus(environ: dict[str, str] | None = None) -> None:
         why = f"torch.cuda.device_count() is {torch.cuda.device_count()}"
     except Exception as e:  # its text is the diagnosis
         why = str(e).split(". ")[0]
-    hip = getattr(torch.version, "hip", None)  # a ROCm build drives AMD GPUs through torch.cuda too
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {hip}" if hip else "a CPU-only build"
+    build = gpu_build() or "a CPU-only build"
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None or not all(i.isdigit() for i in visible.split(",")):  # SLURM sets 0,1,...
         build += "; CUDA_VISIBLE_DEVICES " + ("unset" if visible is None else f"is '{visible}'")
