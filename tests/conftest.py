@@ -20,6 +20,13 @@ from PIL import Image
 SUBMIT = str(Path(sys.executable).parent / "submit")
 REPO = Path(__file__).resolve().parents[1]
 
+# A runner that starts the tests in the background of a shell without job control (`(pytest &)` in a
+# script) hands them SIGINT ignored, and every command they start inherits that: `submit` then keeps
+# the user's choice and ignores Ctrl-C, and the Ctrl-C tests fail. The tests stand in for a terminal,
+# so they catch it here: a command started from a process that catches SIGINT gets the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def run_group(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` in a process group of its own, killed
