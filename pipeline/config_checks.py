@@ -99,6 +99,9 @@ def validate(cfg: DictConfig) -> None:
     if float(cfg.wait_report_min) < 0:
         raise ConfigError(f"wait_report_min={cfg.wait_report_min}", "must be >= 0 minutes",
                           "pass e.g. wait_report_min=10, or 0 for no progress lines")
+    if float(cfg.cluster.get("rank0_grace_s", 0)) < 0:  # the sleep would raise in a rank that failed
+        raise ConfigError(f"cluster.rank0_grace_s={cfg.cluster.rank0_grace_s}", "must be >= 0 seconds",
+                          "pass e.g. cluster.rank0_grace_s=30")
     if float(cfg.tracking.system_metrics_interval) <= 0:
         raise ConfigError(f"tracking.system_metrics_interval={cfg.tracking.system_metrics_interval}",
                           "must be > 0 seconds", "pass e.g. tracking.system_metrics_interval=10")

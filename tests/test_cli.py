@@ -167,6 +167,8 @@ def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
                                                             "data=folder: pass data=imagenet"]),
     (["stage=prepare", "tracking.system_metrics_interval=0"], ["tracking.system_metrics_interval=0", "> 0"]),
     (["stage=prepare", "wait_report_min=-1"], ["wait_report_min=-1", "must be >= 0 minutes", "wait_report_min=10"]),
+    (["stage=prepare", "cluster=slurm", "cluster.rank0_grace_s=-5"],
+     ["cluster.rank0_grace_s=-5", "must be >= 0 seconds", "cluster.rank0_grace_s=30"]),
     (["stage=evaluate"], ["stage=evaluate", "dataset.json", "submit stage=prepare"]),
     (["stage=evaluate", "eval.features=inception"], ["eval.inception_weights=None", "fetch_inception_weights"]),
     (["stage=evaluate", "eval.accept_rates=[0.5,2]"], ["eval.accept_rates", "(0, 1]"]),

@@ -111,7 +111,7 @@ def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path)
 @pytest.mark.parametrize("rank0", ["rendezvous", "python", "handling"])
 def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_root, tmp_path, rank0):
     """Rank 1's training raises once rank 0 has opened its MLflow run (a sitecustomize on PYTHONPATH
-    replaces it); its exit, 30 s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either
+    replaces it); its exit, cluster.rank0_grace_s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either
     waits at the rendezvous, where its SIGTERM handler never runs and SLURM kills it, leaving its
     MLflow run RUNNING for wait=true to close; or is busy in Python code (its training replaced by
     a sleep), where it takes the SIGTERM for a failure, not a stop; or is handling an error of its
@@ -139,12 +139,15 @@ def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_
         "        raise SlowToSay()\n"
         "    engine.train = train\n")
     proc = submit("stage=train_vqvae", "cluster=slurm", "cluster.nodes=2", "cluster.partition=high",
-                  f"run_root={run_root}", *SLURM_FAST, "train.max_steps=20", f"cluster.setup=['export "
-                  f"PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm, timeout=300)
+                  f"run_root={run_root}", *SLURM_FAST, "train.max_steps=20", "cluster.rank0_grace_s=3",
+                  f"cluster.setup=['export PYTHONPATH={hold}:$PYTHONPATH']", "wait=true", cwd=tmp_path, env=slurm,
+                  timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     job = slurm_job_id(proc.stdout)
     err = (run_root / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
     assert "task 1: Exited with exit code 1" in err, err[-2000:]
+    rank1_log = next((run_root / "digits" / "train_vqvae" / "logs").glob("*-rank1.log")).read_text()
+    assert "failed; waiting up to 3 s for rank 0 to end the job (cluster.rank0_grace_s)" in rank1_log, rank1_log
     closed = re.search(rf"^  MLflow:  the run was left RUNNING by job {job} \(FAILED\): closed as FAILED$",
                        proc.stderr, re.M)
     client, run = train_vqvae_run(run_root)

@@ -3,6 +3,7 @@ config snapshot and MLflow run, then call the library stage function."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -72,9 +73,6 @@ def catch_stop_signals() -> Callable[[], None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return restore
-
-
-RANK0_GRACE_S = 30  # a failed rank's wait for rank 0 before its exit ends the job (kill_on_bad_exit)
 
 
 def _requeue_if_scheduled(stopped: StageStopped, rank: int, ends_with_rank0: bool) -> None:
@@ -200,10 +198,13 @@ class StageJob:
             if rank != 0 and "SUBMITIT_FOLDER" in os.environ and ends_with_rank0:
                 # this task's exit ends the job (kill_on_bad_exit): where rank 0 fails too (the
                 # ranks' agreements), give it time to mark its MLflow run FAILED and exit first
-                log.info("failed; waiting up to %d s for rank 0 to end the job", RANK0_GRACE_S)
-                time.sleep(RANK0_GRACE_S)
+                grace_s = float(cfg.cluster.rank0_grace_s)
+                log.info("failed; waiting up to %g s for rank 0 to end the job (cluster.rank0_grace_s)", grace_s)
+                time.sleep(grace_s)
             raise
         finally:
             restore_signals()
             logging.getLogger().removeHandler(handler)
             handler.close()
+            if "SUBMITIT_FOLDER" in os.environ:
+                gc.freeze()  # this job's process ends with its stage: no collections at exit (see cli.command)
