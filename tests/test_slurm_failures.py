@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from conftest import (EVAL_ARGS, SLURM_FAST, copy_stages, slurm_job_id, slurm_sh, spoil_last_sample, submit,
                       train_vqvae_run, unsplittable_tree)
 from pipeline.cli import main
-from pipeline.launch import queue, records
+from pipeline.launch import queue, records, waiting
 
 
 def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_path, monkeypatch):
@@ -202,6 +202,38 @@ def test_wait_reports_array_tasks_that_fail_alike_on_one_line(slurm, tmp_path):
     assert len(lines) == 1 and re.fullmatch(rf"submit: job {job}_0, {job}_1 \(2 tasks\) failed: ValueError: "
                                             r"data.val_fraction=\S+ of 2 images gives 0 val images; .*", lines[0]), lines
     assert re.search(r"^submit: stage prepare failed$", proc.stderr, re.M), proc.stderr
+
+
+def test_wait_learns_at_once_that_a_long_running_job_was_killed(slurm, tmp_path, monkeypatch):
+    """A task killed without a result (here scancel; out of memory or a lost node alike) once its job
+    has run long: submitit's watcher then asks sacct only every 10 min, so it does not know yet;
+    wait=true's ``results`` sees the job leave squeue and raises submitit's error within seconds."""
+    import submitit
+    from submitit.core.utils import UncompletedJobError
+
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    executor = submitit.SlurmExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(time=10, mem="1G", cpus_per_task=1, partition="high")
+    job = executor.submit(time.sleep, 600)
+    try:
+        deadline = time.time() + 120
+        while queue.queue_state(job.job_id) != "RUNNING":
+            assert time.time() < deadline, slurm_sh(["squeue", "-j", job.job_id, "-o", "%i %T %r"], slurm)
+            time.sleep(1)
+        job.watcher.update()  # its last sacct look: now, on a job registered an hour ago
+        monkeypatch.setattr(job.watcher, "_start_time", time.time() - 3600)
+        slurm_sh(["scancel", job.job_id], slurm)
+        while queue.queue_state(job.job_id) is not None or "CANCELLED" not in slurm_sh(
+                ["sacct", "-X", "-n", "-P", "-j", job.job_id, "-o", "State"], slurm):
+            assert time.time() < deadline + 60, slurm_sh(["squeue", "-j", job.job_id], slurm)
+            time.sleep(1)
+        assert not job.done()  # submitit alone would say so only at its next sacct, up to 10 min on
+        start = time.time()
+        with pytest.raises(UncompletedJobError, match=r"has not produced any output \(state: CANCELLED"):
+            waiting.results(job, look_s=2)
+        assert time.time() - start < 60  # 2 s look + submitit's 15 s for a late result file
+    finally:
+        slurm_sh(["scancel", job.job_id], slurm)
 
 
 def test_a_task_given_gpus_torch_cannot_use_fails_at_once_saying_why(slurm, tmp_path, monkeypatch, capsys):

@@ -30,7 +30,7 @@ def wait_for_stage(cfg: DictConfig, stage: str, jobs: list[Any]) -> int:
     with queue.SayWhenStuck([job_id], _still_waiting), progress:
         for job in jobs:
             try:
-                job.results()  # every task of the job (one per rank)
+                results(job)  # every task of the job (one per rank)
             except KeyboardInterrupt:
                 return _stopped_waiting(cfg, stage)
             except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
@@ -69,6 +69,26 @@ def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict
                   f"{records.duration(time.time() - start)} into the wait{': ' + metric if metric else ''}",
                   flush=True)
     return 0
+
+
+def results(job: Any, look_s: float = 30.0) -> list[Any]:
+    """A submitit job's ``results()``, as soon as SLURM has ended the job. submitit learns that a task
+    ended without a result file (out of memory, a node lost, scancel, kill_on_bad_exit) only from
+    sacct, which its shared watcher asks at most every 10 minutes once its newest job has run 20:
+    such a failure would be said up to 10 minutes late. Here squeue is asked every ``look_s``, and
+    sacct at once when the job has left the queue (again every ``look_s`` while accounting lags)."""
+    array_job, next_look = job.job_id.split("_")[0], time.time() + look_s
+    while not job.done():
+        if time.time() >= next_look:
+            try:
+                left = queue.queue_state(array_job, tries=1) is None
+            except queue.SlurmUnavailable:  # not known to have left: submitit's own checks go on
+                left = False
+            if left and job.done(force_check=True):
+                break
+            next_look = time.time() + look_s
+        time.sleep(1)
+    return job.results()
 
 
 class SayProgress:
@@ -162,7 +182,7 @@ def _chain_job_error(row: dict) -> str | None:
         return None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"
     for job in row.get("jobs", []):
         try:
-            job.results()  # every task of the job (one per rank)
+            results(job)  # every task of the job (one per rank)
         except Exception as e:  # noqa: BLE001
             return f"(job {job.job_id}) failed: {_error_line(e)}"
     return None
