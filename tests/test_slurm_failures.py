@@ -1,6 +1,7 @@
 """`cluster=slurm` failures against the local SLURM cluster (the `slurm` fixture, conftest.py): a
 squeue that cannot answer, a rank that fails (the job ends, the MLflow run ends FAILED with its
-error, wait=true and status name it), array tasks failing alike."""
+error, wait=true and status name it), array tasks failing alike, a long job killed without a result
+(wait=true says so within seconds)."""
 
 from __future__ import annotations
 
@@ -111,13 +112,13 @@ def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path)
 @pytest.mark.parametrize("rank0", ["rendezvous", "python", "handling"])
 def test_a_rank_that_fails_alone_fails_the_mlflow_run_with_its_error(slurm, run_root, tmp_path, rank0):
     """Rank 1's training raises once rank 0 has opened its MLflow run (a sitecustomize on PYTHONPATH
-    replaces it); its exit, cluster.rank0_grace_s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0 either
-    waits at the rendezvous, where its SIGTERM handler never runs and SLURM kills it, leaving its
-    MLflow run RUNNING for wait=true to close; or is busy in Python code (its training replaced by
-    a sleep), where it takes the SIGTERM for a failure, not a stop; or is handling an error of its
-    own when the SIGTERM comes (as where a compiler the same SIGTERM killed failed first: its run
-    ended KILLED). Every way the run ends FAILED with rank 1's error, and status says failed, rank
-    1's error first (not "stopped")."""
+    replaces it); its exit, cluster.rank0_grace_s later, has SLURM end rank 0 (kill_on_bad_exit). Rank 0
+    either waits at the rendezvous, where its SIGTERM handler never runs and SLURM kills it, leaving its
+    MLflow run RUNNING for wait=true to close; or is busy in Python code (its training replaced by a
+    sleep), where it takes the SIGTERM for a failure, not a stop; or is handling an error of its own
+    when the SIGTERM comes (as where a compiler the same SIGTERM killed failed first: its run ended
+    KILLED). Every way the run ends FAILED with rank 1's error, and status says failed, rank 1's error
+    first (not "stopped")."""
     hold = tmp_path / "hold"
     hold.mkdir()
     (hold / "sitecustomize.py").write_text(
