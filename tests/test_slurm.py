@@ -22,12 +22,22 @@ from pipeline.data import shards
 from pipeline.launch import accounting, queue, records
 
 def _wait_job(job: str, slurm: dict, timeout: float = 600) -> str:
+    """The job's final state in accounting, once it has left the queue. slurmdbd learns of the end
+    after squeue forgets the job: under load sacct said RUNNING for a job already gone."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not slurm_sh(["squeue", "-h", "-j", job], slurm).strip():
+        queued = subprocess.run(["squeue", "-h", "-j", job], env={**os.environ, **slurm}, capture_output=True,
+                                text=True, timeout=60)
+        if queued.returncode == 0 and not queued.stdout.strip():  # an squeue error is not "left"
             break
         time.sleep(2)
-    return slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0]
+    state = ""
+    while time.time() < deadline:
+        state = (slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split() or [""])[0]
+        if state and state not in accounting.LIVE:
+            break
+        time.sleep(1)
+    return state
 
 
 def _wait_for_first_checkpoint(submit_stdout: str, run_root: Path) -> Path:
