@@ -21,23 +21,14 @@ from conftest import SLURM_FAST, SUBMIT, slurm_job_id, slurm_sh, submit, train_v
 from pipeline.data import shards
 from pipeline.launch import accounting, queue, records
 
-def _wait_job(job: str, slurm: dict, timeout: float = 600) -> str:
-    """The job's final state in accounting, once it has left the queue. slurmdbd learns of the end
-    after squeue forgets the job: under load sacct said RUNNING for a job already gone."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", job], env={**os.environ, **slurm}, capture_output=True,
-                                text=True, timeout=60)
-        if queued.returncode == 0 and not queued.stdout.strip():  # an squeue error is not "left"
-            break
-        time.sleep(2)
-    state = ""
-    while time.time() < deadline:
-        state = (slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split() or [""])[0]
-        if state and state not in accounting.LIVE:
-            break
-        time.sleep(1)
-    return state
+
+def _wait_job(job: str, slurm: dict, timeout: float = 600) -> str | None:
+    """The job's final state once it has left the queue (None if still queued after ``timeout``):
+    the launch layer's own wait, which asks sacct again while slurmdbd lags squeue (under load sacct
+    said RUNNING for a job squeue had already forgotten)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+        return queue.wait_for_job(job, poll_s=2.0, timeout_s=timeout)
 
 
 def _wait_for_first_checkpoint(submit_stdout: str, run_root: Path) -> Path:
