@@ -107,6 +107,21 @@ def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path)
     assert slurm_sh(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], slurm).split()[0] == "FAILED"
     stderr = (tmp_path / "runs" / "digits" / "train_vqvae" / "slurm" / job / f"{job}_0_log.err").read_text()
     assert re.search(r"task 1: Exited with exit code 3", stderr), stderr[-2000:]
+    # slurmdbd learns of a job's end after squeue forgets it: status asks sacct again while it still
+    # says RUNNING (a wrapper in front of the real sacct says so for its first `lies` state queries)
+    wrapper, calls = tmp_path / "bin" / "sacct", tmp_path / "sacct.calls"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *"-o State"*)\n  echo "$@" >> {calls}\n'
+                       f'  [ $(wc -l < {calls}) -le $(cat {tmp_path / "lies"}) ] && echo RUNNING && exit 0;;\nesac\n'
+                       f'exec {shutil.which("sacct")} "$@"\n')
+    wrapper.chmod(0o755)
+    lagging = {**slurm, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+    for lies, says, asked in ((2, "failed (FAILED)", 3), (99, "ended (sacct still says RUNNING)", 4)):
+        (tmp_path / "lies").write_text(str(lies))
+        calls.unlink(missing_ok=True)
+        status = submit("status", f"run_root={tmp_path / 'runs'}", cwd=tmp_path, env=lagging, timeout=120)
+        assert re.search(rf"^train_vqvae\s+{re.escape(says)}\s+{job}\s", status.stdout, re.M), status.stdout
+        assert len(calls.read_text().splitlines()) == asked, calls.read_text()
 
 
 @pytest.mark.parametrize("rank0", ["rendezvous", "python", "handling"])

@@ -128,15 +128,23 @@ class SlurmOnce:
         the squeue call ``queue`` made; '' where it gives none yet (until its next scheduling pass)."""
         return _pending_reason(self._tasks.get(job_id, []))
 
-    def accounting(self, job_id: str) -> str:
-        """``accounting.state``: UNKNOWN without asking once sacct has failed."""
-        if self.accounting_error:
-            return "UNKNOWN"
-        states = accounting.states(job_id)
-        if isinstance(states, str):
-            self.accounting_error = f"sacct -j {job_id} failed ({states})"
-            return "UNKNOWN"
-        return accounting.worst(states)
+    def accounting(self, job_id: str, left_queue: bool = False, tries: int = 4, pause_s: float = 2.0) -> str:
+        """``accounting.state``: UNKNOWN without asking once sacct has failed. ``left_queue``: squeue
+        has said the job is gone, so a live state (RUNNING, ...) is slurmdbd not yet told of its end:
+        asked again, up to ``tries`` times ``pause_s`` apart, for how it ended."""
+        for attempt in range(tries if left_queue else 1):
+            if self.accounting_error:
+                return "UNKNOWN"
+            if attempt:
+                time.sleep(pause_s)
+            states = accounting.states(job_id)
+            if isinstance(states, str):
+                self.accounting_error = f"sacct -j {job_id} failed ({states})"
+                return "UNKNOWN"
+            state = accounting.worst(states)
+            if state not in accounting.LIVE:
+                break
+        return state
 
 
 # SLURM's reasons for a pending job that it does not get over by itself: (what is wrong, what to do).

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import atomic
 from pipeline.config import GROUPS, changed_settings, flatten, stage_dir, stage_name
 from pipeline.evaluation.report import sample_sets_table
-from pipeline.launch import failures, mlflow_runs, stage_lock
+from pipeline.launch import accounting, failures, mlflow_runs, stage_lock
 from pipeline.launch.queue import SlurmOnce, SlurmUnavailable, queue_states, waiting_line
 from pipeline.stages import ORDER, PROGRESS, depends_on, shard_progress, vqvae_model
 from pipeline.tracking import tracking_uri
@@ -119,13 +119,15 @@ def stage_status(cfg: DictConfig, stage: str, slurm: SlurmOnce) -> dict[str, Any
             queued, unanswered = slurm.queue(job), False
         except SlurmUnavailable:
             queued, unanswered = None, True
-        state = queued or slurm.accounting(job)
+        state = queued or slurm.accounting(job, left_queue=not unanswered)
         if queued:  # CONFIGURING, SUSPENDED, REQUEUE_HOLD, ...: still in the queue
             word = "running" if state in ("RUNNING", "COMPLETING") else "pending"
             if state == "PENDING":
                 row["waiting"] = waiting_line(job, slurm.reason(job))
         elif unanswered and state == "UNKNOWN":  # neither squeue nor sacct answered: not "failed"
             word, state = "unknown", "squeue failed"
+        elif not unanswered and state in accounting.LIVE:  # gone from the queue; slurmdbd not told how it ended
+            word, state = "ended", f"sacct still says {state}"
         else:
             word = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "pending", "COMPLETING": "running",
                     "COMPLETED": "incomplete"}.get(state, "failed")
@@ -240,10 +242,12 @@ def status_table(cfg: DictConfig) -> str:
     sdirs = [stage_dir(cfg, s) for s in ORDER if s != "all"]
     slurm = SlurmOnce([last_job(sdir) for sdir in sdirs if not (sdir / DONE).exists()])  # asked in one call
     rows = [stage_status(cfg, s, slurm) for s in ORDER if s != "all"]
-    head = f"{'stage':<20}{'status':<24}{'job':<10}{'checkpoint':<14}MLflow run"
+    names = [stage_name(cfg, r["stage"]) for r in rows]
+    w_stage, w_status = max(20, *(len(n) + 2 for n in names)), max(24, *(len(r["status"]) + 2 for r in rows))
+    head = f"{'stage':<{w_stage}}{'status':<{w_status}}{'job':<10}{'checkpoint':<14}MLflow run"
     lines = [f"experiment '{cfg.experiment}' in {Path(cfg.run_root) / str(cfg.experiment)}", head]
-    lines += [f"{stage_name(cfg, r['stage']):<20}{r['status']:<24}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}"
-              for r in rows]
+    lines += [f"{n:<{w_stage}}{r['status']:<{w_status}}{r['job']:<10}{r['checkpoint']:<14}{r['run_id']}"
+              for n, r in zip(names, rows)]
     failed = [r for r in rows if r.get("why")]
     if failed:
         lines.append("failures:")
