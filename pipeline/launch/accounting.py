@@ -34,6 +34,19 @@ def states(job_id: str) -> list[str] | str:
     return [row[0].split()[0] for row in answer if row[0].strip()]
 
 
+def ended_states(job_id: str, tries: int, pause_s: float) -> list[str] | str:
+    """``states`` of a job squeue no longer holds: slurmdbd learns of a job's end after squeue
+    forgets it, so while sacct still calls the job live it is asked again, up to ``tries`` times
+    ``pause_s`` apart (still live after that: its last answer)."""
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(pause_s)
+        job_states = states(job_id)
+        if isinstance(job_states, str) or worst(job_states) not in LIVE:
+            break
+    return job_states
+
+
 def worst(job_states: list[str]) -> str:
     """One state for a job from its tasks' states: a failure if any task failed, else any live state."""
     for state in _FAILED + LIVE:

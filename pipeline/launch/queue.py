@@ -90,12 +90,8 @@ def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = Non
                 log.warning("%s; still waiting", e)
                 warned = True
         time.sleep(poll_s)
-    for _ in range(12):  # accounting may not have recorded the end yet
-        state = accounting.state(job_id)
-        if state not in accounting.LIVE:
-            return state
-        time.sleep(poll_s)
-    return state
+    job_states = accounting.ended_states(job_id, tries=12, pause_s=poll_s)
+    return "UNKNOWN" if isinstance(job_states, str) else accounting.worst(job_states)
 
 
 class SlurmOnce:
@@ -128,23 +124,16 @@ class SlurmOnce:
         the squeue call ``queue`` made; '' where it gives none yet (until its next scheduling pass)."""
         return _pending_reason(self._tasks.get(job_id, []))
 
-    def accounting(self, job_id: str, left_queue: bool = False, tries: int = 4, pause_s: float = 2.0) -> str:
+    def accounting(self, job_id: str, left_queue: bool = False) -> str:
         """``accounting.state``: UNKNOWN without asking once sacct has failed. ``left_queue``: squeue
-        has said the job is gone, so a live state (RUNNING, ...) is slurmdbd not yet told of its end:
-        asked again, up to ``tries`` times ``pause_s`` apart, for how it ended."""
-        for attempt in range(tries if left_queue else 1):
-            if self.accounting_error:
-                return "UNKNOWN"
-            if attempt:
-                time.sleep(pause_s)
-            states = accounting.states(job_id)
-            if isinstance(states, str):
-                self.accounting_error = f"sacct -j {job_id} failed ({states})"
-                return "UNKNOWN"
-            state = accounting.worst(states)
-            if state not in accounting.LIVE:
-                break
-        return state
+        has said the job is gone, so a live state is accounting lagging: asked again for up to 6 s."""
+        if self.accounting_error:
+            return "UNKNOWN"
+        job_states = accounting.ended_states(job_id, 4, 2.0) if left_queue else accounting.states(job_id)
+        if isinstance(job_states, str):
+            self.accounting_error = f"sacct -j {job_id} failed ({job_states})"
+            return "UNKNOWN"
+        return accounting.worst(job_states)
 
 
 # SLURM's reasons for a pending job that it does not get over by itself: (what is wrong, what to do).
