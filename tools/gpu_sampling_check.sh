@@ -26,9 +26,11 @@ run)
     device=${GPU_CHECK_DEVICE:-cuda}
     mkdir -p "$out"
     site=$(mktemp -d)
-    # the project itself too (configs/ ships as pipeline.configs), built from this checkout
-    python3 -m pip install --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation \
-        --target "$site" .whl/*.whl . > "$out/install.log" 2>&1 || { tail -30 "$out/install.log"; exit 1; }
+    python3 -m pip install --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$site" .whl/*.whl > "$out/install.log" 2>&1 || { tail -30 "$out/install.log"; exit 1; }
+    # the project as its wheel lays it out (configs/ ships as pipeline.configs), copied rather than
+    # built: a build needs the backend's `wheel`, which a python3 may lack (this machine's does)
+    cp -r pipeline "$site/pipeline" && cp -r configs "$site/pipeline/configs" || exit 1
     export PYTHONPATH="$site:$PWD/tools" PYTHONUNBUFFERED=1
     small=()
     [ -n "${GPU_CHECK_SMALL:-}" ] && small=(--top 8 --batch 2)
