@@ -42,13 +42,16 @@ def ended_states(job_id: str, tries: int, pause_s: float) -> list[str] | str:
         if attempt:
             time.sleep(pause_s)
         job_states = states(job_id)
-        if isinstance(job_states, str) or worst(job_states) not in LIVE:
+        if worst(job_states) not in LIVE:
             break
     return job_states
 
 
-def worst(job_states: list[str]) -> str:
-    """One state for a job from its tasks' states: a failure if any task failed, else any live state."""
+def worst(job_states: list[str] | str) -> str:
+    """One state for a job from its tasks' states (``states``): a failure if any task failed, else
+    any live state; UNKNOWN where sacct did not answer."""
+    if isinstance(job_states, str):
+        return "UNKNOWN"
     for state in _FAILED + LIVE:
         if state in job_states:
             return state
@@ -57,8 +60,7 @@ def worst(job_states: list[str]) -> str:
 
 def state(job_id: str) -> str:
     """The job's state (an array's worst task state); UNKNOWN where sacct does not answer."""
-    job_states = states(job_id)
-    return "UNKNOWN" if isinstance(job_states, str) else worst(job_states)
+    return worst(states(job_id))
 
 
 def elapsed_s(job_id: str) -> float | None:

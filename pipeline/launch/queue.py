@@ -90,8 +90,7 @@ def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = Non
                 log.warning("%s; still waiting", e)
                 warned = True
         time.sleep(poll_s)
-    job_states = accounting.ended_states(job_id, tries=12, pause_s=poll_s)
-    return "UNKNOWN" if isinstance(job_states, str) else accounting.worst(job_states)
+    return accounting.worst(accounting.ended_states(job_id, tries=12, pause_s=poll_s))
 
 
 class SlurmOnce:
