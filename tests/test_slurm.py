@@ -83,9 +83,15 @@ def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_roo
                          again.stderr), again.stderr
         local = submit("stage=train_vqvae", f"run_root={run_root}", cwd=tmp_path, env=slurm)
         assert local.returncode == 2 and f"scancel {job}" in local.stderr, local.stderr
-        # the chain depends on the queued job instead of queueing the stage again, and waits for it
+        # the chain depends on the queued job instead of queueing the stage again, and waits for it;
+        # its squeue calls are counted by a wrapper in front of the real squeue
+        wrapper, calls = tmp_path / "bin" / "squeue", tmp_path / "squeue.calls"
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("squeue")} "$@"\n')
+        wrapper.chmod(0o755)
+        env = {**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
         waiting = subprocess.Popen([SUBMIT, "stage=all", "cluster=slurm", f"run_root={run_root}", *SLURM_FAST,
-                                    "wait=true"], cwd=tmp_path, env={**os.environ, **slurm, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                                    "wait=true"], cwd=tmp_path, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not (run_root / "digits" / "evaluate" / "jobs.json").exists() and time.time() < deadline:
@@ -100,6 +106,11 @@ def test_a_stage_whose_job_is_still_queued_is_not_submitted_twice(slurm, run_roo
         vqvae_jobs = json.loads((run_root / "digits" / "train_vqvae" / "jobs.json").read_text())
         assert [j["job_id"] for j in vqvae_jobs] == [job]
         assert len(queued) == 5, out  # encode, both priors, sample, evaluate
+        # the chain's one look at which stages are live, then only the wait's watch: every job still
+        # queued in one call (its own poll of the live job alone, every 5 s, is gone)
+        asked = [line.split()[2].split(",") for line in calls.read_text().splitlines()]
+        assert asked[0] == [job] and len(asked) > 1 and set(asked[1]) == {job, *queued}, (asked, queued)
+        assert all(jobs != [job] and set(jobs) <= {job, *queued} for jobs in asked[1:]), (asked, queued)
     finally:
         slurm_sh(["scancel", *to_cancel], slurm)
         if waiting is not None and waiting.poll() is None:
@@ -163,11 +174,11 @@ def test_wait_says_once_why_a_job_will_not_start_and_goes_on_waiting(slurm, tmp_
         submit("cancel", f"run_root={tmp_path / 'runs'}", cwd=tmp_path, env=slurm, timeout=120)
 
 
-def test_the_watch_for_stuck_jobs_asks_squeue_about_all_of_them_in_one_call(slurm, tmp_path, monkeypatch):
+def test_the_queue_watch_asks_squeue_about_all_jobs_in_one_call_and_keeps_which_left(slurm, tmp_path, monkeypatch):
     """wait=true on a chain watches all its jobs: one squeue call a poll names every job still queued
     (one call per job cost the controller up to seven calls each time), an array's tasks count as
-    their job, and a job that left the queue is not asked about again. Counted by a wrapper in front
-    of the real squeue."""
+    their job, a job that left the queue is not asked about again and is known to have left. Counted
+    by a wrapper in front of the real squeue."""
     wrapper = tmp_path / "bin" / "squeue"
     wrapper.parent.mkdir()
     wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "squeue.calls"}\nexec {shutil.which("squeue")} "$@"\n')
@@ -180,7 +191,7 @@ def test_the_watch_for_stuck_jobs_asks_squeue_about_all_of_them_in_one_call(slur
     said: list[str] = []
     calls = tmp_path / "squeue.calls"
     try:
-        with queue.SayWhenStuck(jobs, said.append, first_s=0.1, every_s=0.3):
+        with queue.QueueWatch(jobs, said.append, first_s=0.1, every_s=0.3) as watch:
             deadline = time.time() + 30
             while len(said) < 3:
                 assert time.time() < deadline, (said, calls.read_text())
@@ -191,6 +202,8 @@ def test_the_watch_for_stuck_jobs_asks_squeue_about_all_of_them_in_one_call(slur
                 assert time.time() < deadline, calls.read_text()
                 time.sleep(0.1)
             time.sleep(1)  # more polls: the cancelled job stays out of them
+            assert watch.left(jobs[0]) and not any(watch.left(job) for job in jobs[1:])
+            watch.wait_left(jobs[0])  # returns: it has left
         asked = calls.read_text().splitlines()
         first = asked.index(left)
         assert set(asked[:first]) == {f"-h -j {','.join(jobs)} -o %F %T %r"} and set(asked[first:]) == {left}, asked

@@ -90,6 +90,18 @@ def test_a_squeue_that_cannot_answer_is_not_taken_for_a_finished_job(slurm, tmp_
     assert len(calls) == 1 and "-j 4242" in calls[0], calls
     assert re.search(r"^SLURM: sacct -j 4242 failed \(.*\); sacct was not asked again for the other stages' jobs$",
                      status.stdout, re.M), status.stdout
+    # wait=true's watch says the failure once, goes on asking, and never takes the job to have left
+    monkeypatch.setenv("PATH", counted["PATH"])
+    asked, said = tmp_path / "squeue.calls", []
+    asked.unlink()
+    with queue.QueueWatch(["4242"], said.append, first_s=0.1, every_s=0.3) as watch:
+        deadline = time.time() + 120
+        while not asked.exists() or len(asked.read_text().splitlines()) < 3:
+            assert time.time() < deadline, said
+            time.sleep(0.1)
+        assert not watch.left("4242")
+    assert len(said) == 1 and re.fullmatch(r"squeue -j 4242 failed \(.*Unable to contact slurm controller.*\): whether "
+                                           r"job 4242 is still queued is unknown -- asking again every 0.3 s", said[0]), said
 
 
 def test_a_rank_that_fails_ends_the_whole_job_at_once(slurm, run_root, tmp_path):
@@ -246,7 +258,8 @@ def test_wait_learns_at_once_that_a_long_running_job_was_killed(slurm, tmp_path,
         assert not job.done()  # submitit alone would say so only at its next sacct, up to 10 min on
         start = time.time()
         with pytest.raises(UncompletedJobError, match=r"has not produced any output \(state: CANCELLED"):
-            waiting.results(job, look_s=2)
+            with queue.QueueWatch([job.job_id], print, first_s=1, every_s=2) as watch:
+                waiting.results(job, watch)
         assert time.time() - start < 60  # 2 s look + submitit's 15 s for a late result file
     finally:
         slurm_sh(["scancel", job.job_id], slurm)

@@ -166,18 +166,23 @@ def waiting_line(job: str, reason: str) -> str:
     return f"job {job} ({reason}): will not start, {stuck[0]} -- {stuck[1].format(job=job)}"
 
 
-class SayWhenStuck:
-    """While `wait=true` blocks on jobs (in submitit, or ``wait_for_job``): says once per job and
-    reason, through ``say``, when one waits for a reason SLURM does not get over by itself. The wait
-    goes on, since the fix (``scontrol release``, ``scontrol update``) can come from another shell;
-    without this it would wait silently forever."""
+class QueueWatch:
+    """While `wait=true` blocks on jobs: the one thing that asks squeue, all the jobs still queued in
+    one call (after ``first_s``, then doubling up to every ``every_s``), so a wait on a chain of days
+    costs the controller one call a poll however many jobs it has. It keeps which jobs have left the
+    queue (``left``, ``wait_left``), and says through ``say``, once per job and reason, when one waits
+    for a reason SLURM does not get over by itself: the wait goes on, since the fix (``scontrol
+    release``, ``scontrol update``) can come from another shell; without this it would wait silently
+    forever. A squeue that fails is said once and waited out, never read as the jobs' end."""
 
     def __init__(self, jobs: list[str], say: Callable[[str], None], first_s: float = 2.0, every_s: float = 30.0):
-        self.jobs, self.say, self.first_s, self.every_s = jobs, say, first_s, every_s
+        self.jobs, self.say, self.first_s, self.every_s = list(dict.fromkeys(jobs)), say, first_s, every_s
+        self._left: set[str] = set()
+        self._looked = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="say-when-stuck", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="queue-watch", daemon=True)
 
-    def __enter__(self) -> SayWhenStuck:
+    def __enter__(self) -> QueueWatch:
         self._thread.start()
         return self
 
@@ -185,15 +190,30 @@ class SayWhenStuck:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def left(self, job: str) -> bool:
+        """Whether a look has found the job (an array's own id) gone from the queue."""
+        with self._looked:
+            return job in self._left
+
+    def wait_left(self, job: str) -> None:
+        """Block until a look finds the job gone from the queue (Ctrl-C ends it)."""
+        with self._looked:
+            while job not in self._left:
+                self._looked.wait(1.0)  # a timeout, so that Ctrl-C is taken while waiting
+
     def _watch(self) -> None:
         said: dict[str, str] = {}
-        queued = list(self.jobs)
+        queued, unanswered = list(self.jobs), False
         pause = self.first_s  # the reason comes with the scheduler's next pass: look soon, then less often
         while queued and not self._stop.wait(pause):
+            pause = min(self.every_s, pause * 2)
             try:
                 tasks_of = _queued_tasks(queued, tries=1, pause_s=0)
-            except SlurmUnavailable:  # the wait itself deals with an unanswering controller
-                tasks_of = {}
+            except SlurmUnavailable as e:
+                if not unanswered and not self._stop.is_set():
+                    self.say(f"{e} -- asking again every {self.every_s:g} s")
+                unanswered = True
+                continue
             for job, tasks in tasks_of.items():
                 if not tasks:  # left the queue: nothing more to say of it
                     queued.remove(job)
@@ -201,4 +221,6 @@ class SayWhenStuck:
                 if _stuck(reason) and said.get(job) != reason and not self._stop.is_set():
                     self.say(waiting_line(job, reason))
                 said[job] = reason
-            pause = min(self.every_s, pause * 2)
+            with self._looked:
+                self._left.update(job for job in self.jobs if job not in queued)
+                self._looked.notify_all()

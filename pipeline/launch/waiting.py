@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.config import stage_dir, stage_name
-from pipeline.launch import failures, mlflow_runs, queue, records
+from pipeline.launch import accounting, failures, mlflow_runs, queue, records
 from pipeline.launch.chain import key_metric
 
 
@@ -27,10 +27,10 @@ def wait_for_stage(cfg: DictConfig, stage: str, jobs: list[Any]) -> int:
     failed: dict[str, list[str]] = {}  # error -> the array tasks that raised it
     progress = SayProgress(60 * float(cfg.wait_report_min))
     progress.watch(stage_name(cfg, stage), job_id, sdir)
-    with queue.SayWhenStuck([job_id], _still_waiting), progress:
+    with queue.QueueWatch([job_id], _still_waiting) as watch, progress:
         for job in jobs:
             try:
-                results(job)  # every task of the job (one per rank)
+                results(job, watch)  # every task of the job (one per rank)
             except KeyboardInterrupt:
                 return _stopped_waiting(cfg, stage)
             except Exception as e:  # noqa: BLE001 - report every task's failure, then the status
@@ -51,17 +51,17 @@ def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict
     first that did not (said: the jobs depending on it are cancelled by SLURM), 130 on Ctrl-C."""
     start, queued = time.time(), [r for r in rows if r["job"]]
     progress = SayProgress(60 * float(cfg.wait_report_min))
-    with queue.SayWhenStuck([r["job"] for r in queued], _still_waiting), progress:
+    with queue.QueueWatch([r["job"] for r in queued], _still_waiting) as watch, progress:
         for i, r in enumerate(queued, 1):
             progress.watch(stage_name(cfg, r["stage"]), r["job"], stage_dir(cfgs[r["stage"]], r["stage"]))
             try:
-                error = _chain_job_error(r)
+                error, state = _chain_job_error(r, watch)
             except KeyboardInterrupt:
                 return _stopped_waiting(cfg, None)
             progress.forget()
             if error:
                 sdir = stage_dir(cfgs[r["stage"]], r["stage"])
-                log = failures.failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"])
+                log = failures.failure_log([sdir], r["job"]) + _close_left_run(sdir, r["job"], state)
                 print(f"submit: stage {r['stage']} {error}{log}", file=sys.stderr)
                 return 1
             metric = key_metric(cfgs[r["stage"]], r["stage"])
@@ -71,22 +71,19 @@ def wait_for_chain(cfg: DictConfig, cfgs: dict[str, DictConfig], rows: list[dict
     return 0
 
 
-def results(job: Any, look_s: float = 30.0) -> list[Any]:
+def results(job: Any, watch: queue.QueueWatch) -> list[Any]:
     """A submitit job's ``results()``, as soon as SLURM has ended the job. submitit learns that a task
     ended without a result file (out of memory, a node lost, scancel, kill_on_bad_exit) only from
     sacct, which its shared watcher asks at most every 10 minutes once its newest job has run 20:
-    such a failure would be said up to 10 minutes late. Here squeue is asked every ``look_s``, and
-    sacct at once when the job has left the queue (again every ``look_s`` while accounting lags)."""
-    array_job, next_look = job.job_id.split("_")[0], time.time() + look_s
+    such a failure would be said up to 10 minutes late. Here sacct is asked as soon as ``watch`` (which
+    watches the job's array id) has seen the job leave the queue, and again every ``watch.every_s``
+    while accounting lags."""
+    array_job, next_check = job.job_id.split("_")[0], 0.0
     while not job.done():
-        if time.time() >= next_look:
-            try:
-                left = queue.queue_state(array_job, tries=1) is None
-            except queue.SlurmUnavailable:  # not known to have left: submitit's own checks go on
-                left = False
-            if left and job.done(force_check=True):
+        if watch.left(array_job) and time.time() >= next_check:
+            if job.done(force_check=True):
                 break
-            next_look = time.time() + look_s
+            next_check = time.time() + watch.every_s
         time.sleep(1)
     return job.results()
 
@@ -160,9 +157,11 @@ def _stopped_waiting(cfg: DictConfig, stage: str | None) -> int:
     return 130
 
 
-def _close_left_run(sdir: Path, job: str) -> str:
-    """A failed job whose rank 0 was killed left its MLflow run RUNNING: close it (a line saying so)."""
-    state = queue.wait_for_job(job, poll_s=2.0, timeout_s=60) or ""  # accounting may lag submitit
+def _close_left_run(sdir: Path, job: str, state: str | None = None) -> str:
+    """A failed job whose rank 0 was killed left its MLflow run RUNNING: close it (a line saying so).
+    ``state``: the job's final state where the caller has it from accounting already."""
+    if state is None:  # submitit said it failed: the job may not have left the queue yet
+        state = queue.wait_for_job(job, poll_s=2.0, timeout_s=60) or ""
     closed = mlflow_runs.close_after_job(sdir, job, state, "submit wait=true")
     return f"\n  MLflow:  the run was left RUNNING by job {job} ({state}): closed as {closed}" if closed else ""
 
@@ -175,14 +174,16 @@ def _error_line(e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _chain_job_error(row: dict) -> str | None:
-    """Wait for a queued chain row's job(s) to end: None if they completed, else what went wrong."""
+def _chain_job_error(row: dict, watch: queue.QueueWatch) -> tuple[str | None, str | None]:
+    """Wait for a queued chain row's job(s) to end: (None if they completed, else what went wrong;
+    the job's final state where accounting was asked)."""
     if row.get("live"):  # queued by an earlier command: no submitit handle, only its state
-        state = queue.wait_for_job(row["job"])
-        return None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"
+        watch.wait_left(row["job"])
+        state = accounting.worst(accounting.ended_states(row["job"], tries=12, pause_s=5.0))
+        return (None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"), state
     for job in row.get("jobs", []):
         try:
-            results(job)  # every task of the job (one per rank)
+            results(job, watch)  # every task of the job (one per rank)
         except Exception as e:  # noqa: BLE001
-            return f"(job {job.job_id}) failed: {_error_line(e)}"
-    return None
+            return f"(job {job.job_id}) failed: {_error_line(e)}", None
+    return None, None
