@@ -47,6 +47,12 @@ def ended_states(job_id: str, tries: int, pause_s: float) -> list[str] | str:
     return job_states
 
 
+def ended_state(job_id: str, pause_s: float = 5.0) -> str:
+    """``worst`` of ``ended_states``, asked up to 12 times: the final state of a job squeue has
+    just said is gone."""
+    return worst(ended_states(job_id, tries=12, pause_s=pause_s))
+
+
 def worst(job_states: list[str] | str) -> str:
     """One state for a job from its tasks' states (``states``): a failure if any task failed, else
     any live state; UNKNOWN where sacct did not answer."""

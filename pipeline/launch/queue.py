@@ -90,7 +90,7 @@ def wait_for_job(job_id: str, poll_s: float = 5.0, timeout_s: float | None = Non
                 log.warning("%s; still waiting", e)
                 warned = True
         time.sleep(poll_s)
-    return accounting.worst(accounting.ended_states(job_id, tries=12, pause_s=poll_s))
+    return accounting.ended_state(job_id, pause_s=poll_s)
 
 
 class SlurmOnce:
@@ -176,8 +176,8 @@ class QueueWatch:
     forever. A squeue that fails is said once and waited out, never read as the jobs' end."""
 
     def __init__(self, jobs: list[str], say: Callable[[str], None], first_s: float = 2.0, every_s: float = 30.0):
-        self.jobs, self.say, self.first_s, self.every_s = list(dict.fromkeys(jobs)), say, first_s, every_s
-        self._left: set[str] = set()
+        self.say, self.first_s, self.every_s = say, first_s, every_s
+        self._queued = list(dict.fromkeys(jobs))  # as the last look found them (before one: all)
         self._looked = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="queue-watch", daemon=True)
@@ -191,19 +191,19 @@ class QueueWatch:
         self._thread.join(timeout=5)
 
     def left(self, job: str) -> bool:
-        """Whether a look has found the job (an array's own id) gone from the queue."""
+        """Whether a look has found the job (a watched one, by its array's own id) gone from the queue."""
         with self._looked:
-            return job in self._left
+            return job not in self._queued
 
     def wait_left(self, job: str) -> None:
         """Block until a look finds the job gone from the queue (Ctrl-C ends it)."""
         with self._looked:
-            while job not in self._left:
+            while job in self._queued:
                 self._looked.wait(1.0)  # a timeout, so that Ctrl-C is taken while waiting
 
     def _watch(self) -> None:
         said: dict[str, str] = {}
-        queued, unanswered = list(self.jobs), False
+        queued, unanswered = list(self._queued), False
         pause = self.first_s  # the reason comes with the scheduler's next pass: look soon, then less often
         while queued and not self._stop.wait(pause):
             pause = min(self.every_s, pause * 2)
@@ -222,5 +222,5 @@ class QueueWatch:
                     self.say(waiting_line(job, reason))
                 said[job] = reason
             with self._looked:
-                self._left.update(job for job in self.jobs if job not in queued)
+                self._queued = list(queued)
                 self._looked.notify_all()

@@ -179,7 +179,7 @@ def _chain_job_error(row: dict, watch: queue.QueueWatch) -> tuple[str | None, st
     the job's final state where accounting was asked)."""
     if row.get("live"):  # queued by an earlier command: no submitit handle, only its state
         watch.wait_left(row["job"])
-        state = accounting.worst(accounting.ended_states(row["job"], tries=12, pause_s=5.0))
+        state = accounting.ended_state(row["job"])
         return (None if state == "COMPLETED" else f"(job {row['job']}) ended {state}"), state
     for job in row.get("jobs", []):
         try:
