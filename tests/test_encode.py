@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from conftest import copy_stages, save_changed_model, submit
 from pipeline import atomic
 from pipeline.config import compose
-from pipeline.data import codes
+from pipeline.data import codes, shards
 from pipeline.data.streams import ordered_batches
 from pipeline.launch.jobs import StageJob
 from pipeline.models import load_exported
@@ -83,6 +83,27 @@ def test_array_tasks_cover_every_shard_once_and_corrupt_images_are_accounted(exp
     assert (run.data.metrics["codes"], run.data.metrics["skipped"]) == (codes_total, skipped)
     assert codes.MANIFEST in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert json.loads((sdir / "done.json").read_text())["run_id"] == run.info.run_id == second["run_id"]
+
+
+def test_a_missing_manifest_names_the_stage_that_writes_it_and_an_unchanged_one_is_not_rewritten(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"codes\.json: no shard manifest; run `submit stage=encode`"):
+        codes.shard_urls(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"dataset\.json: no shard manifest; run `submit stage=sample`"):
+        shards.read_manifest(tmp_path, made_by="sample")
+    manifest = {"splits": {"train": {"shards": [{"name": "train-000000.tar", "count": 3}]}}}
+    shards.write_manifest(tmp_path, manifest, codes.MANIFEST)
+    assert codes.shard_urls(tmp_path, "train") == [str(tmp_path / "train-000000.tar")]
+    with pytest.raises(KeyError, match=r"split 'val' not in .*codes\.json; have \['train'\]"):
+        codes.shard_urls(tmp_path, "val")
+    # a rerun, or a second array task completing the set, leaves the same manifest as it is ...
+    path = tmp_path / codes.MANIFEST
+    inode = path.stat().st_ino
+    shards.write_manifest(tmp_path, json.loads(path.read_text()), codes.MANIFEST)
+    assert path.stat().st_ino == inode
+    # ... and replaces a changed one whole (temp + rename)
+    manifest["splits"]["val"] = {"shards": []}
+    shards.write_manifest(tmp_path, manifest, codes.MANIFEST)
+    assert path.stat().st_ino != inode and codes.read_manifest(tmp_path) == manifest
 
 
 def test_verify_rereads_every_code_shard_and_names_each_bad_one_with_its_fix(experiment, tmp_path):

@@ -8,7 +8,6 @@ Per shard a completion marker ``{name}_stats.json``; per split a manifest ``code
 from __future__ import annotations
 
 import io
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import atomic
+from pipeline.data import shards
 from pipeline.data.shard_images import IndexedShards
 
 MANIFEST = "codes.json"
@@ -63,29 +62,17 @@ class CodeMaps(IndexedShards):
 
 
 def read_manifest(code_dir: Path) -> dict[str, Any]:
-    path = Path(code_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no code manifest; run `submit stage=encode` first")
-    return json.loads(path.read_text())
+    return shards.read_manifest(code_dir, MANIFEST, made_by="encode")
 
 
 def shard_urls(code_dir: Path, split: str) -> list[str]:
-    manifest = read_manifest(code_dir)
-    return [str(Path(code_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
-
-
-def write_manifest(code_dir: Path, manifest: dict[str, Any]) -> None:
-    path = Path(code_dir) / MANIFEST
-    if not path.exists() or json.loads(path.read_text()) != manifest:
-        atomic.write_json(path, manifest)
+    return shards.shard_urls(code_dir, split, MANIFEST, made_by="encode")
 
 
 def verify(code_dir: Path, task: int = 0, tasks: int = 1) -> tuple[int, list[str]]:
     """Re-read the code shards of ``codes.json`` (array task ``task`` of ``tasks``): every code map
     of the manifest's size with codes below its codebook's size, every label a class; return
     (samples read, problems found)."""
-    from pipeline.data.shards import verify_tars
-
     manifest = read_manifest(code_dir)
     sizes = {"top.npy": (manifest["top_size"], manifest["codebook_size_top"]),
              "bottom.npy": (manifest["bottom_size"], manifest["codebook_size_bottom"])}
@@ -102,5 +89,5 @@ def verify(code_dir: Path, task: int = 0, tasks: int = 1) -> tuple[int, list[str
         elif ext == "cls" and not 0 <= int(data) < manifest["num_classes"]:
             raise ValueError(f"sample {key}: label {int(data)}, the manifest has {manifest['num_classes']} classes")
 
-    return verify_tars(code_dir, manifest, check, lambda exts: {"top.npy", "bottom.npy", "cls"} <= exts,
-                       "encode", task, tasks)
+    return shards.verify_tars(code_dir, manifest, check, lambda exts: {"top.npy", "bottom.npy", "cls"} <= exts,
+                              "encode", task, tasks)

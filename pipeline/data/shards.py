@@ -152,20 +152,29 @@ def build_manifest(plans: list[ShardPlan], stats: dict[str, dict], source: Sourc
             "resolution": resolution, "seed": seed, "shard_size": shard_size, "splits": splits}
 
 
-def read_manifest(shard_dir: Path) -> dict:
-    path = Path(shard_dir) / MANIFEST
+def read_manifest(shard_dir: Path, name: str = MANIFEST, made_by: str = "prepare") -> dict:
+    """A shard directory's manifest ``name`` (image shards' by default; code shards keep theirs in
+    ``codes.json``), which the stage ``made_by`` writes once its set is complete."""
+    path = Path(shard_dir) / name
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no shard manifest; run `submit stage=prepare` first")
+        raise FileNotFoundError(f"{path}: no shard manifest; run `submit stage={made_by}` first")
     return json.loads(path.read_text())
 
 
-def shard_urls(shard_dir: Path, split: str) -> list[str]:
+def shard_urls(shard_dir: Path, split: str, name: str = MANIFEST, made_by: str = "prepare") -> list[str]:
     """Paths of a split's shards, in manifest order (what webdataset takes as its url list)."""
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir, name, made_by)
     if split not in manifest["splits"]:
-        raise KeyError(f"split '{split}' not in {Path(shard_dir) / MANIFEST}; "
-                       f"have {sorted(manifest['splits'])}")
+        raise KeyError(f"split '{split}' not in {Path(shard_dir) / name}; have {sorted(manifest['splits'])}")
     return [str(Path(shard_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def write_manifest(shard_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
+    """Write a complete set's manifest; one already there with the same content is left as it is
+    (a rerun, or another array task that completed the set too)."""
+    path = Path(shard_dir) / name
+    if not path.exists() or json.loads(path.read_text()) != manifest:
+        atomic.write_json(path, manifest)
 
 
 def verify(shard_dir: Path, task: int = 0, tasks: int = 1, stage: str = "prepare") -> tuple[int, list[str]]:

@@ -77,7 +77,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     if complete:
         external = vqvae_path if vqvae_path != stage_dir(cfg, "train_vqvae") / "model.pt" else None
         manifest = _manifest(out_dir, images, meta, vqvae_path, vqvae_sha256, external, work)
-        codes.write_manifest(out_dir, manifest)
+        shards.write_manifest(out_dir, manifest, codes.MANIFEST)
         totals = {"skipped": sum(e["skipped"] for e in manifest["splits"].values()),
                   "codes": sum(e["count"] for e in manifest["splits"].values())}
         summary.update(totals)

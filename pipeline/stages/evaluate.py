@@ -62,7 +62,7 @@ def _run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     e, env, res = cfg.eval, detect(), int(cfg.data.resolution)
     device = env.device
     real_dir, sample_dir = stage_dir(cfg, "prepare") / "shards", stage_dir(cfg, "sample") / "shards"
-    real_manifest, sample_manifest = shards.read_manifest(real_dir), shards.read_manifest(sample_dir)
+    real_manifest, sample_manifest = shards.read_manifest(real_dir), shards.read_manifest(sample_dir, made_by="sample")
     if int(sample_manifest["num_classes"]) != int(real_manifest["num_classes"]) or \
             int(sample_manifest["resolution"]) != res:
         raise ValueError(f"{sample_dir}: samples of {sample_manifest['num_classes']} classes at "

@@ -64,8 +64,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     else:
         manifest = shards.build_manifest(plans, stats, source, int(cfg.data.resolution),
                                          int(cfg.seed), int(cfg.data.shard_size))
-        if not manifest_path.exists() or shards.read_manifest(out_dir) != manifest:
-            atomic.write_json(manifest_path, manifest)
+        shards.write_manifest(out_dir, manifest)
 
     for s in (s for p in mine if p.name in stats for s in stats[p.name]["skipped"]):
         ctx.log.warning("skipped %s: %s", s["origin"], s["error"])

@@ -115,8 +115,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict[str, Any]:
     ctx.run.log_metrics(summary, step=ctx.run.attempt)  # this task's work
     if complete:
         manifest = _manifest(out_dir, names, vq_meta, top_meta, made_with, cfg)
-        if not (out_dir / shards.MANIFEST).exists() or shards.read_manifest(out_dir) != manifest:
-            atomic.write_json(out_dir / shards.MANIFEST, manifest)
+        shards.write_manifest(out_dir, manifest)
         summary["samples"] = manifest["splits"][SPLIT]["count"]
         completed_the_stage(ctx)  # an array task completing the set logs to the stage's run
         ctx.run.log_metrics({"samples": summary["samples"]}, step=ctx.run.attempt)
