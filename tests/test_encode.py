@@ -90,6 +90,8 @@ def test_a_missing_manifest_names_the_stage_that_writes_it_and_an_unchanged_one_
         codes.shard_urls(tmp_path, "train")
     with pytest.raises(FileNotFoundError, match=r"dataset\.json: no shard manifest; run `submit stage=sample`"):
         shards.read_manifest(tmp_path, made_by="sample")
+    with pytest.raises(FileNotFoundError, match=r"run `submit stage=sample`"):  # verify=true on a sample set
+        shards.verify(tmp_path, stage="sample")
     manifest = {"splits": {"train": {"shards": [{"name": "train-000000.tar", "count": 3}]}}}
     shards.write_manifest(tmp_path, manifest, codes.MANIFEST)
     assert codes.shard_urls(tmp_path, "train") == [str(tmp_path / "train-000000.tar")]

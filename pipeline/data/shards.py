@@ -180,7 +180,7 @@ def write_manifest(shard_dir: Path, manifest: dict, name: str = MANIFEST) -> Non
 def verify(shard_dir: Path, task: int = 0, tasks: int = 1, stage: str = "prepare") -> tuple[int, list[str]]:
     """Re-read the image shards of the manifest (array task ``task`` of ``tasks``: shards
     task, task+tasks, ...); return (samples read, problems found). ``stage`` wrote them."""
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir, made_by=stage)
 
     def check(key: str, ext: str, data: bytes) -> None:
         if ext == "cls":
