@@ -153,7 +153,7 @@ def help_text() -> str:
         lines += textwrap.wrap(f"{shown(value)}: {comments.get(key, '')}", 110,
                                initial_indent=f"  {key:<22}", subsequent_indent=" " * 24)
     lines += ["", "examples:", textwrap.indent(textwrap.dedent("""\
-        submit stage=all                                       # every stage of the embedded default, here (3-12 min on 2 cores)
+        submit stage=all                                       # every stage of the embedded default, here (3-5 min on 2 cores)
         submit stage=prepare                                   # embedded digits -> shards, local
         submit stage=prepare data=folder data.source=/data/flowers
         submit stage=prepare data=imagenet data.source=/datasets/ILSVRC2012 prepare.workers=16
