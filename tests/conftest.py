@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,18 @@ def _kill_group(pgid: int) -> None:
 def submit(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     return run_group([SUBMIT, *args], cwd=cwd, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir_under_basetemp(tmp_path_factory) -> Path:
+    """TMPDIR for this process and all it starts: pytest's base temp, removed when every test passed.
+    torchrun (a torchelastic_* log dir per launch) and MLflow (a db_init_lock-* file per new store)
+    write to the temp dir and never clean up; under /tmp every test run would add to them."""
+    tmp = tmp_path_factory.mktemp("tmp", numbered=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp))
+        mp.setattr(tempfile, "tempdir", None)  # gettempdir() caches its first answer
+        yield tmp
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ class Server:
              "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
              "--artifacts-destination", str(self.store / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={"MLFLOW_DISABLE_TELEMETRY": "true",
+            env={"MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": os.environ["TMPDIR"],
                  "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
         deadline = time.time() + 90
         while True:

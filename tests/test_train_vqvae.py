@@ -251,14 +251,17 @@ def test_nan_marks_failed_and_keeps_the_checkpoint(run_root, tmp_path):
     assert (ckpt_dir / "step_00000020").exists()  # nothing deleted
 
 
-def test_two_ranks_agree_and_one_process_resumes_their_checkpoint(run_root, tmp_path):
+def test_two_ranks_agree_and_one_process_resumes_their_checkpoint(run_root, tmp_path, temp_dir_under_basetemp):
     port = 29000 + os.getpid() % 1000
+    earlier_launches = set(temp_dir_under_basetemp.glob("torchelastic_*"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "pipeline.cli", *_args(run_root, "train.max_steps=30", "train.ckpt_every=30",
                                          "train.eval_every=30", "deepspeed.zero_stage=2")]
     proc = run_group(cmd, cwd=tmp_path, timeout=600,
                      env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # torchrun's log dir, which it never deletes, went where pytest removes it, not to /tmp
+    assert len(set(temp_dir_under_basetemp.glob("torchelastic_*")) - earlier_launches) == 1
     # one summary (rank 0's, with its MLflow run); rank 1 says it is done and where its log is
     assert proc.stdout.count("stage train_vqvae: done\n") == 1 and "MLflow:  run None" not in proc.stdout
     assert re.search(r"stage train_vqvae: done on rank 1 \(log \S+-rank1\.log\)", proc.stdout), proc.stdout
