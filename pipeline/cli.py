@@ -30,12 +30,8 @@ def _help(args: list[str]) -> int:
     from pipeline.config import split_stage_scoped
     from pipeline.config_help import stage_help
 
-    try:
-        overrides = split_stage_scoped(args)[0] if "stage=all" in args else _own_overrides(args)
-        print(stage_help(compose(overrides), overrides))
-    except ConfigError as e:
-        print(f"submit: error: {e}", file=sys.stderr)
-        return 2
+    overrides = split_stage_scoped(args)[0] if "stage=all" in args else _own_overrides(args)
+    print(stage_help(compose(overrides), overrides))
     return 0
 
 
@@ -66,6 +62,9 @@ def command() -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:  # a bad key, value or path, found before the stage starts: nothing was created
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `submit --help | head`: the reader went away; nothing failed here
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit raises again
         return 141  # 128 + SIGPIPE, as a shell tool killed by it
@@ -99,17 +98,13 @@ def _main(args: list[str]) -> int:
 
     if "stage=all" in args:
         return _chain(args, print_cfg)
-    try:
-        cfg = compose(_own_overrides(args))
-        stage = str(cfg.stage.name)
-        if print_cfg:
-            print(to_yaml(cfg), end="")
-            return 0
-        validate(cfg)
-        preflight.check_stage(cfg, stage)
-    except ConfigError as e:
-        print(f"submit: error: {e}", file=sys.stderr)
-        return 2
+    cfg = compose(_own_overrides(args))
+    stage = str(cfg.stage.name)
+    if print_cfg:
+        print(to_yaml(cfg), end="")
+        return 0
+    validate(cfg)
+    preflight.check_stage(cfg, stage)
     prepared = preflight.prepared_otherwise(cfg, stage)
     if prepared:
         print(f"warning: {prepared}", file=sys.stderr)
@@ -218,12 +213,7 @@ def _submit_to_slurm(cfg, stage: str, args: list[str], remember: Callable[[], No
 def _status(overrides: list[str]) -> int:
     from pipeline.launch.records import status_table
 
-    try:
-        cfg = compose(["stage=all", *overrides])
-    except ConfigError as e:
-        print(f"submit: error: {e}", file=sys.stderr)
-        return 2
-    print(status_table(cfg))
+    print(status_table(compose(["stage=all", *overrides])))
     return 0
 
 
@@ -235,14 +225,10 @@ def _cancel(args: list[str]) -> int:
     from pipeline.stages import ORDER
 
     stage = next((a.partition("=")[2] for a in args if a.partition("=")[0] == "stage"), None)
-    try:
-        if stage is not None and (stage not in ORDER or stage == "all"):
-            raise ConfigError(f"stage={stage}", "not a stage to cancel",
-                              f"pass one of {', '.join(s for s in ORDER if s != 'all')}, or no stage= for all")
-        cfg = compose(["stage=all", *(a for a in args if a.partition("=")[0] != "stage")])
-    except ConfigError as e:
-        print(f"submit: error: {e}", file=sys.stderr)
-        return 2
+    if stage is not None and (stage not in ORDER or stage == "all"):
+        raise ConfigError(f"stage={stage}", "not a stage to cancel",
+                          f"pass one of {', '.join(s for s in ORDER if s != 'all')}, or no stage= for all")
+    cfg = compose(["stage=all", *(a for a in args if a.partition("=")[0] != "stage")])
     print(f"submit cancel: experiment '{cfg.experiment}' in {cfg.run_root}")
     try:
         lines, cancelled = cancel(cfg, stages_of(cfg, stage))
@@ -262,18 +248,14 @@ def _chain(args: list[str], print_cfg: bool) -> int:
     from pipeline.launch import chain, failures, preflight, queue, records, waiting
     from pipeline.tracking import tracking_uri
 
-    try:
-        cfgs = chain.compose_all(args)
-        cfg = next(iter(cfgs.values()))
-        if print_cfg:
-            for stage, c in cfgs.items():
-                print(f"# --- {stage}\n{to_yaml(c)}", end="")
-            return 0
-        todo, done, _ = chain.stages_to_run(cfgs)
-        preflight.check_chain(cfgs, todo)
-    except ConfigError as e:
-        print(f"submit: error: {e}", file=sys.stderr)
-        return 2
+    cfgs = chain.compose_all(args)
+    cfg = next(iter(cfgs.values()))
+    if print_cfg:
+        for stage, c in cfgs.items():
+            print(f"# --- {stage}\n{to_yaml(c)}", end="")
+        return 0
+    todo, done, _ = chain.stages_to_run(cfgs)
+    preflight.check_chain(cfgs, todo)
     changed = chain.done_with_other_settings(cfgs, done)
     if changed:
         print("warning: stages done before with other settings are not run again (outputs are never "

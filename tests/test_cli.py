@@ -204,6 +204,10 @@ def test_paths_given_relative_are_pinned_absolute_against_the_cwd(tmp_path):
     (["data=digits"], ["stage", "no stage given"]),
     (["stage=prepare", "oops"], ["oops", "key=value"]),
     (["stage=prepare", "--frobnicate"], ["--frobnicate"]),
+    # the other commands refuse the same way
+    (["--help", "stage=train_vqvae", "train.max_stepz=3"], ["train.max_stepz", "did you mean train.max_steps?"]),
+    (["status", "train.max_stepz=3"], ["train.max_stepz", "did you mean train.max_steps?"]),
+    (["cancel", "stage=train_prior"], ["stage=train_prior", "not a stage to cancel", "train_top_prior"]),
 ])
 def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path, args, names):
     proc = submit(*args, f"run_root={tmp_path / 'runs'}", cwd=tmp_path)
